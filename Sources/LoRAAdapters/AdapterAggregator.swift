@@ -1,0 +1,81 @@
+/// The aggregation engine: API.md's aggregation semantics, streamed tensor by tensor.
+///
+/// For each tensor name (in name order) it pulls every holder's bytes in ascending client-id order,
+/// accumulates `w·x` in Float64 into one reusable buffer, divides each rank slice by its strategy's
+/// denominator, and rounds straight into the preallocated output file. Memory is the output file
+/// plus one Float64 tensor, whatever the number of clients.
+public enum AdapterAggregator {
+    public static func aggregate(_ source: some AdapterSource, options: AggregationOptions = .init()) throws -> AggregatedAdapter {
+        let participants = try checkedParticipants(try source.participants())
+        let globalRank = participants.values.map(\.rank).max()!
+        let rank = options.rank ?? globalRank
+        guard (1...globalRank).contains(rank) else {
+            throw AdapterError(.rankOutOfRange, "rank \(rank) is outside 1...\(globalRank), the largest rank in the round")
+        }
+
+        let plans = try TensorPlan.plans(for: try source.holdings(), participants: participants, rank: rank, strategy: options.strategy)
+        var metadata = options.metadata
+        metadata["format"] = "pt"
+        metadata["strategy"] = options.strategy.rawValue
+        metadata["rank"] = String(rank)
+        metadata["clients"] = String(participants.count)
+        let layout = try SafetensorsLayout(tensors: plans.map { ($0.name, options.dtype, $0.outputShape) }, metadata: metadata)
+
+        var output = [UInt8](repeating: 0, count: layout.fileSize)
+        output.replaceSubrange(0..<layout.headerBytes.count, with: layout.headerBytes)
+        let accumulator = UnsafeMutableBufferPointer<Double>.allocate(capacity: max(1, plans.map(\.outputElementCount).max() ?? 1))
+        defer { accumulator.deallocate() }
+
+        try output.withUnsafeMutableBytes { outputBytes in
+            for (plan, info) in zip(plans, layout.tensors) {
+                let sums = UnsafeMutableBufferPointer(rebasing: accumulator[0..<plan.outputElementCount])
+                try accumulate(plan, from: source, into: sums)
+                plan.normalize(sums)
+                options.dtype.encode(UnsafeBufferPointer(sums), into: outputBytes.baseAddress! + info.byteRange.lowerBound)
+            }
+        }
+        return AggregatedAdapter(bytes: output, rank: rank, globalRank: globalRank, clientCount: participants.count)
+    }
+
+    private static func checkedParticipants(_ list: [RoundParticipant]) throws(AdapterError) -> [String: RoundParticipant] {
+        guard !list.isEmpty else { throw AdapterError(.emptyRound, "the round has no uploads") }
+        var byClient: [String: RoundParticipant] = [:]
+        for participant in list {
+            guard participant.weight > 0, participant.weight.isFinite else {
+                throw AdapterError(.invalidWeight, "client '\(participant.clientID)' has weight \(participant.weight); weights must be positive and finite")
+            }
+            guard participant.rank >= 1 else {
+                throw AdapterError(.invalidRank, "client '\(participant.clientID)' has rank \(participant.rank)")
+            }
+            guard byClient.updateValue(participant, forKey: participant.clientID) == nil else {
+                throw AdapterError(.inconsistentSource, "client '\(participant.clientID)' appears twice in the round")
+            }
+        }
+        return byClient
+    }
+
+    /// Sums `w·x` over the plan's holders into `sums`, checking that the source delivers exactly the
+    /// announced holders, in client-id order, with the announced shapes and sizes.
+    private static func accumulate(_ plan: TensorPlan, from source: some AdapterSource, into sums: UnsafeMutableBufferPointer<Double>) throws {
+        sums.initialize(repeating: 0)
+        var next = 0
+        try source.forEachContribution(toTensor: plan.name) { contribution in
+            guard next < plan.holders.count, plan.holders[next].clientID == contribution.clientID else {
+                throw AdapterError(.inconsistentSource, "the source delivered client '\(contribution.clientID)' out of client-id order or unannounced", tensor: plan.name)
+            }
+            let holder = plan.holders[next]
+            guard contribution.dtype == holder.dtype, contribution.shape == holder.shape,
+                  contribution.bytes.count == holder.shape.reduce(1, *) * holder.dtype.byteWidth
+            else {
+                throw AdapterError(.inconsistentSource, "client '\(holder.clientID)' delivered bytes that disagree with its announced dtype and shape", tensor: plan.name)
+            }
+            if let base = contribution.bytes.baseAddress {
+                plan.add(base, dtype: holder.dtype, clientRank: holder.rank, weight: holder.weight, into: sums)
+            }
+            next += 1
+        }
+        guard next == plan.holders.count else {
+            throw AdapterError(.inconsistentSource, "the source delivered \(next) of \(plan.holders.count) announced clients", tensor: plan.name)
+        }
+    }
+}

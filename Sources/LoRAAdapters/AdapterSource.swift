@@ -1,0 +1,95 @@
+/// One client's upload in a round, as the aggregation sees it.
+public struct RoundParticipant: Sendable, Hashable {
+    public let clientID: String
+    public let rank: Int
+    /// Positive and finite; typically the client's sample count.
+    public let weight: Double
+
+    public init(clientID: String, rank: Int, weight: Double) {
+        self.clientID = clientID
+        self.rank = rank
+        self.weight = weight
+    }
+}
+
+/// That `clientID` holds tensor `name` with this dtype and shape; metadata only, no data.
+public struct TensorHolding: Sendable, Hashable {
+    public let name: String
+    public let clientID: String
+    public let dtype: DType
+    public let shape: [Int]
+
+    public init(name: String, clientID: String, dtype: DType, shape: [Int]) {
+        self.name = name
+        self.clientID = clientID
+        self.dtype = dtype
+        self.shape = shape
+    }
+}
+
+/// One client's bytes of one tensor, valid only inside the callback that receives it.
+public struct TensorContribution {
+    public let clientID: String
+    public let dtype: DType
+    public let shape: [Int]
+    public let bytes: UnsafeRawBufferPointer
+
+    public init(clientID: String, dtype: DType, shape: [Int], bytes: UnsafeRawBufferPointer) {
+        self.clientID = clientID
+        self.dtype = dtype
+        self.shape = shape
+        self.bytes = bytes
+    }
+}
+
+/// Where the aggregation engine pulls a round from, one tensor name at a time across all clients
+/// (module-major, client-minor), so that memory holds one tensor's worth of input at a time however
+/// many clients there are. The SQLite store and the in-memory source implement it.
+public protocol AdapterSource {
+    /// Every upload of the round, in any order.
+    func participants() throws -> [RoundParticipant]
+    /// Every (tensor, client) pair of the round, in any order.
+    func holdings() throws -> [TensorHolding]
+    /// Calls `body` once for each client holding `tensorName`, in ascending client-id order
+    /// (byte-wise), with that client's bytes of the tensor.
+    func forEachContribution(toTensor tensorName: String, _ body: (TensorContribution) throws -> Void) throws
+}
+
+/// One client's parsed upload held in memory.
+public struct ClientAdapter: Sendable {
+    public let participant: RoundParticipant
+    public let file: SafetensorsFile
+
+    public init(clientID: String, rank: Int, weight: Double, file: SafetensorsFile) {
+        self.participant = RoundParticipant(clientID: clientID, rank: rank, weight: weight)
+        self.file = file
+    }
+}
+
+/// A round held in memory: for tests, benchmarks, and callers that already have the files.
+public struct InMemoryAdapterSource: AdapterSource, Sendable {
+    private let adapters: [ClientAdapter]
+
+    public init(_ adapters: [ClientAdapter]) {
+        self.adapters = adapters.sorted { $0.participant.clientID < $1.participant.clientID }
+    }
+
+    public func participants() -> [RoundParticipant] { adapters.map(\.participant) }
+
+    public func holdings() -> [TensorHolding] {
+        adapters.flatMap { adapter in
+            adapter.file.tensors.map {
+                TensorHolding(name: $0.name, clientID: adapter.participant.clientID, dtype: $0.dtype, shape: $0.shape)
+            }
+        }
+    }
+
+    public func forEachContribution(toTensor tensorName: String, _ body: (TensorContribution) throws -> Void) throws {
+        for adapter in adapters {
+            guard let tensor = adapter.file.tensor(named: tensorName) else { continue }
+            try adapter.file.withBytes(of: tensor) { bytes in
+                try body(TensorContribution(clientID: adapter.participant.clientID, dtype: tensor.dtype, shape: tensor.shape, bytes: bytes))
+            }
+        }
+    }
+}

@@ -1,0 +1,131 @@
+/// How one tensor name of a round is aggregated: its holders in client-id order, the output shape,
+/// and the per-slice denominators of the strategy.
+///
+/// Every tensor is viewed as `[outer, rank, inner]`: A `[r, in, ...]` is `[1, r, in·...]`, B
+/// `[out, r, ...]` is `[out, r, ...]`, and a dense tensor is `[1, 1, all elements]`. Slice `j` of
+/// the rank axis is then `inner` contiguous elements in each of the `outer` blocks.
+struct TensorPlan {
+    struct Holder {
+        let clientID: String
+        let dtype: DType
+        let shape: [Int]
+        /// This client's rank for the tensor (1 for dense tensors).
+        let rank: Int
+        let weight: Double
+    }
+
+    let name: String
+    let holders: [Holder]
+    let outputShape: [Int]
+    let outputElementCount: Int
+    let outer: Int
+    let inner: Int
+    /// The rank of the output (1 for dense tensors).
+    let outputRank: Int
+    /// Divisor of each output rank slice; 0 where no client owns the slice (the slice stays 0).
+    let denominators: [Double]
+
+    static func plans(
+        for holdings: [TensorHolding], participants: [String: RoundParticipant], rank: Int, strategy: AggregationStrategy
+    ) throws(AdapterError) -> [TensorPlan] {
+        let byName = Dictionary(grouping: holdings, by: \.name)
+        var plans: [TensorPlan] = []
+        plans.reserveCapacity(byName.count)
+        for name in byName.keys.sorted() {
+            let group = byName[name]!.sorted { $0.clientID < $1.clientID }
+            plans.append(try TensorPlan(name: name, holdings: group, participants: participants, rank: rank, strategy: strategy))
+        }
+        return plans
+    }
+
+    private init(
+        name: String, holdings: [TensorHolding], participants: [String: RoundParticipant], rank: Int, strategy: AggregationStrategy
+    ) throws(AdapterError) {
+        let role = TensorRole(tensorName: name)
+        let reference = holdings[0]
+        var holders: [Holder] = []
+        for (index, holding) in holdings.enumerated() {
+            guard let participant = participants[holding.clientID] else {
+                throw AdapterError(.inconsistentSource, "client '\(holding.clientID)' holds the tensor but has no upload in the round", tensor: name)
+            }
+            if index > 0, holdings[index - 1].clientID == holding.clientID {
+                throw AdapterError(.inconsistentSource, "client '\(holding.clientID)' holds the tensor twice", tensor: name)
+            }
+            try RoundShapeCheck.check(name: name, shape: holding.shape, against: reference.shape)
+            let clientRank: Int
+            if role.factor != nil {
+                guard let tensorRank = role.rank(of: holding.shape), tensorRank >= 1 else {
+                    throw AdapterError(.invalidRank, "client '\(holding.clientID)' has shape \(holding.shape), with no positive rank axis", tensor: name)
+                }
+                clientRank = tensorRank
+            } else {
+                clientRank = 1
+            }
+            holders.append(Holder(clientID: holding.clientID, dtype: holding.dtype, shape: holding.shape, rank: clientRank, weight: participant.weight))
+        }
+
+        self.name = name
+        self.holders = holders
+        switch role.factor {
+        case .a:
+            outer = 1
+            inner = reference.shape.dropFirst().reduce(1, *)
+            outputRank = rank
+        case .b:
+            outer = reference.shape[0]
+            inner = reference.shape.dropFirst(2).reduce(1, *)
+            outputRank = rank
+        case nil:
+            outer = 1
+            inner = reference.shape.reduce(1, *)
+            outputRank = 1
+        }
+        outputShape = role.shape(reference.shape, withRank: rank)
+        outputElementCount = outer * outputRank * inner
+
+        let totalWeight = holders.reduce(0) { $0 + $1.weight }
+        denominators = (0..<outputRank).map { slice in
+            switch strategy {
+            case .zeroPadding: totalWeight
+            case .replication: holders.reduce(0) { $1.rank > slice ? $0 + $1.weight : $0 }
+            }
+        }
+    }
+
+    /// Adds `weight ·` one client's tensor (of rank `clientRank`) to `sums`, truncating to the output rank.
+    func add(_ source: UnsafeRawPointer, dtype: DType, clientRank: Int, weight: Double, into sums: UnsafeMutableBufferPointer<Double>) {
+        switch dtype {
+        case .f32: add(source, as: F32Codec.self, clientRank: clientRank, weight: weight, into: sums)
+        case .f16: add(source, as: F16Codec.self, clientRank: clientRank, weight: weight, into: sums)
+        case .bf16: add(source, as: BF16Codec.self, clientRank: clientRank, weight: weight, into: sums)
+        case .f64: add(source, as: F64Codec.self, clientRank: clientRank, weight: weight, into: sums)
+        }
+    }
+
+    private func add<Codec: ElementCodec>(
+        _ source: UnsafeRawPointer, as _: Codec.Type, clientRank: Int, weight: Double, into sums: UnsafeMutableBufferPointer<Double>
+    ) {
+        let runLength = min(clientRank, outputRank) * inner
+        let destination = sums.baseAddress!
+        for block in 0..<outer {
+            let sourceStart = block * clientRank * inner
+            let run = destination + block * outputRank * inner
+            for offset in 0..<runLength {
+                run[offset] += weight * Codec.load(source, at: sourceStart + offset)
+            }
+        }
+    }
+
+    /// Divides each rank slice of `sums` by its denominator.
+    func normalize(_ sums: UnsafeMutableBufferPointer<Double>) {
+        for block in 0..<outer {
+            for slice in 0..<outputRank {
+                let start = (block * outputRank + slice) * inner
+                let denominator = denominators[slice]
+                for index in start..<(start + inner) {
+                    sums[index] = denominator > 0 ? sums[index] / denominator : 0
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,171 @@
+import LoRAAdapters
+
+/// SplitMix64: a small seeded generator so every random round can be reproduced from its seed.
+struct SeededGenerator: RandomNumberGenerator {
+    private var state: UInt64
+    init(seed: UInt64) { state = seed &+ 0x9E37_79B9_7F4A_7C15 }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
+
+/// A tensor as the tests know it: shape and exact values (every value is representable in its dtype).
+struct TestTensor {
+    let shape: [Int]
+    let values: [Double]
+}
+
+struct TestClient {
+    let id: String
+    let rank: Int
+    let weight: Double
+    let dtype: DType
+    let tensors: [String: TestTensor]
+
+    func safetensors() throws -> SafetensorsFile {
+        let records = tensors.map { name, tensor in
+            TensorRecord(name: name, dtype: dtype, shape: tensor.shape, data: dtype.encode(tensor.values))
+        }
+        return try SafetensorsFile(bytes: SafetensorsWriter.write(records, metadata: ["format": "pt"]))
+    }
+}
+
+/// The modules a random round draws from: linear, conv-shaped, embedding and dense tensors.
+enum TestModule: CaseIterable {
+    case query, value, conv, embedding, classifierWeight, classifierBias
+
+    /// Tensor names and shapes for a client of rank `r`.
+    func tensors(rank r: Int) -> [(String, [Int])] {
+        switch self {
+        case .query: [("base_model.model.layers.0.attn.q_proj.lora_A.weight", [r, 12]), ("base_model.model.layers.0.attn.q_proj.lora_B.weight", [10, r])]
+        case .value: [("base_model.model.layers.1.attn.v_proj.lora_A.weight", [r, 9]), ("base_model.model.layers.1.attn.v_proj.lora_B.weight", [7, r])]
+        case .conv: [("base_model.model.stem.conv.lora_A.weight", [r, 3, 2, 2]), ("base_model.model.stem.conv.lora_B.weight", [5, r, 1, 1])]
+        case .embedding: [("base_model.model.embed_tokens.lora_embedding_A", [r, 11]), ("base_model.model.embed_tokens.lora_embedding_B", [6, r])]
+        case .classifierWeight: [("base_model.model.classifier.modules_to_save.default.weight", [4, 6])]
+        case .classifierBias: [("base_model.model.classifier.modules_to_save.default.bias", [4])]
+        }
+    }
+}
+
+enum TestRound {
+    static let ranks = [1, 2, 4, 8, 16, 64]
+
+    /// A random round: 2–9 clients, mixed ranks, weights and dtypes, each holding a random subset of
+    /// modules (at least one LoRA module), listed in a random order.
+    static func random(seed: UInt64, ranks: [Int] = ranks, dtypes: [DType] = DType.allCases) -> [TestClient] {
+        var random = SeededGenerator(seed: seed)
+        let clientCount = Int.random(in: 2...9, using: &random)
+        var ids = Set<String>()
+        while ids.count < clientCount { ids.insert("client-\(Int.random(in: 0..<1000, using: &random))") }
+        return ids.shuffled(using: &random).map { id in
+            let rank = ranks.randomElement(using: &random)!
+            let dtype = dtypes.randomElement(using: &random)!
+            var modules = TestModule.allCases.filter { _ in Bool.random(using: &random) || Bool.random(using: &random) }
+            if !modules.contains(where: { ![.classifierWeight, .classifierBias].contains($0) }) { modules.append(.query) }
+            var tensors: [String: TestTensor] = [:]
+            for module in modules {
+                for (name, shape) in module.tensors(rank: rank) {
+                    let values = (0..<shape.reduce(1, *)).map { _ in randomValue(for: dtype, using: &random) }
+                    tensors[name] = TestTensor(shape: shape, values: values)
+                }
+            }
+            return TestClient(id: id, rank: rank, weight: Double.random(in: 0.1...100, using: &random), dtype: dtype, tensors: tensors)
+        }
+    }
+
+    /// F32/F64 get full-precision values; F16/BF16 get k/128 with |k| ≤ 255, exact in both.
+    static func randomValue(for dtype: DType, using random: inout SeededGenerator) -> Double {
+        switch dtype {
+        case .f32: Double(Float.random(in: -1...1, using: &random))
+        case .f64: Double.random(in: -1...1, using: &random)
+        case .f16, .bf16: Double(Int.random(in: -255...255, using: &random)) / 128
+        }
+    }
+
+    static func source(_ clients: [TestClient]) throws -> InMemoryAdapterSource {
+        InMemoryAdapterSource(try clients.map { ClientAdapter(clientID: $0.id, rank: $0.rank, weight: $0.weight, file: try $0.safetensors()) })
+    }
+}
+
+/// The independent reference: padding materialised literally, as the paper and API.md describe it,
+/// with none of the engine's code. A LoRA tensor is sliced along its rank axis by plain index maths.
+enum LiteralReference {
+    enum Padding { case replication, zeros }
+
+    static func aggregate(_ clients: [TestClient], padding: Padding, rank: Int) -> [String: TestTensor] {
+        let globalRank = clients.map(\.rank).max()!
+        let names = Set(clients.flatMap(\.tensors.keys))
+        var result: [String: TestTensor] = [:]
+        for name in names {
+            let holders = clients.filter { $0.tensors[name] != nil }
+            let totalWeight = holders.map(\.weight).reduce(0, +)
+            guard let axis = rankAxis(of: name) else {
+                let count = holders[0].tensors[name]!.values.count
+                var mean = [Double](repeating: 0, count: count)
+                for client in holders {
+                    for (index, value) in client.tensors[name]!.values.enumerated() { mean[index] += client.weight * value / totalWeight }
+                }
+                result[name] = TestTensor(shape: holders[0].tensors[name]!.shape, values: mean)
+                continue
+            }
+            // Every client's own slices along the rank axis, then each padded up to the global rank.
+            let ownSlices = holders.map { client in
+                (0..<client.rank).map { slice(client.tensors[name]!, axis: axis, index: $0) }
+            }
+            let sliceSize = ownSlices[0][0].count
+            let ownerAggregate: [[Double]] = (0..<globalRank).map { j in
+                let owners = holders.indices.filter { holders[$0].rank > j }
+                let ownerWeight = owners.map { holders[$0].weight }.reduce(0, +)
+                var aggregate = [Double](repeating: 0, count: sliceSize)
+                for owner in owners {
+                    for (index, value) in ownSlices[owner][j].enumerated() { aggregate[index] += holders[owner].weight * value / ownerWeight }
+                }
+                return aggregate
+            }
+            var globalSlices = [[Double]](repeating: [Double](repeating: 0, count: sliceSize), count: globalRank)
+            for (client, own) in zip(holders, ownSlices) {
+                for j in 0..<globalRank {
+                    let padded: [Double] = j < client.rank ? own[j] : (padding == .replication ? ownerAggregate[j] : [Double](repeating: 0, count: sliceSize))
+                    for index in 0..<sliceSize { globalSlices[j][index] += client.weight * padded[index] / totalWeight }
+                }
+            }
+            var shape = holders[0].tensors[name]!.shape
+            shape[axis] = rank
+            result[name] = TestTensor(shape: shape, values: assemble(Array(globalSlices.prefix(rank)), shape: shape, axis: axis))
+        }
+        return result
+    }
+
+    static func rankAxis(of name: String) -> Int? {
+        if name.hasSuffix("lora_A.weight") || name.hasSuffix("lora_embedding_A") { return 0 }
+        if name.hasSuffix("lora_B.weight") || name.hasSuffix("lora_embedding_B") { return 1 }
+        return nil
+    }
+
+    /// Elements whose index along `axis` is `index`, in row-major order.
+    static func slice(_ tensor: TestTensor, axis: Int, index: Int) -> [Double] {
+        let strides = rowMajorStrides(tensor.shape)
+        return tensor.values.indices.filter { ($0 / strides[axis]) % tensor.shape[axis] == index }.map { tensor.values[$0] }
+    }
+
+    /// Inverse of `slice` for every index along `axis`.
+    static func assemble(_ slices: [[Double]], shape: [Int], axis: Int) -> [Double] {
+        let strides = rowMajorStrides(shape)
+        var cursors = [Int](repeating: 0, count: slices.count)
+        return (0..<shape.reduce(1, *)).map { flat in
+            let j = (flat / strides[axis]) % shape[axis]
+            defer { cursors[j] += 1 }
+            return slices[j][cursors[j]]
+        }
+    }
+
+    static func rowMajorStrides(_ shape: [Int]) -> [Int] {
+        var strides = [Int](repeating: 1, count: shape.count)
+        for axis in stride(from: shape.count - 2, through: 0, by: -1) { strides[axis] = strides[axis + 1] * shape[axis + 1] }
+        return strides
+    }
+}
