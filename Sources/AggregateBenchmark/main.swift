@@ -1,1 +1,205 @@
-print("placeholder")
+// The engine side of scripts/bench/aggregate. Subcommands:
+//   generate SCENARIO DTYPE DIR   write a deterministic round (client files + round.json) into DIR
+//   engine DIR REPEATS            time the in-memory engine and a plain memcpy of the same input bytes
+//   rss DIR                       aggregate once from a file-backed streaming source; report peak RSS
+// Every subcommand prints one JSON object on stdout.
+import Foundation
+import LoRAAdapters
+
+struct RoundFile: Codable {
+    struct Client: Codable {
+        let client: String
+        let rank: Int
+        let weight: Double
+        let file: String
+        /// name → (dtype, shape, byte range in the file): lets the file-backed source read one tensor at a time.
+        let tensors: [String: IndexedTensor]
+    }
+    struct IndexedTensor: Codable {
+        let dtype: String
+        let shape: [Int]
+        let begin: Int
+        let end: Int
+    }
+    let scenario: String
+    let clients: [Client]
+}
+
+enum Scenario: String {
+    case distilbert, llama
+
+    var modules: Int { self == .distilbert ? 18 : 64 }
+    var width: Int { self == .distilbert ? 768 : 4096 }
+    var ranks: [Int] {
+        switch self {
+        case .distilbert: [5, 20, 5, 20, 5, 20, 5, 20, 5, 20]
+        case .llama: [4, 8, 16, 32, 64, 4, 8, 16, 32, 64, 4, 8, 16, 32, 64, 16]
+        }
+    }
+}
+
+/// xorshift64*: fast deterministic values in [-1, 1).
+struct ValueGenerator {
+    var state: UInt64
+    mutating func next() -> Float {
+        state ^= state >> 12; state ^= state << 25; state ^= state >> 27
+        return Float(Int32(truncatingIfNeeded: (state &* 0x2545_F491_4F6C_DD1D) >> 32)) * 0x1p-31
+    }
+}
+
+func generate(scenario: Scenario, dtype: DType, directory: URL) throws {
+    try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+    var clients: [RoundFile.Client] = []
+    for (index, rank) in scenario.ranks.enumerated() {
+        var values = ValueGenerator(state: UInt64(index + 1) &* 0x9E37_79B9_7F4A_7C15)
+        var records: [TensorRecord] = []
+        for module in 0..<scenario.modules {
+            let prefix = "base_model.model.layers.\(module / 2).self_attn.\(module % 2 == 0 ? "q" : "v")_proj"
+            for (suffix, shape) in [("lora_A.weight", [rank, scenario.width]), ("lora_B.weight", [scenario.width, rank])] {
+                let data = dtype.encode((0..<(rank * scenario.width)).map { _ in Double(values.next()) * 0.01 })
+                records.append(TensorRecord(name: "\(prefix).\(suffix)", dtype: dtype, shape: shape, data: data))
+            }
+        }
+        let bytes = try SafetensorsWriter.write(records, metadata: ["format": "pt"])
+        let name = String(format: "client-%02d", index)
+        try Data(bytes).write(to: directory.appendingPathComponent("\(name).safetensors"))
+        let parsed = try SafetensorsFile(bytes: bytes)
+        let tensorIndex = Dictionary(uniqueKeysWithValues: parsed.tensors.map {
+            ($0.name, RoundFile.IndexedTensor(dtype: $0.dtype.rawValue, shape: $0.shape, begin: $0.byteRange.lowerBound, end: $0.byteRange.upperBound))
+        })
+        clients.append(.init(client: name, rank: rank, weight: Double(100 + 37 * index), file: "\(name).safetensors", tensors: tensorIndex))
+    }
+    let round = RoundFile(scenario: scenario.rawValue, clients: clients)
+    try JSONEncoder().encode(round).write(to: directory.appendingPathComponent("round.json"))
+    print(#"{"generated":\#(clients.count)}"#)
+}
+
+func loadRound(_ directory: URL) throws -> RoundFile {
+    try JSONDecoder().decode(RoundFile.self, from: Data(contentsOf: directory.appendingPathComponent("round.json")))
+}
+
+func median(_ values: [Double]) -> Double { values.sorted()[values.count / 2] }
+
+func seconds(_ duration: Duration) -> Double {
+    Double(duration.components.seconds) + Double(duration.components.attoseconds) * 1e-18
+}
+
+func benchmarkEngine(directory: URL, repeats: Int) throws {
+    let round = try loadRound(directory)
+    let adapters = try round.clients.map {
+        ClientAdapter(clientID: $0.client, rank: $0.rank, weight: $0.weight,
+                      file: try SafetensorsFile(bytes: [UInt8](Data(contentsOf: directory.appendingPathComponent($0.file)))))
+    }
+    let source = InMemoryAdapterSource(adapters)
+    let inputBytes = adapters.reduce(0) { total, adapter in total + adapter.file.tensors.reduce(0) { $0 + $1.byteRange.count } }
+
+    let clock = ContinuousClock()
+    var engineTimes: [Double] = []
+    var output: AggregatedAdapter?
+    // Two untimed warm-up runs: a fresh process's first aggregations wait on the kernel for new memory.
+    for _ in 0..<2 { _ = try AdapterAggregator.aggregate(source, options: .init(strategy: .replication, dtype: .f32)) }
+    for _ in 0..<repeats {
+        let start = clock.now
+        output = try AdapterAggregator.aggregate(source, options: .init(strategy: .replication, dtype: .f32))
+        engineTimes.append(seconds(clock.now - start))
+    }
+    try Data(output!.bytes).write(to: directory.appendingPathComponent("engine_output.safetensors"))
+
+    // The ceiling: copying the same tensor bytes once, into a destination touched beforehand.
+    let destination = UnsafeMutableRawPointer.allocate(byteCount: inputBytes, alignment: 64)
+    defer { destination.deallocate() }
+    memset(destination, 1, inputBytes)
+    var copyTimes: [Double] = []
+    for _ in 0..<repeats {
+        let start = clock.now
+        var offset = 0
+        for adapter in adapters {
+            for tensor in adapter.file.tensors {
+                _ = adapter.file.withBytes(of: tensor) { memcpy(destination + offset, $0.baseAddress!, $0.count) }
+                offset += tensor.byteRange.count
+            }
+        }
+        copyTimes.append(seconds(clock.now - start))
+    }
+    print(#"{"input_bytes":\#(inputBytes),"output_bytes":\#(output!.bytes.count),"engine_seconds":\#(median(engineTimes)),"memcpy_seconds":\#(median(copyTimes))}"#)
+}
+
+/// Reads one tensor at a time from the client files with pread into one reusable buffer, as a store
+/// would from its pages, so the process holds no more input than one tensor.
+final class FileBackedSource: AdapterSource {
+    let round: RoundFile
+    let descriptors: [String: Int32]
+    var buffer: [UInt8] = []
+
+    init(round: RoundFile, directory: URL) {
+        self.round = round
+        var descriptors: [String: Int32] = [:]
+        for client in round.clients { descriptors[client.client] = open(directory.appendingPathComponent(client.file).path, O_RDONLY) }
+        self.descriptors = descriptors
+    }
+
+    deinit { descriptors.values.forEach { close($0) } }
+
+    func participants() -> [RoundParticipant] {
+        round.clients.map { RoundParticipant(clientID: $0.client, rank: $0.rank, weight: $0.weight) }
+    }
+
+    func holdings() -> [TensorHolding] {
+        round.clients.flatMap { client in
+            client.tensors.map { TensorHolding(name: $0.key, clientID: client.client, dtype: DType(rawValue: $0.value.dtype)!, shape: $0.value.shape) }
+        }
+    }
+
+    func forEachContribution(toTensor tensorName: String, _ body: (TensorContribution) throws -> Void) throws {
+        for client in round.clients.sorted(by: { $0.client < $1.client }) {
+            guard let tensor = client.tensors[tensorName] else { continue }
+            let count = tensor.end - tensor.begin
+            if buffer.count < count { buffer = [UInt8](repeating: 0, count: count) }
+            try buffer.withUnsafeMutableBytes { raw in
+                guard pread(descriptors[client.client]!, raw.baseAddress!, count, off_t(tensor.begin)) == count else {
+                    throw CocoaError(.fileReadUnknown)
+                }
+                try body(TensorContribution(clientID: client.client, dtype: DType(rawValue: tensor.dtype)!, shape: tensor.shape,
+                                            bytes: UnsafeRawBufferPointer(rebasing: raw[0..<count])))
+            }
+        }
+    }
+}
+
+/// Peak resident set size (VmHWM) of this process, in bytes.
+func peakResidentBytes() -> Int {
+    let status = (try? String(contentsOfFile: "/proc/self/status", encoding: .utf8)) ?? ""
+    let line = status.split(separator: "\n").first { $0.hasPrefix("VmHWM:") } ?? ""
+    return (Int(line.split(separator: " ").dropFirst().first ?? "0") ?? 0) * 1024
+}
+
+func measureStreamingMemory(directory: URL) throws {
+    let round = try loadRound(directory)
+    let source = FileBackedSource(round: round, directory: directory)
+    let largestInputTensor = round.clients.flatMap { $0.tensors.values.map { $0.end - $0.begin } }.max() ?? 0
+    let baseline = peakResidentBytes()
+    let output = try AdapterAggregator.aggregate(source, options: .init(strategy: .replication, dtype: .f32))
+    let peak = peakResidentBytes()
+    print(#"{"baseline_rss_bytes":\#(baseline),"peak_rss_bytes":\#(peak),"output_bytes":\#(output.bytes.count),"largest_input_tensor_bytes":\#(largestInputTensor)}"#)
+}
+
+let arguments = CommandLine.arguments.dropFirst()
+do {
+    switch (arguments.first, arguments.count) {
+    case ("generate", 4):
+        let values = Array(arguments.dropFirst())
+        guard let scenario = Scenario(rawValue: values[0]), let dtype = DType(rawValue: values[1]) else { throw CocoaError(.formatting) }
+        try generate(scenario: scenario, dtype: dtype, directory: URL(fileURLWithPath: values[2]))
+    case ("engine", 3):
+        let values = Array(arguments.dropFirst())
+        try benchmarkEngine(directory: URL(fileURLWithPath: values[0]), repeats: Int(values[1]) ?? 3)
+    case ("rss", 2):
+        try measureStreamingMemory(directory: URL(fileURLWithPath: Array(arguments)[1]))
+    default:
+        FileHandle.standardError.write(Data("usage: AggregateBenchmark generate {distilbert|llama} {F32|BF16} DIR | engine DIR REPEATS | rss DIR\n".utf8))
+        exit(2)
+    }
+} catch {
+    FileHandle.standardError.write(Data("AggregateBenchmark: \(error)\n".utf8))
+    exit(1)
+}

@@ -22,7 +22,7 @@ struct TensorPlan {
     let inner: Int
     /// The rank of the output (1 for dense tensors).
     let outputRank: Int
-    /// Divisor of each output rank slice; 0 where no client owns the slice (the slice stays 0).
+    /// Divisor of each output rank slice; +∞ where no client owns the slice (the slice stays 0).
     let denominators: [Double]
 
     static func plans(
@@ -85,10 +85,11 @@ struct TensorPlan {
 
         let totalWeight = holders.reduce(0) { $0 + $1.weight }
         denominators = (0..<outputRank).map { slice in
-            switch strategy {
+            let weight = switch strategy {
             case .zeroPadding: totalWeight
             case .replication: holders.reduce(0) { $1.rank > slice ? $0 + $1.weight : $0 }
             }
+            return weight > 0 ? weight : .infinity
         }
     }
 
@@ -106,24 +107,64 @@ struct TensorPlan {
         _ source: UnsafeRawPointer, as _: Codec.Type, clientRank: Int, weight: Double, into sums: UnsafeMutableBufferPointer<Double>
     ) {
         let runLength = min(clientRank, outputRank) * inner
-        let destination = sums.baseAddress!
+        let sourceBlockBytes = clientRank * inner * Codec.dtype.byteWidth
+        let destinationBlock = outputRank * inner
+        if clientRank == outputRank {
+            // Same rank on both sides: the blocks are back to back in both, so it is one long run.
+            addRun(from: source, as: Codec.self, weight: weight, into: sums.baseAddress!, count: outer * runLength)
+            return
+        }
         for block in 0..<outer {
-            let sourceStart = block * clientRank * inner
-            let run = destination + block * outputRank * inner
-            for offset in 0..<runLength {
-                run[offset] += weight * Codec.load(source, at: sourceStart + offset)
-            }
+            addRun(from: source + block &* sourceBlockBytes, as: Codec.self, weight: weight,
+                   into: sums.baseAddress! + block &* destinationBlock, count: runLength)
         }
     }
 
-    /// Divides each rank slice of `sums` by its denominator.
-    func normalize(_ sums: UnsafeMutableBufferPointer<Double>) {
-        for block in 0..<outer {
-            for slice in 0..<outputRank {
-                let start = (block * outputRank + slice) * inner
-                let denominator = denominators[slice]
-                for index in start..<(start + inner) {
-                    sums[index] = denominator > 0 ? sums[index] / denominator : 0
+    /// `destination[i] += weight · source[i]` over one contiguous run; written with wrapping index
+    /// arithmetic and plain pointers so that the compiler vectorises it.
+    @inline(__always)
+    private func addRun<Codec: ElementCodec>(
+        from source: UnsafeRawPointer, as _: Codec.Type, weight: Double, into destination: UnsafeMutablePointer<Double>, count: Int
+    ) {
+        var index = 0
+        while index < count {
+            destination[index] += weight * Codec.load(source, at: index)
+            index &+= 1
+        }
+    }
+
+    /// Writes `sums` divided slice by slice by the denominators, rounded to `dtype`, at `destination`.
+    /// Unowned slices hold exact zeros and are divided by +∞, which keeps them 0 without a branch.
+    func writeMeans(of sums: UnsafeMutableBufferPointer<Double>, as dtype: DType, to destination: UnsafeMutableRawPointer) {
+        switch dtype {
+        case .f32: writeMeans(of: sums, as: F32Codec.self, to: destination)
+        case .f16: writeMeans(of: sums, as: F16Codec.self, to: destination)
+        case .bf16: writeMeans(of: sums, as: BF16Codec.self, to: destination)
+        case .f64: writeMeans(of: sums, as: F64Codec.self, to: destination)
+        }
+    }
+
+    private func writeMeans<Codec: ElementCodec>(of sums: UnsafeMutableBufferPointer<Double>, as _: Codec.Type, to destination: UnsafeMutableRawPointer) {
+        let base = sums.baseAddress!
+        denominators.withUnsafeBufferPointer { denominators in
+            let divisors = denominators.baseAddress!
+            for block in 0..<outer {
+                let blockOffset = block &* outputRank &* inner
+                let blockSums = base + blockOffset
+                let blockDestination = destination + blockOffset &* Codec.dtype.byteWidth
+                if inner == 1 {
+                    // B tensors: one element per slice, so each block is divided by the divisor vector.
+                    for slice in 0..<outputRank {
+                        Codec.store(blockSums[slice] / divisors[slice], to: blockDestination, at: slice)
+                    }
+                } else {
+                    for slice in 0..<outputRank {
+                        let runStart = slice &* inner
+                        let divisor = divisors[slice]
+                        for index in runStart..<(runStart &+ inner) {
+                            Codec.store(blockSums[index] / divisor, to: blockDestination, at: index)
+                        }
+                    }
                 }
             }
         }
