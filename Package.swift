@@ -9,14 +9,20 @@ let package = Package(
     name: "lora-aggregator",
     products: [
         .library(name: "LoRAAdapters", targets: ["LoRAAdapters"]),
+        .library(name: "HTTPServer", targets: ["HTTPServer"]),
     ],
     targets: [
         // System libraries, linked through their C APIs (apt: libsqlite3-dev, zlib1g-dev).
         .systemLibrary(name: "CSQLite3", path: "Sources/CSQLite3", providers: [.apt(["libsqlite3-dev"])]),
         .systemLibrary(name: "CZlib", path: "Sources/CZlib", providers: [.apt(["zlib1g-dev"])]),
+        // epoll, eventfd and accept4 from the C library, which Swift's Glibc module lacks.
+        .target(name: "CLinux"),
 
         // The numeric/format core: safetensors codec, PEFT naming, validation, aggregation. No HTTP.
         .target(name: "LoRAAdapters", swiftSettings: strictSettings),
+
+        // HTTP/1.1 on POSIX sockets and epoll; knows nothing of LoRA.
+        .target(name: "HTTPServer", dependencies: ["CLinux"], swiftSettings: strictSettings),
 
         // Release-built benchmark for scripts/bench/aggregate; not part of the product.
         .executableTarget(
@@ -27,6 +33,7 @@ let package = Package(
 
         .testTarget(name: "CSQLite3Tests", dependencies: ["CSQLite3"], swiftSettings: strictSettings),
         .testTarget(name: "CZlibTests", dependencies: ["CZlib"], swiftSettings: strictSettings),
+        .testTarget(name: "HTTPServerTests", dependencies: ["HTTPServer"], swiftSettings: strictSettings),
         .testTarget(name: "LoRAAdaptersTests", dependencies: ["LoRAAdapters"], swiftSettings: strictSettings),
     ],
     swiftLanguageModes: [.v6]

@@ -1,0 +1,178 @@
+import Foundation
+import HTTPServer
+
+/// A blocking TCP client for tests: sends exact bytes and reads responses off the wire. Its calls
+/// block the calling thread, so suites that use it run serialized: parallel tests would otherwise
+/// occupy every thread of the cooperative pool that the server's handlers need.
+final class RawClient {
+    let descriptor: Int32
+    private var buffer: [UInt8] = []
+
+    struct Response {
+        let statusCode: Int
+        let headers: [(String, String)]
+        let body: [UInt8]
+        func header(_ name: String) -> String? { headers.first { $0.0.lowercased() == name.lowercased() }?.1 }
+        var text: String { String(decoding: body, as: UTF8.self) }
+    }
+
+    init(port: Int, host: String = "127.0.0.1", receiveTimeout: Double = 5) throws {
+        var hints = addrinfo()
+        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+        var results: UnsafeMutablePointer<addrinfo>?
+        guard getaddrinfo(host, String(port), &hints, &results) == 0, let info = results?.pointee else { throw POSIXError(.EINVAL) }
+        defer { freeaddrinfo(results) }
+        descriptor = socket(info.ai_family, Int32(SOCK_STREAM.rawValue), 0)
+        guard connect(descriptor, info.ai_addr, info.ai_addrlen) == 0 else {
+            let code = errno
+            Glibc.close(descriptor)
+            throw POSIXError(POSIXErrorCode(rawValue: code) ?? .ECONNREFUSED)
+        }
+        var timeout = timeval(tv_sec: Int(receiveTimeout), tv_usec: Int((receiveTimeout - receiveTimeout.rounded(.down)) * 1_000_000))
+        setsockopt(descriptor, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+    }
+
+    deinit { Glibc.close(descriptor) }
+
+    func send(_ text: String) throws { try send(Array(text.utf8)) }
+
+    func send(_ bytes: [UInt8]) throws {
+        var offset = 0
+        while offset < bytes.count {
+            let sent = bytes[offset...].withUnsafeBytes { Glibc.send(descriptor, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            guard sent > 0 else { throw POSIXError(POSIXErrorCode(rawValue: errno) ?? .EPIPE) }
+            offset += sent
+        }
+    }
+
+    /// Reads more bytes; false on EOF, error or timeout (`lastFailure` says which).
+    @discardableResult
+    private func fill() -> Bool {
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        let count = chunk.withUnsafeMutableBytes { recv(descriptor, $0.baseAddress, $0.count, 0) }
+        guard count > 0 else {
+            lastFailure = count == 0 ? .ECONNRESET : (errno == EAGAIN || errno == EWOULDBLOCK ? .ETIMEDOUT : POSIXErrorCode(rawValue: errno) ?? .EIO)
+            return false
+        }
+        buffer.append(contentsOf: chunk[0..<count])
+        return true
+    }
+
+    /// Why the last `fill` failed: ECONNRESET for EOF, ETIMEDOUT for the receive timeout.
+    private var lastFailure = POSIXErrorCode.EIO
+
+    private func readLine() throws -> String {
+        while true {
+            if let index = buffer.firstIndex(of: 0x0A), index > 0, buffer[index - 1] == 0x0D {
+                let line = String(decoding: buffer[0..<(index - 1)], as: UTF8.self)
+                buffer.removeFirst(index + 1)
+                return line
+            }
+            guard fill() else { throw POSIXError(lastFailure) }
+        }
+    }
+
+    private func readExactly(_ count: Int) throws -> [UInt8] {
+        while buffer.count < count { guard fill() else { throw POSIXError(lastFailure) } }
+        defer { buffer.removeFirst(count) }
+        return Array(buffer[0..<count])
+    }
+
+    /// Reads one response; `head: true` for a response to HEAD (no body whatever the headers say).
+    func readResponse(head: Bool = false) throws -> Response {
+        let statusLine = try readLine()
+        let parts = statusLine.split(separator: " ", maxSplits: 2)
+        guard parts.count >= 2, parts[0].hasPrefix("HTTP/1."), let code = Int(parts[1]) else { throw POSIXError(.EBADMSG) }
+        var headers: [(String, String)] = []
+        while true {
+            let line = try readLine()
+            if line.isEmpty { break }
+            let pieces = line.split(separator: ":", maxSplits: 1)
+            headers.append((String(pieces[0]), pieces.count > 1 ? pieces[1].trimmingCharacters(in: .whitespaces) : ""))
+        }
+        let response = Response(statusCode: code, headers: headers, body: [])
+        if head || code == 204 || code == 304 || (100..<200).contains(code) { return response }
+        if let length = response.header("content-length").flatMap(Int.init) {
+            return Response(statusCode: code, headers: headers, body: try readExactly(length))
+        }
+        if response.header("transfer-encoding")?.lowercased() == "chunked" {
+            var body: [UInt8] = []
+            while true {
+                let size = Int(try readLine().split(separator: ";")[0], radix: 16) ?? 0
+                if size == 0 { while try !readLine().isEmpty {}; break }
+                body += try readExactly(size)
+                _ = try readLine()
+            }
+            return Response(statusCode: code, headers: headers, body: body)
+        }
+        while fill() {}
+        defer { buffer.removeAll() }
+        return Response(statusCode: code, headers: headers, body: buffer)
+    }
+
+    /// True once the server has closed the connection (EOF), false if it is still open after `timeout`.
+    func waitForClose(timeout: Double = 5) -> Bool {
+        let deadline = Date().addingTimeInterval(timeout)
+        while Date() < deadline {
+            var byte: UInt8 = 0
+            let count = recv(descriptor, &byte, 1, 0)
+            if count == 0 { return true }
+            if count < 0 && errno != EAGAIN && errno != EWOULDBLOCK { return true }
+            if count > 0 { buffer.append(byte) }
+        }
+        return false
+    }
+}
+
+/// A server on an ephemeral loopback port for one test.
+struct TestServer {
+    let server: HTTPServer
+    let port: Int
+
+    static func start(
+        configure: (inout HTTPServerConfiguration) -> Void = { _ in },
+        routes: (inout Router) -> Void = TestServer.standardRoutes
+    ) throws -> TestServer {
+        var configuration = HTTPServerConfiguration()
+        configuration.port = 0
+        configure(&configuration)
+        var router = Router(defaultMaxBodyBytes: 1 << 20)
+        routes(&router)
+        let server = HTTPServer(configuration: configuration, router: router)
+        let address = try server.start()
+        return TestServer(server: server, port: address.port)
+    }
+
+    func stop() async {
+        server.shutdown()
+        await server.run()
+    }
+
+    func client(receiveTimeout: Double = 5) throws -> RawClient { try RawClient(port: port, receiveTimeout: receiveTimeout) }
+
+    /// `/healthz`; `/echo` (PUT/POST: the body back); `/items/{id}` (GET: the decoded id);
+    /// `/refuse` (PUT: 403 without reading the body); `/slow` (GET: answers after 300 ms);
+    /// `/stream` (GET: three chunks, no length); `/big` (PUT, 64 MiB limit: the body's byte count).
+    static func standardRoutes(_ router: inout Router) {
+        router.add("GET", "/healthz") { _, _ in HTTPResponse(status: .ok, headers: ["Content-Type": "application/json"], body: Array(#"{"status":"ok"}"#.utf8)) }
+        for method in ["PUT", "POST"] {
+            router.add(method, "/echo") { _, body in HTTPResponse(status: .ok, body: try await body.collect(upTo: 1 << 20)) }
+        }
+        router.add("GET", "/items/{id}") { request, _ in HTTPResponse(status: .ok, body: Array((request.pathParameters["id"] ?? "?").utf8)) }
+        router.add("PUT", "/refuse") { _, _ in HTTPResponse(status: .forbidden, body: Array("no".utf8)) }
+        router.add("GET", "/slow") { _, _ in
+            try await Task.sleep(for: .milliseconds(300))
+            return HTTPResponse(status: .ok, body: Array("slow".utf8))
+        }
+        router.add("GET", "/stream") { _, _ in
+            HTTPResponse(status: .ok, streamLength: nil) { writer in
+                for part in ["one,", "two,", "three"] { try await writer.write(Array(part.utf8)) }
+            }
+        }
+        router.add("PUT", "/big", maxBodyBytes: 64 << 20) { _, body in
+            var total = 0
+            for try await chunk in body { total += chunk.count }
+            return HTTPResponse(status: .ok, body: Array(#"{"bytes":\#(total)}"#.utf8))
+        }
+    }
+}
