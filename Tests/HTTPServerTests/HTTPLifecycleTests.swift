@@ -1,0 +1,191 @@
+import Foundation
+import HTTPServer
+import Synchronization
+import Testing
+
+extension HTTPServerTests {
+    @Suite struct HTTPLifecycleTests {
+        @Test func slowlorisConnectionsDoNotSlowOthersAndCloseAtTheHeaderTimeout() async throws {
+            let server = try TestServer.start { $0.headerTimeout = .seconds(2) }
+            // 300 connections each send part of a head and then trickle.
+            var trickling: [RawClient] = []
+            for index in 0..<300 {
+                let client = try server.client(receiveTimeout: 0.2)
+                try client.send("GET /healthz HTTP/1.1\r\nHost: x\r\nX-\(index): ")
+                trickling.append(client)
+            }
+            for client in trickling { try? client.send("a") }
+
+            // A normal client is served at once, several times over.
+            let started = ContinuousClock.now
+            for _ in 0..<20 {
+                let normal = try server.client()
+                try normal.send("GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                #expect(try normal.readResponse().statusCode == 200)
+            }
+            #expect(ContinuousClock.now - started < .seconds(1), "20 requests beside 300 slow connections")
+
+            // After the header timeout every trickling connection has been answered 408 and closed.
+            try await Task.sleep(for: .milliseconds(2600))
+            var closed = 0
+            for client in trickling where client.waitForClose(timeout: 0.5) { closed += 1 }
+            #expect(closed == 300)
+            await server.stop()
+        }
+
+        @Test func idleKeepAliveConnectionsAreClosed() async throws {
+            let server = try TestServer.start { $0.keepAliveTimeout = .milliseconds(300) }
+            let client = try server.client()
+            try client.send("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            #expect(try client.readResponse().statusCode == 200)
+            let started = ContinuousClock.now
+            #expect(client.waitForClose(timeout: 3))
+            #expect(ContinuousClock.now - started >= .milliseconds(250))
+            await server.stop()
+        }
+
+        @Test func aStalledBodyTimesOutWith408() async throws {
+            let server = try TestServer.start { $0.bodyIdleTimeout = .milliseconds(300) }
+            let client = try server.client()
+            try client.send("PUT /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+            let response = try client.readResponse()
+            #expect(response.statusCode == 408)
+            #expect(client.waitForClose())
+            await server.stop()
+        }
+
+        @Test func aClientLeavingMidBodyFailsTheHandlersBody() async throws {
+            let outcome = Mutex<String?>(nil)
+            let server = try TestServer.start(routes: { router in
+                router.add("PUT", "/upload") { _, body in
+                    do {
+                        _ = try await body.collect(upTo: 1 << 20)
+                        outcome.withLock { $0 = "completed" }
+                    } catch {
+                        outcome.withLock { $0 = "failed: \(error)" }
+                        throw error
+                    }
+                    return HTTPResponse(status: .ok)
+                }
+            })
+            let client = try server.client()
+            try client.send("PUT /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + String(repeating: "x", count: 5000))
+            try await Task.sleep(for: .milliseconds(100))
+            shutdown(client.descriptor, Int32(SHUT_RDWR))
+            for _ in 0..<50 where outcome.withLock({ $0 }) == nil { try await Task.sleep(for: .milliseconds(20)) }
+            #expect(outcome.withLock { $0 }?.hasPrefix("failed") == true)
+            await server.stop()
+        }
+
+        @Test func gracefulShutdownFinishesTheRequestInFlight() async throws {
+            let server = try TestServer.start()
+            let busy = try server.client()
+            let idle = try server.client()
+            try idle.send("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            #expect(try idle.readResponse().statusCode == 200)
+
+            try busy.send("GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            try await Task.sleep(for: .milliseconds(50))
+            let started = ContinuousClock.now
+            server.server.shutdown()
+            #expect(idle.waitForClose(timeout: 1), "idle connections close at once")
+            let response = try busy.readResponse()
+            #expect(response.statusCode == 200 && response.text == "slow")
+            #expect(response.header("Connection") == "close")
+            await server.server.run()
+            #expect(ContinuousClock.now - started < .seconds(2))
+            #expect(throws: (any Error).self, "no longer listening") { try server.client() }
+        }
+
+        @Test func shutdownGivesUpAfterTheGracePeriod() async throws {
+            let server = try TestServer.start(configure: { $0.shutdownGracePeriod = .milliseconds(300) }, routes: { router in
+                router.add("GET", "/forever") { _, _ in
+                    try await Task.sleep(for: .seconds(30))
+                    return HTTPResponse(status: .ok)
+                }
+            })
+            let client = try server.client()
+            try client.send("GET /forever HTTP/1.1\r\nHost: x\r\n\r\n")
+            try await Task.sleep(for: .milliseconds(50))
+            let started = ContinuousClock.now
+            await server.stop()
+            #expect(ContinuousClock.now - started < .seconds(2))
+            #expect(client.waitForClose(timeout: 1))
+        }
+
+        @Test func pastTheConnectionLimitNewClientsWaitUntilOneCloses() async throws {
+            let server = try TestServer.start { $0.maxConnections = 2 }
+            let first = try server.client(), second = try server.client()
+            for client in [first, second] {
+                try client.send("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                #expect(try client.readResponse().statusCode == 200)
+            }
+            // The third connects (the kernel's backlog) but is not served while two are open.
+            let third = try server.client(receiveTimeout: 0.5)
+            try third.send("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            #expect(throws: (any Error).self) { try third.readResponse() }
+            try first.send("GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            _ = try first.readResponse()
+            #expect(try third.readResponse().statusCode == 200, "served once a slot freed")
+            await server.stop()
+        }
+
+        @Test func listensOnIPv6() async throws {
+            let server = try TestServer.start { $0.host = "::1" }
+            #expect(server.server.address?.host == "::1")
+            let client = try RawClient(port: server.port, host: "::1")
+            try client.send("GET /healthz HTTP/1.1\r\nHost: [::1]\r\n\r\n")
+            #expect(try client.readResponse().statusCode == 200)
+            await server.stop()
+        }
+
+        @Test func writesOneAccessLogLinePerRequest() async throws {
+            let lines = Mutex<[String]>([])
+            let server = try TestServer.start { configuration in
+                configuration.accessLog = { line in lines.withLock { $0.append(line) } }
+            }
+            let client = try server.client()
+            try client.send("GET /items/x%0Ay HTTP/1.1\r\nHost: x\r\n\r\nGET /nope HTTP/1.1\r\nHost: x\r\n\r\n")
+            _ = try client.readResponse()
+            _ = try client.readResponse()
+            // The line is written just after the response, on the server's thread.
+            for _ in 0..<100 where lines.withLock({ $0.count }) < 2 { try await Task.sleep(for: .milliseconds(10)) }
+            let logged = lines.withLock { $0 }
+            #expect(logged.count == 2)
+            #expect(logged.first?.hasPrefix("GET /items/x%0Ay 200 3 ") == true)
+            #expect(logged.last?.hasPrefix("GET /nope 404 ") == true)
+            #expect(logged.allSatisfy { !$0.contains("\n") })
+            await server.stop()
+        }
+    }
+}
+
+/// curl as a real client.
+extension HTTPServerTests {
+    @Suite struct HTTPCurlTests {
+        static var curlAvailable: Bool { FileManager.default.isExecutableFile(atPath: "/usr/bin/curl") }
+
+        @Test(.enabled(if: curlAvailable))
+        func aLargeUploadWithExpectContinueDoesNotWaitASecond() async throws {
+            let server = try TestServer.start()
+            let file = FileManager.default.temporaryDirectory.appendingPathComponent("upload-\(UUID().uuidString)")
+            try Data(repeating: 0x5A, count: 32 << 20).write(to: file)
+            defer { try? FileManager.default.removeItem(at: file) }
+
+            let process = Process()
+            process.executableURL = URL(fileURLWithPath: "/usr/bin/curl")
+            process.arguments = ["-sS", "-X", "PUT", "-H", "Expect: 100-continue", "--data-binary", "@\(file.path)",
+                                 "-w", "\\n%{time_total}", "http://127.0.0.1:\(server.port)/big"]
+            let output = Pipe()
+            process.standardOutput = output
+            try process.run()
+            let text = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            process.waitUntilExit()
+            let lines = text.split(separator: "\n")
+            #expect(lines.first == #"{"bytes":33554432}"#)
+            let seconds = Double(lines.last ?? "") ?? 99
+            #expect(seconds < 1.0, "curl took \(seconds) s: it waited for a 100 Continue that did not come")
+            await server.stop()
+        }
+    }
+}
