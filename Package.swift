@@ -24,7 +24,11 @@ let package = Package(
         // HTTP/1.1 on POSIX sockets and epoll; knows nothing of LoRA.
         .target(name: "HTTPServer", dependencies: ["CLinux"], swiftSettings: strictSettings),
 
-        // Release-built benchmark for scripts/bench/aggregate; not part of the product.
+        // libFuzzer target for the HTTP parser (scripts/fuzz); replays saved inputs otherwise.
+        .executableTarget(name: "HTTPParserFuzzer", dependencies: ["HTTPServer"], swiftSettings: strictSettings),
+
+        // Release-built benchmark programs (scripts/bench); not part of the product.
+        .executableTarget(name: "HTTPBenchmarkServer", dependencies: ["HTTPServer"], swiftSettings: strictSettings),
         .executableTarget(
             name: "AggregateBenchmark",
             dependencies: ["LoRAAdapters"],

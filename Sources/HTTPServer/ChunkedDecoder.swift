@@ -1,7 +1,7 @@
 /// Incremental decoder of the chunked transfer coding (RFC 9112 §7.1). Chunk extensions are skipped
 /// and trailer fields read and dropped; sizes are refused past `maxBodyBytes` before any data of the
 /// chunk is accepted, and every framing error is a 400.
-struct ChunkedDecoder {
+public struct ChunkedDecoder {
     private enum State {
         case size(value: Int, digits: Int)
         case sizeExtension(value: Int, length: Int)
@@ -20,18 +20,18 @@ struct ChunkedDecoder {
     let maxBodyBytes: Int
     let maxTrailerBytes: Int
 
-    init(maxBodyBytes: Int, maxTrailerBytes: Int) {
+    public init(maxBodyBytes: Int, maxTrailerBytes: Int) {
         self.maxBodyBytes = maxBodyBytes
         self.maxTrailerBytes = maxTrailerBytes
     }
 
-    var isDone: Bool { if case .done = state { true } else { false } }
+    public var isDone: Bool { if case .done = state { true } else { false } }
 
     private static let maxExtensionBytes = 4096
 
     /// Consumes bytes of `input`, appending chunk data to `output`; returns how many bytes were
     /// consumed (fewer than given only once the body is done).
-    mutating func decode(_ input: UnsafeRawBufferPointer, into output: inout [UInt8]) throws(HTTPServerError) -> Int {
+    public mutating func decode(_ input: UnsafeRawBufferPointer, into output: inout [UInt8]) throws(HTTPServerError) -> Int {
         var index = 0
         while index < input.count {
             let byte = input[index]
