@@ -54,6 +54,22 @@ extension HTTPServerTests {
             await server.stop()
         }
 
+        @Test func aReaderThatStopsReadingIsDroppedAtTheWriteTimeout() async throws {
+            let size = 64 << 20
+            let server = try TestServer.start(configure: { $0.writeTimeout = .milliseconds(300) }, routes: { router in
+                router.add("GET", "/huge") { _, _ in HTTPResponse(status: .ok, body: [UInt8](repeating: 1, count: size)) }
+            })
+            let client = try server.client()
+            try client.send("GET /huge HTTP/1.1\r\nHost: x\r\n\r\n")
+            try await Task.sleep(for: .milliseconds(1200))  // read nothing while the server's writes stall
+            let received = try #require(client.drainUntilClosed(timeout: 5), "the server kept the stalled connection open")
+            #expect(received < size, "the connection was cut before the whole response went out")
+            let next = try server.client()
+            try next.send("GET /huge HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            #expect(try next.readResponse().body.count == size, "a reader that keeps up gets everything")
+            await server.stop()
+        }
+
         @Test func aClientLeavingMidBodyFailsTheHandlersBody() async throws {
             let outcome = Mutex<String?>(nil)
             let server = try TestServer.start(routes: { router in

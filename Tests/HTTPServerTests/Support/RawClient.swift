@@ -110,6 +110,21 @@ final class RawClient {
         return Response(statusCode: code, headers: headers, body: buffer)
     }
 
+    /// Reads and discards until EOF or reset; returns the byte count, or nil if still open after `timeout`.
+    func drainUntilClosed(timeout: Double = 5) -> Int? {
+        let deadline = Date().addingTimeInterval(timeout)
+        var total = buffer.count
+        buffer.removeAll()
+        var chunk = [UInt8](repeating: 0, count: 1 << 16)
+        while Date() < deadline {
+            let count = chunk.withUnsafeMutableBytes { recv(descriptor, $0.baseAddress, $0.count, 0) }
+            if count == 0 { return total }
+            if count < 0 && errno != EAGAIN && errno != EWOULDBLOCK { return total }
+            if count > 0 { total += count }
+        }
+        return nil
+    }
+
     /// True once the server has closed the connection (EOF), false if it is still open after `timeout`.
     func waitForClose(timeout: Double = 5) -> Bool {
         let deadline = Date().addingTimeInterval(timeout)
