@@ -10,6 +10,7 @@ let package = Package(
     products: [
         .library(name: "LoRAAdapters", targets: ["LoRAAdapters"]),
         .library(name: "HTTPServer", targets: ["HTTPServer"]),
+        .library(name: "AdapterStore", targets: ["AdapterStore"]),
     ],
     targets: [
         // System libraries, linked through their C APIs (apt: libsqlite3-dev, zlib1g-dev).
@@ -20,6 +21,9 @@ let package = Package(
 
         // The numeric/format core: safetensors codec, PEFT naming, validation, aggregation. No HTTP.
         .target(name: "LoRAAdapters", swiftSettings: strictSettings),
+
+        // SQLite storage of uploads, rounds and cached aggregates; the engine's streaming source.
+        .target(name: "AdapterStore", dependencies: ["CSQLite3", "LoRAAdapters"], swiftSettings: strictSettings),
 
         // HTTP/1.1 on POSIX sockets and epoll; knows nothing of LoRA.
         .target(name: "HTTPServer", dependencies: ["CLinux"], swiftSettings: strictSettings),
@@ -37,6 +41,7 @@ let package = Package(
 
         .testTarget(name: "CSQLite3Tests", dependencies: ["CSQLite3"], swiftSettings: strictSettings),
         .testTarget(name: "CZlibTests", dependencies: ["CZlib"], swiftSettings: strictSettings),
+        .testTarget(name: "AdapterStoreTests", dependencies: ["AdapterStore", "LoRAAdapters"], swiftSettings: strictSettings),
         .testTarget(name: "HTTPServerTests", dependencies: ["HTTPServer"], swiftSettings: strictSettings),
         .testTarget(name: "LoRAAdaptersTests", dependencies: ["LoRAAdapters"], swiftSettings: strictSettings),
     ],

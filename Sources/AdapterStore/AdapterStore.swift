@@ -1,0 +1,258 @@
+import Dispatch
+import LoRAAdapters
+
+/// Uploads, rounds and cached aggregates in one SQLite file (WAL, `synchronous=FULL`: a returned
+/// write is on disk). Every call runs on one of two serial queues, one per connection: a writer and
+/// a reader, so SQLite's blocking calls never run on Swift's cooperative pool and an aggregation
+/// (a long read transaction) does not stop uploads. Several processes may share one file; SQLite's
+/// locks and the busy timeout keep them correct.
+public final class AdapterStore: Sendable {
+    private let writer: ConnectionQueue
+    private let reader: ConnectionQueue
+    private let digest: @Sendable ([UInt8]) -> String
+
+    /// - Parameter digest: hex SHA-256 of bytes, for aggregate ETags.
+    public init(path: String, digest: @escaping @Sendable ([UInt8]) -> String) throws {
+        let writerConnection = try SQLiteConnection(path: path)
+        try writerConnection.execute("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")
+        try Schema.migrate(writerConnection)
+        let readerConnection = try SQLiteConnection(path: path)
+        try readerConnection.execute("PRAGMA foreign_keys = ON; PRAGMA query_only = ON;")
+        writer = ConnectionQueue(writerConnection, label: "lora-aggregator.store.writer")
+        reader = ConnectionQueue(readerConnection, label: "lora-aggregator.store.reader")
+        self.digest = digest
+    }
+
+    // MARK: Uploads
+
+    /// Stores `upload` in one transaction, replacing the client's earlier upload; returns its record
+    /// and whether it is new. Throws `roundSealed`, or `shapeMismatch` when a tensor disagrees with
+    /// the round's other uploads apart from the rank axis; nothing is written then.
+    public func put(_ upload: NewUpload) async throws -> (record: UploadRecord, created: Bool) {
+        try await writer.run { connection in
+            try connection.transaction(immediate: true) {
+                try Self.ensureRoundOpen(connection, upload.federation, upload.round)
+                try Self.checkShapes(of: upload, against: connection)
+                let existing = try connection.statement("DELETE FROM uploads WHERE federation = ?1 AND round = ?2 AND client = ?3")
+                try existing.bind(.text(upload.federation), .integer(upload.round), .text(upload.client)).run()
+                let replaced = connection.changes > 0
+
+                let headerLength = 8 + Int(upload.file.bytes.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) })
+                try connection.statement("""
+                    INSERT INTO uploads (federation, round, client, rank, weight, bytes, sha256, uploaded_at, header)
+                    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), ?8)
+                    """).bind(.text(upload.federation), .integer(upload.round), .text(upload.client), .integer(Int64(upload.rank)),
+                              .real(upload.weight), .integer(Int64(upload.file.bytes.count)), .text(upload.sha256),
+                              .blob(Array(upload.file.bytes[0..<headerLength]))).run()
+                let uploadID = connection.lastInsertedRowID
+                let insertTensor = try connection.statement("INSERT INTO tensors (upload_id, name, dtype, shape, data_offset, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
+                for tensor in upload.file.tensors {
+                    try upload.file.withBytes(of: tensor) { data in
+                        insertTensor.reset()
+                        try insertTensor.bind(.integer(uploadID), .text(tensor.name), .text(tensor.dtype.rawValue), .text(SQLiteAdapterSource.shapeText(tensor.shape)),
+                                              .integer(Int64(tensor.byteRange.lowerBound)), .borrowedBlob(data)).run()
+                    }
+                }
+                try Self.roundChanged(connection, upload.federation, upload.round)
+                let record = try Self.uploadRecords(connection, upload.federation, upload.round, client: upload.client)[0]
+                return (record, !replaced)
+            }
+        }
+    }
+
+    /// The client's stored file, byte for byte as uploaded (decompressed), with its record.
+    public func upload(federation: String, round: Int64, client: String) async throws -> (record: UploadRecord, file: [UInt8])? {
+        try await reader.run { connection in
+            try connection.transaction(immediate: false) {
+                guard let record = try Self.uploadRecords(connection, federation, round, client: client).first else { return nil }
+                let header = try connection.statement("SELECT id, header FROM uploads WHERE federation = ?1 AND round = ?2 AND client = ?3")
+                try header.bind(.text(federation), .integer(round), .text(client))
+                guard try header.step() else { return nil }
+                var file = header.blob(1)
+                file.reserveCapacity(record.bytes)
+                let tensors = try connection.statement("SELECT data FROM tensors WHERE upload_id = ?1 ORDER BY data_offset")
+                try tensors.bind(.integer(header.integer(0)))
+                while try tensors.step() { tensors.withBlob(0) { file.append(contentsOf: $0) } }
+                return (record, file)
+            }
+        }
+    }
+
+    /// Deletes the client's upload; false when there was none. Throws `roundSealed`.
+    public func deleteUpload(federation: String, round: Int64, client: String) async throws -> Bool {
+        try await writer.run { connection in
+            try connection.transaction(immediate: true) {
+                try Self.ensureRoundOpen(connection, federation, round)
+                try connection.statement("DELETE FROM uploads WHERE federation = ?1 AND round = ?2 AND client = ?3")
+                    .bind(.text(federation), .integer(round), .text(client)).run()
+                guard connection.changes > 0 else { return false }
+                try Self.roundChanged(connection, federation, round)
+                return true
+            }
+        }
+    }
+
+    // MARK: Rounds
+
+    /// The round with its uploads; nil when it has none and is not sealed.
+    public func round(federation: String, round: Int64) async throws -> RoundRecord? {
+        try await reader.run { connection in
+            try connection.transaction(immediate: false) { try Self.roundRecord(connection, federation, round) }
+        }
+    }
+
+    public func rounds(federation: String) async throws -> [RoundSummary] {
+        try await reader.run { connection in try connection.transaction(immediate: false) {
+            let statement = try connection.statement("""
+                SELECT r.round, r.sealed, count(u.id), coalesce(max(u.rank), 0) FROM rounds r
+                LEFT JOIN uploads u ON u.federation = r.federation AND u.round = r.round
+                WHERE r.federation = ?1 GROUP BY r.round HAVING count(u.id) > 0 OR r.sealed ORDER BY r.round
+                """)
+            try statement.bind(.text(federation))
+            var summaries: [RoundSummary] = []
+            while try statement.step() {
+                summaries.append(RoundSummary(round: statement.integer(0), sealed: statement.integer(1) != 0, uploads: Int(statement.integer(2)), maxRank: Int(statement.integer(3))))
+            }
+            return summaries
+        } }
+    }
+
+    /// Seals the round (idempotent; an empty round can be sealed too) and returns it.
+    public func seal(federation: String, round: Int64) async throws -> RoundRecord {
+        try await writer.run { connection in
+            try connection.transaction(immediate: true) {
+                try connection.statement("INSERT INTO rounds (federation, round, sealed) VALUES (?1, ?2, 1) ON CONFLICT DO UPDATE SET sealed = 1")
+                    .bind(.text(federation), .integer(round)).run()
+                return try Self.roundRecord(connection, federation, round)!
+            }
+        }
+    }
+
+    // MARK: Aggregates
+
+    /// The aggregate of the round (or, with `client`, truncated to that client's rank), from the
+    /// cache when the round has not changed since it was computed. Nil when the round has no
+    /// uploads, or `client` has none in it. Throws `rankOutOfRange` for a rank past the global one.
+    public func aggregate(
+        federation: String, round: Int64, client: String?, strategy: AggregationStrategy, rank requestedRank: Int?, dtype: DType
+    ) async throws -> StoredAggregate? {
+        let digest = self.digest
+        let computed: (aggregate: StoredAggregate, revision: Int64)? = try await reader.run { connection in
+            try connection.transaction(immediate: false) {
+                let source = SQLiteAdapterSource(connection: connection, federation: federation, round: round)
+                let participants = try source.participants()
+                guard !participants.isEmpty else { return nil }
+                var rank = requestedRank
+                if let client {
+                    guard let participant = participants.first(where: { $0.clientID == client }) else { return nil }
+                    rank = participant.rank
+                }
+                let resolvedRank = rank ?? participants.map(\.rank).max()!
+                let revisionQuery = try connection.statement("SELECT revision FROM rounds WHERE federation = ?1 AND round = ?2")
+                try revisionQuery.bind(.text(federation), .integer(round))
+                _ = try revisionQuery.step()
+                let revision = revisionQuery.integer(0)
+
+                let cached = try connection.statement("""
+                    SELECT sha256, body FROM aggregates WHERE federation = ?1 AND round = ?2 AND strategy = ?3 AND rank = ?4 AND dtype = ?5 AND revision = ?6
+                    """)
+                try cached.bind(.text(federation), .integer(round), .text(strategy.rawValue), .integer(Int64(resolvedRank)), .text(dtype.rawValue), .integer(revision))
+                if try cached.step() {
+                    return (StoredAggregate(bytes: cached.blob(1), sha256: cached.text(0), rank: resolvedRank, fromCache: true), revision)
+                }
+                let options = AggregationOptions(strategy: strategy, rank: resolvedRank, dtype: dtype,
+                                                  metadata: ["federation": federation, "round": String(round)])
+                let result = try AdapterAggregator.aggregate(source, options: options)
+                return (StoredAggregate(bytes: result.bytes, sha256: digest(result.bytes), rank: result.rank, fromCache: false), revision)
+            }
+        }
+        guard let computed else { return nil }
+        if !computed.aggregate.fromCache {
+            // Cached only if the round is still at the revision it was computed from.
+            try await writer.run { connection in try connection.transaction(immediate: true) {
+                try connection.statement("""
+                    INSERT INTO aggregates (federation, round, revision, strategy, rank, dtype, sha256, body)
+                    SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8 WHERE (SELECT revision FROM rounds WHERE federation = ?1 AND round = ?2) = ?3
+                    ON CONFLICT DO UPDATE SET revision = excluded.revision, sha256 = excluded.sha256, body = excluded.body
+                    """).bind(.text(federation), .integer(round), .integer(computed.revision), .text(strategy.rawValue),
+                              .integer(Int64(computed.aggregate.rank)), .text(dtype.rawValue), .text(computed.aggregate.sha256),
+                              .blob(computed.aggregate.bytes)).run()
+            } }
+        }
+        return computed.aggregate
+    }
+
+    // MARK: Helpers (inside a transaction)
+
+    private static func ensureRoundOpen(_ connection: SQLiteConnection, _ federation: String, _ round: Int64) throws {
+        try connection.statement("INSERT INTO rounds (federation, round) VALUES (?1, ?2) ON CONFLICT DO NOTHING")
+            .bind(.text(federation), .integer(round)).run()
+        let sealed = try connection.statement("SELECT sealed FROM rounds WHERE federation = ?1 AND round = ?2")
+        try sealed.bind(.text(federation), .integer(round))
+        if try sealed.step(), sealed.integer(0) != 0 {
+            throw StoreError(.roundSealed, "round \(round) of federation '\(federation)' is sealed")
+        }
+    }
+
+    /// Every tensor of `upload` against the same name in the round's other uploads.
+    private static func checkShapes(of upload: NewUpload, against connection: SQLiteConnection) throws {
+        let statement = try connection.statement("""
+            SELECT t.name, t.shape FROM uploads u JOIN tensors t ON t.upload_id = u.id
+            WHERE u.federation = ?1 AND u.round = ?2 AND u.client != ?3 GROUP BY t.name
+            """)
+        try statement.bind(.text(upload.federation), .integer(upload.round), .text(upload.client))
+        while try statement.step() {
+            guard let tensor = upload.file.tensor(named: statement.text(0)) else { continue }
+            try RoundShapeCheck.check(name: tensor.name, shape: tensor.shape, against: SQLiteAdapterSource.shape(statement.text(1)))
+        }
+    }
+
+    /// A change to a round's uploads: new revision, cached aggregates dropped.
+    private static func roundChanged(_ connection: SQLiteConnection, _ federation: String, _ round: Int64) throws {
+        try connection.statement("UPDATE rounds SET revision = revision + 1 WHERE federation = ?1 AND round = ?2")
+            .bind(.text(federation), .integer(round)).run()
+        try connection.statement("DELETE FROM aggregates WHERE federation = ?1 AND round = ?2")
+            .bind(.text(federation), .integer(round)).run()
+    }
+
+    private static func uploadRecords(_ connection: SQLiteConnection, _ federation: String, _ round: Int64, client: String? = nil) throws -> [UploadRecord] {
+        let statement = try connection.statement("""
+            SELECT client, rank, weight, bytes, sha256, uploaded_at FROM uploads
+            WHERE federation = ?1 AND round = ?2 AND (?3 IS NULL OR client = ?3) ORDER BY client
+            """)
+        try statement.bind(.text(federation), .integer(round), client.map { .text($0) } ?? .null)
+        var records: [UploadRecord] = []
+        while try statement.step() {
+            records.append(UploadRecord(client: statement.text(0), rank: Int(statement.integer(1)), weight: statement.real(2),
+                                        bytes: Int(statement.integer(3)), sha256: statement.text(4), uploadedAt: statement.text(5)))
+        }
+        return records
+    }
+
+    private static func roundRecord(_ connection: SQLiteConnection, _ federation: String, _ round: Int64) throws -> RoundRecord? {
+        let statement = try connection.statement("SELECT sealed FROM rounds WHERE federation = ?1 AND round = ?2")
+        try statement.bind(.text(federation), .integer(round))
+        let sealed = try statement.step() && statement.integer(0) != 0
+        let uploads = try uploadRecords(connection, federation, round)
+        guard sealed || !uploads.isEmpty else { return nil }
+        return RoundRecord(federation: federation, round: round, sealed: sealed, uploads: uploads)
+    }
+}
+
+/// A connection confined to its serial queue.
+private final class ConnectionQueue: @unchecked Sendable {
+    // @unchecked: `connection` is only ever used inside blocks on `queue`, which is serial.
+    private let connection: SQLiteConnection
+    private let queue: DispatchQueue
+
+    init(_ connection: SQLiteConnection, label: String) {
+        self.connection = connection
+        self.queue = DispatchQueue(label: label)
+    }
+
+    func run<Value: Sendable>(_ work: @escaping @Sendable (SQLiteConnection) throws -> Value) async throws -> Value {
+        try await withCheckedThrowingContinuation { continuation in
+            queue.async { continuation.resume(with: Swift.Result { try work(self.connection) }) }
+        }
+    }
+}

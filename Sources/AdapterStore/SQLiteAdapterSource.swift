@@ -1,0 +1,59 @@
+import LoRAAdapters
+
+/// A round in the database as the aggregation engine's source: one tensor name across all clients
+/// at a time, in client-id order (SQLite's BINARY collation is byte order), each blob handed over
+/// in place without a copy. Used inside a read transaction, so the round cannot change underneath.
+struct SQLiteAdapterSource: AdapterSource {
+    let connection: SQLiteConnection
+    let federation: String
+    let round: Int64
+
+    func participants() throws -> [RoundParticipant] {
+        let statement = try connection.statement("SELECT client, rank, weight FROM uploads WHERE federation = ?1 AND round = ?2")
+        try statement.bind(.text(federation), .integer(round))
+        var participants: [RoundParticipant] = []
+        while try statement.step() {
+            participants.append(RoundParticipant(clientID: statement.text(0), rank: Int(statement.integer(1)), weight: statement.real(2)))
+        }
+        return participants
+    }
+
+    func holdings() throws -> [TensorHolding] {
+        let statement = try connection.statement("""
+            SELECT u.client, t.name, t.dtype, t.shape FROM uploads u JOIN tensors t ON t.upload_id = u.id
+            WHERE u.federation = ?1 AND u.round = ?2
+            """)
+        try statement.bind(.text(federation), .integer(round))
+        var holdings: [TensorHolding] = []
+        while try statement.step() {
+            holdings.append(TensorHolding(name: statement.text(1), clientID: statement.text(0), dtype: try Self.dtype(statement.text(2)), shape: Self.shape(statement.text(3))))
+        }
+        return holdings
+    }
+
+    func forEachContribution(toTensor tensorName: String, _ body: (TensorContribution) throws -> Void) throws {
+        let statement = try connection.statement("""
+            SELECT u.client, t.dtype, t.shape, t.data FROM uploads u JOIN tensors t ON t.upload_id = u.id AND t.name = ?3
+            WHERE u.federation = ?1 AND u.round = ?2 ORDER BY u.client
+            """)
+        try statement.bind(.text(federation), .integer(round), .text(tensorName))
+        while try statement.step() {
+            let contribution = (client: statement.text(0), dtype: try Self.dtype(statement.text(1)), shape: Self.shape(statement.text(2)))
+            try statement.withBlob(3) { bytes in
+                try body(TensorContribution(clientID: contribution.client, dtype: contribution.dtype, shape: contribution.shape, bytes: bytes))
+            }
+        }
+    }
+
+    static func dtype(_ text: String) throws(StoreError) -> DType {
+        guard let dtype = DType(rawValue: text) else { throw StoreError(.database, "a stored tensor has an unknown dtype", detail: text) }
+        return dtype
+    }
+
+    /// Shapes are stored as JSON arrays of integers: "[16,4096]".
+    static func shape(_ text: String) -> [Int] {
+        text.dropFirst().dropLast().split(separator: ",").compactMap { Int($0) }
+    }
+
+    static func shapeText(_ shape: [Int]) -> String { "[" + shape.map(String.init).joined(separator: ",") + "]" }
+}

@@ -1,0 +1,153 @@
+import CSQLite3
+
+/// One SQLite connection and its prepared statements, wrapping the C handles. Not thread-safe:
+/// `AdapterStore` confines each connection to one serial queue.
+final class SQLiteConnection {
+    private let handle: OpaquePointer
+    private var statements: [String: SQLiteStatement] = [:]
+
+    init(path: String, busyTimeoutMilliseconds: Int32 = 5000) throws(StoreError) {
+        var handle: OpaquePointer?
+        let status = sqlite3_open_v2(path, &handle, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, nil)
+        guard status == SQLITE_OK, let handle else {
+            let detail = handle.map { String(cString: sqlite3_errmsg($0)) } ?? "status \(status)"
+            sqlite3_close_v2(handle)
+            throw Self.error(status, "the database cannot be opened", detail: detail)
+        }
+        self.handle = handle
+        sqlite3_extended_result_codes(handle, 1)
+        sqlite3_busy_timeout(handle, busyTimeoutMilliseconds)
+    }
+
+    deinit {
+        for statement in statements.values { statement.finalize() }
+        sqlite3_close_v2(handle)
+    }
+
+    /// Runs one or more statements without results (schema, pragmas, transaction control).
+    func execute(_ sql: String) throws(StoreError) {
+        let status = sqlite3_exec(handle, sql, nil, nil, nil)
+        guard status == SQLITE_OK else { throw failure(status) }
+    }
+
+    /// The prepared statement for `sql`, prepared on first use and reset for reuse after.
+    func statement(_ sql: String) throws(StoreError) -> SQLiteStatement {
+        if let statement = statements[sql] {
+            statement.reset()
+            return statement
+        }
+        var raw: OpaquePointer?
+        let status = sqlite3_prepare_v3(handle, sql, -1, UInt32(SQLITE_PREPARE_PERSISTENT), &raw, nil)
+        guard status == SQLITE_OK, let raw else { throw failure(status) }
+        let statement = SQLiteStatement(raw, connection: self)
+        statements[sql] = statement
+        return statement
+    }
+
+    /// Runs `body` in a transaction; `immediate` takes the write lock at the start. Every cached
+    /// statement is reset before the end: one left on a row would keep its read snapshot pinned.
+    func transaction<Result>(immediate: Bool, _ body: () throws -> Result) throws -> Result {
+        try execute(immediate ? "BEGIN IMMEDIATE" : "BEGIN")
+        do {
+            let result = try body()
+            resetStatements()
+            try execute("COMMIT")
+            return result
+        } catch {
+            resetStatements()
+            try? execute("ROLLBACK")
+            throw error
+        }
+    }
+
+    private func resetStatements() {
+        for statement in statements.values { statement.reset() }
+    }
+
+    var changes: Int { Int(sqlite3_changes(handle)) }
+    var lastInsertedRowID: Int64 { sqlite3_last_insert_rowid(handle) }
+
+    func failure(_ status: Int32) -> StoreError {
+        Self.error(status, "the database operation failed", detail: String(cString: sqlite3_errmsg(handle)))
+    }
+
+    static func error(_ status: Int32, _ message: String, detail: String) -> StoreError {
+        switch status & 0xFF {
+        case SQLITE_FULL: StoreError(.storageFull, "the server's storage is full", detail: detail)
+        case SQLITE_READONLY, SQLITE_CANTOPEN, SQLITE_PERM: StoreError(.readOnly, "the database cannot be written", detail: detail)
+        case SQLITE_BUSY, SQLITE_LOCKED: StoreError(.busy, "the database is busy", detail: detail)
+        default: StoreError(.database, message, detail: detail)
+        }
+    }
+}
+
+/// A prepared statement; bind with 1-based indices, then step.
+final class SQLiteStatement {
+    private let raw: OpaquePointer
+    private unowned let connection: SQLiteConnection
+
+    init(_ raw: OpaquePointer, connection: SQLiteConnection) {
+        self.raw = raw
+        self.connection = connection
+    }
+
+    func finalize() { sqlite3_finalize(raw) }
+
+    func reset() {
+        sqlite3_reset(raw)
+        sqlite3_clear_bindings(raw)
+    }
+
+    @discardableResult
+    func bind(_ values: SQLiteValue...) throws(StoreError) -> SQLiteStatement {
+        for (offset, value) in values.enumerated() {
+            let index = Int32(offset + 1)
+            let status: Int32 = switch value {
+            case .integer(let integer): sqlite3_bind_int64(raw, index, integer)
+            case .real(let real): sqlite3_bind_double(raw, index, real)
+            case .text(let text): sqlite3_bind_text(raw, index, text, -1, csqlite3_transient())
+            case .blob(let bytes): bytes.withUnsafeBytes { sqlite3_bind_blob64(raw, index, $0.baseAddress, sqlite3_uint64($0.count), csqlite3_transient()) }
+            // Bound without a copy: the caller keeps the memory alive until the statement has stepped.
+            case .borrowedBlob(let bytes): sqlite3_bind_blob64(raw, index, bytes.baseAddress, sqlite3_uint64(bytes.count), csqlite3_static())
+            case .null: sqlite3_bind_null(raw, index)
+            }
+            guard status == SQLITE_OK else { throw connection.failure(status) }
+        }
+        return self
+    }
+
+    /// Advances; true when a row is available.
+    func step() throws(StoreError) -> Bool {
+        let status = sqlite3_step(raw)
+        switch status {
+        case SQLITE_ROW: return true
+        case SQLITE_DONE: return false
+        default: throw connection.failure(status)
+        }
+    }
+
+    /// Steps a statement that returns no rows.
+    func run() throws(StoreError) { _ = try step() }
+
+    func integer(_ column: Int32) -> Int64 { sqlite3_column_int64(raw, column) }
+    func real(_ column: Int32) -> Double { sqlite3_column_double(raw, column) }
+    func text(_ column: Int32) -> String { sqlite3_column_text(raw, column).map { String(cString: $0) } ?? "" }
+    func isNull(_ column: Int32) -> Bool { sqlite3_column_type(raw, column) == SQLITE_NULL }
+
+    /// The blob in `column`, valid until the next step or reset.
+    func withBlob<Result>(_ column: Int32, _ body: (UnsafeRawBufferPointer) throws -> Result) rethrows -> Result {
+        let count = Int(sqlite3_column_bytes(raw, column))
+        return try body(UnsafeRawBufferPointer(start: sqlite3_column_blob(raw, column), count: count))
+    }
+
+    func blob(_ column: Int32) -> [UInt8] { withBlob(column) { Array($0) } }
+}
+
+enum SQLiteValue {
+    case integer(Int64)
+    case real(Double)
+    case text(String)
+    case blob([UInt8])
+    case borrowedBlob(UnsafeRawBufferPointer)
+    case null
+}

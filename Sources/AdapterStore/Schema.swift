@@ -1,0 +1,68 @@
+/// The schema and its migrations, versioned with `PRAGMA user_version`.
+///
+/// One row per tensor under its upload lets aggregation read one tensor name across all clients at
+/// a time. An upload keeps its original header bytes, so the file a client sent is rebuilt exactly:
+/// its tensors tile the data section, so the data is the tensors' bytes in offset order.
+enum Schema {
+    static let migrations: [String] = [
+        """
+        CREATE TABLE rounds (
+            federation TEXT NOT NULL,
+            round INTEGER NOT NULL,
+            sealed INTEGER NOT NULL DEFAULT 0,
+            revision INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (federation, round)
+        ) WITHOUT ROWID;
+        CREATE TABLE uploads (
+            id INTEGER PRIMARY KEY,
+            federation TEXT NOT NULL,
+            round INTEGER NOT NULL,
+            client TEXT NOT NULL,
+            rank INTEGER NOT NULL,
+            weight REAL NOT NULL,
+            bytes INTEGER NOT NULL,
+            sha256 TEXT NOT NULL,
+            uploaded_at TEXT NOT NULL,
+            header BLOB NOT NULL,
+            UNIQUE (federation, round, client),
+            FOREIGN KEY (federation, round) REFERENCES rounds (federation, round)
+        );
+        CREATE TABLE tensors (
+            upload_id INTEGER NOT NULL REFERENCES uploads (id) ON DELETE CASCADE,
+            name TEXT NOT NULL,
+            dtype TEXT NOT NULL,
+            shape TEXT NOT NULL,
+            data_offset INTEGER NOT NULL,
+            data BLOB NOT NULL,
+            PRIMARY KEY (upload_id, name)
+        );
+        CREATE TABLE aggregates (
+            federation TEXT NOT NULL,
+            round INTEGER NOT NULL,
+            revision INTEGER NOT NULL,
+            strategy TEXT NOT NULL,
+            rank INTEGER NOT NULL,
+            dtype TEXT NOT NULL,
+            sha256 TEXT NOT NULL,
+            body BLOB NOT NULL,
+            PRIMARY KEY (federation, round, strategy, rank, dtype),
+            FOREIGN KEY (federation, round) REFERENCES rounds (federation, round)
+        );
+        """,
+    ]
+
+    /// Brings the schema up to date. The version is read inside the write transaction, so two
+    /// processes starting on one new file apply each migration once.
+    static func migrate(_ connection: SQLiteConnection) throws {
+        try connection.transaction(immediate: true) {
+            let version = try connection.statement("PRAGMA user_version")
+            _ = try version.step()
+            let current = Int(version.integer(0))
+            version.reset()
+            for (index, migration) in migrations.enumerated().dropFirst(current) {
+                try connection.execute(migration)
+                try connection.execute("PRAGMA user_version = \(index + 1)")
+            }
+        }
+    }
+}

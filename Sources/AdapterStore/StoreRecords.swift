@@ -1,0 +1,60 @@
+import LoRAAdapters
+
+/// A client's stored upload, as listed in a round.
+public struct UploadRecord: Sendable, Equatable {
+    public let client: String
+    public let rank: Int
+    public let weight: Double
+    /// Size of the decompressed safetensors file.
+    public let bytes: Int
+    public let sha256: String
+    /// UTC, ISO 8601 with milliseconds.
+    public let uploadedAt: String
+}
+
+public struct RoundRecord: Sendable, Equatable {
+    public let federation: String
+    public let round: Int64
+    public let sealed: Bool
+    /// Sorted by client id.
+    public let uploads: [UploadRecord]
+    public var maxRank: Int { uploads.map(\.rank).max() ?? 0 }
+    public var totalWeight: Double { uploads.reduce(0) { $0 + $1.weight } }
+}
+
+public struct RoundSummary: Sendable, Equatable {
+    public let round: Int64
+    public let sealed: Bool
+    public let uploads: Int
+    public let maxRank: Int
+}
+
+/// An upload to store: already parsed and validated on its own by `AdapterValidator`.
+public struct NewUpload: Sendable {
+    public let federation: String
+    public let round: Int64
+    public let client: String
+    public let rank: Int
+    public let weight: Double
+    public let file: SafetensorsFile
+    public let sha256: String
+
+    public init(federation: String, round: Int64, client: String, rank: Int, weight: Double, file: SafetensorsFile, sha256: String) {
+        self.federation = federation
+        self.round = round
+        self.client = client
+        self.rank = rank
+        self.weight = weight
+        self.file = file
+        self.sha256 = sha256
+    }
+}
+
+/// An aggregate file with its digest (the strong ETag).
+public struct StoredAggregate: Sendable {
+    public let bytes: [UInt8]
+    public let sha256: String
+    public let rank: Int
+    /// True when it came from the cache rather than a fresh aggregation.
+    public let fromCache: Bool
+}

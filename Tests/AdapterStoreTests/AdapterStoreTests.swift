@@ -1,0 +1,154 @@
+import AdapterStore
+import Foundation
+import LoRAAdapters
+import Testing
+
+/// A PEFT-style adapter of `rank` with two modules and a dense head; values depend on `seed`.
+func makeAdapter(rank: Int, seed: Int, width: Int = 6, dtype: DType = .f32) throws -> SafetensorsFile {
+    func values(_ count: Int, _ salt: Int) -> [Double] { (0..<count).map { Double(($0 * 7 + seed * 13 + salt) % 17 - 8) / 16 } }
+    let records = [
+        TensorRecord(name: "base_model.model.q.lora_A.weight", dtype: dtype, shape: [rank, width], data: dtype.encode(values(rank * width, 1))),
+        TensorRecord(name: "base_model.model.q.lora_B.weight", dtype: dtype, shape: [width + 1, rank], data: dtype.encode(values((width + 1) * rank, 2))),
+        TensorRecord(name: "base_model.model.v.lora_A.weight", dtype: dtype, shape: [rank, width], data: dtype.encode(values(rank * width, 3))),
+        TensorRecord(name: "base_model.model.v.lora_B.weight", dtype: dtype, shape: [width, rank], data: dtype.encode(values(width * rank, 4))),
+        TensorRecord(name: "base_model.model.head.weight", dtype: dtype, shape: [3], data: dtype.encode(values(3, 5))),
+    ]
+    return try SafetensorsFile(bytes: SafetensorsWriter.write(records, metadata: ["format": "pt"]))
+}
+
+/// Not a cryptographic digest: enough for tests to tell bodies apart.
+let testDigest: @Sendable ([UInt8]) -> String = { bytes in
+    String(bytes.reduce(UInt64(14_695_981_039_346_656_037)) { ($0 ^ UInt64($1)) &* 1_099_511_628_211 }, radix: 16)
+}
+
+func temporaryDatabase() -> String {
+    FileManager.default.temporaryDirectory.appendingPathComponent("store-\(UUID().uuidString).sqlite").path
+}
+
+func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, seed: Int = 0, file: SafetensorsFile? = nil) throws -> NewUpload {
+    let file = try file ?? makeAdapter(rank: rank, seed: seed)
+    return NewUpload(federation: "fed", round: round, client: client, rank: rank, weight: weight, file: file, sha256: testDigest(file.bytes))
+}
+
+@Suite struct AdapterStoreTests {
+    @Test func storesAndReturnsTheExactFile() async throws {
+        let store = try AdapterStore(path: temporaryDatabase(), digest: testDigest)
+        let first = try upload("alice", rank: 4, weight: 3)
+        let (record, created) = try await store.put(first)
+        #expect(created)
+        #expect(record.client == "alice" && record.rank == 4 && record.weight == 3 && record.bytes == first.file.bytes.count)
+        #expect(record.uploadedAt.hasSuffix("Z"))
+        let stored = try #require(try await store.upload(federation: "fed", round: 0, client: "alice"))
+        #expect(stored.file == first.file.bytes)
+        #expect(try await store.upload(federation: "fed", round: 0, client: "bob") == nil)
+        #expect(try await store.upload(federation: "other", round: 0, client: "alice") == nil)
+    }
+
+    @Test func replacingAnUploadKeepsOnlyTheNewOne() async throws {
+        let store = try AdapterStore(path: temporaryDatabase(), digest: testDigest)
+        _ = try await store.put(upload("alice", rank: 4, seed: 1))
+        let replacement = try upload("alice", rank: 2, seed: 2)
+        let (_, created) = try await store.put(replacement)
+        #expect(!created)
+        #expect(try await store.upload(federation: "fed", round: 0, client: "alice")?.file == replacement.file.bytes)
+        let round = try #require(try await store.round(federation: "fed", round: 0))
+        #expect(round.uploads.map(\.rank) == [2])
+    }
+
+    @Test func aSealedRoundRefusesUploadsAndDeletes() async throws {
+        let store = try AdapterStore(path: temporaryDatabase(), digest: testDigest)
+        _ = try await store.put(upload("alice", rank: 4))
+        let sealed = try await store.seal(federation: "fed", round: 0)
+        #expect(sealed.sealed && sealed.uploads.count == 1)
+        #expect(try await store.seal(federation: "fed", round: 0) == sealed, "sealing is idempotent")
+        await #expect { _ = try await store.put(upload("bob", rank: 2)) } throws: { ($0 as? StoreError)?.code == .roundSealed }
+        await #expect { _ = try await store.deleteUpload(federation: "fed", round: 0, client: "alice") } throws: { ($0 as? StoreError)?.code == .roundSealed }
+        // An empty round can be sealed and then shows up.
+        let empty = try await store.seal(federation: "fed", round: 5)
+        #expect(empty.sealed && empty.uploads.isEmpty)
+        #expect(try await store.rounds(federation: "fed").map(\.round) == [0, 5])
+    }
+
+    @Test func aShapeConflictWritesNothingAndKeepsTheEarlierUpload() async throws {
+        let store = try AdapterStore(path: temporaryDatabase(), digest: testDigest)
+        _ = try await store.put(upload("alice", rank: 4))
+        let bobFirst = try upload("bob", rank: 2, seed: 3)
+        _ = try await store.put(bobFirst)
+        let wrongWidth = try upload("bob", rank: 2, file: makeAdapter(rank: 2, seed: 9, width: 5))
+        await #expect { _ = try await store.put(wrongWidth) } throws: { error in
+            let error = error as? AdapterError
+            return error?.code == .shapeMismatch && error?.tensor?.hasPrefix("base_model.model.") == true
+        }
+        #expect(try await store.upload(federation: "fed", round: 0, client: "bob")?.file == bobFirst.file.bytes)
+    }
+
+    @Test func deleteRemovesAndAnEmptyRoundDisappears() async throws {
+        let store = try AdapterStore(path: temporaryDatabase(), digest: testDigest)
+        _ = try await store.put(upload("alice", rank: 4))
+        #expect(try await store.deleteUpload(federation: "fed", round: 0, client: "alice"))
+        #expect(try await !store.deleteUpload(federation: "fed", round: 0, client: "alice"))
+        #expect(try await store.round(federation: "fed", round: 0) == nil)
+        #expect(try await store.rounds(federation: "fed").isEmpty)
+    }
+
+    @Test func aggregatesEqualTheInMemoryEngineAndAreCachedUntilTheRoundChanges() async throws {
+        let store = try AdapterStore(path: temporaryDatabase(), digest: testDigest)
+        let uploads = try [upload("carol", rank: 8, weight: 2, seed: 1), upload("alice", rank: 2, weight: 5, seed: 2), upload("bob", rank: 4, weight: 1, seed: 3)]
+        for item in uploads { _ = try await store.put(item) }
+        let memory = InMemoryAdapterSource(uploads.map { ClientAdapter(clientID: $0.client, rank: $0.rank, weight: $0.weight, file: $0.file) })
+
+        for strategy in AggregationStrategy.allCases {
+            let expected = try AdapterAggregator.aggregate(memory, options: .init(strategy: strategy, rank: 8, metadata: ["federation": "fed", "round": "0"]))
+            let fresh = try #require(try await store.aggregate(federation: "fed", round: 0, client: nil, strategy: strategy, rank: nil, dtype: .f32))
+            #expect(!fresh.fromCache && fresh.bytes == expected.bytes && fresh.rank == 8)
+            let again = try #require(try await store.aggregate(federation: "fed", round: 0, client: nil, strategy: strategy, rank: nil, dtype: .f32))
+            #expect(again.fromCache && again.bytes == fresh.bytes && again.sha256 == fresh.sha256)
+        }
+        let bobs = try #require(try await store.aggregate(federation: "fed", round: 0, client: "bob", strategy: .replication, rank: nil, dtype: .bf16))
+        let expectedBob = try AdapterAggregator.aggregate(memory, options: .init(rank: 4, dtype: .bf16, metadata: ["federation": "fed", "round": "0"]))
+        #expect(bobs.rank == 4 && bobs.bytes == expectedBob.bytes)
+        #expect(try await store.aggregate(federation: "fed", round: 0, client: "nobody", strategy: .replication, rank: nil, dtype: .f32) == nil)
+        #expect(try await store.aggregate(federation: "fed", round: 1, client: nil, strategy: .replication, rank: nil, dtype: .f32) == nil)
+        await #expect { _ = try await store.aggregate(federation: "fed", round: 0, client: nil, strategy: .replication, rank: 9, dtype: .f32) } throws: {
+            ($0 as? AdapterError)?.code == .rankOutOfRange
+        }
+
+        // A new upload changes the round: the next aggregate is computed afresh and differs.
+        let before = try #require(try await store.aggregate(federation: "fed", round: 0, client: nil, strategy: .replication, rank: nil, dtype: .f32))
+        _ = try await store.put(upload("dave", rank: 8, weight: 4, seed: 7))
+        let after = try #require(try await store.aggregate(federation: "fed", round: 0, client: nil, strategy: .replication, rank: nil, dtype: .f32))
+        #expect(!after.fromCache && after.bytes != before.bytes)
+    }
+
+    @Test func twoStoresOnOneFileStayConsistentUnderConcurrentWrites() async throws {
+        let path = temporaryDatabase()
+        let first = try AdapterStore(path: path, digest: testDigest)
+        let second = try AdapterStore(path: path, digest: testDigest)
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for index in 0..<40 {
+                let store = index % 2 == 0 ? first : second
+                let item = try upload("client-\(index % 10)", rank: [2, 4, 8][index % 3], seed: index)
+                group.addTask { _ = try await store.put(item) }
+            }
+            try await group.waitForAll()
+        }
+        let round = try #require(try await first.round(federation: "fed", round: 0))
+        #expect(round.uploads.map(\.client) == (0..<10).map { "client-\($0)" })
+        for record in round.uploads {
+            let stored = try #require(try await second.upload(federation: "fed", round: 0, client: record.client))
+            #expect(testDigest(stored.file) == record.sha256, "every stored file is whole and matches its digest")
+        }
+    }
+
+    @Test func aReadOnlyDatabaseIsAClearError() throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("readonly-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        let path = directory.appendingPathComponent("db.sqlite").path
+        _ = try AdapterStore(path: path, digest: testDigest)
+        try FileManager.default.setAttributes([.posixPermissions: 0o444], ofItemAtPath: path)
+        try FileManager.default.setAttributes([.posixPermissions: 0o555], ofItemAtPath: directory.path)
+        defer { try? FileManager.default.setAttributes([.posixPermissions: 0o755], ofItemAtPath: directory.path) }
+        guard getuid() != 0 else { return }  // root writes read-only files anyway
+        #expect { _ = try AdapterStore(path: path, digest: testDigest) } throws: { ($0 as? StoreError)?.code == .readOnly }
+    }
+}
