@@ -8,9 +8,14 @@ let strictSettings: [SwiftSetting] = [
 let package = Package(
     name: "lora-aggregator",
     products: [
+        .executable(name: "lora-aggregator", targets: ["lora-aggregator"]),
         .library(name: "LoRAAdapters", targets: ["LoRAAdapters"]),
         .library(name: "HTTPServer", targets: ["HTTPServer"]),
         .library(name: "AdapterStore", targets: ["AdapterStore"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-crypto.git", from: "3.12.3"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
     ],
     targets: [
         // System libraries, linked through their C APIs (apt: libsqlite3-dev, zlib1g-dev).
@@ -31,6 +36,21 @@ let package = Package(
         // libFuzzer target for the HTTP parser (scripts/fuzz); replays saved inputs otherwise.
         .executableTarget(name: "HTTPParserFuzzer", dependencies: ["HTTPServer"], swiftSettings: strictSettings),
 
+        // API v1: routes, handlers, content coding, problem+json, metrics, configuration.
+        .target(
+            name: "AggregatorService",
+            dependencies: ["AdapterStore", "HTTPServer", "LoRAAdapters", "CZlib", .product(name: "Crypto", package: "swift-crypto")],
+            resources: [.embedInCode("Resources/openapi.yaml")],
+            swiftSettings: strictSettings
+        ),
+
+        // The thin executable: command line, start-up, signals.
+        .executableTarget(
+            name: "lora-aggregator",
+            dependencies: ["AggregatorService", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            swiftSettings: strictSettings
+        ),
+
         // Release-built benchmark programs (scripts/bench); not part of the product.
         .executableTarget(name: "HTTPBenchmarkServer", dependencies: ["HTTPServer"], swiftSettings: strictSettings),
         .executableTarget(
@@ -42,6 +62,7 @@ let package = Package(
         .testTarget(name: "CSQLite3Tests", dependencies: ["CSQLite3"], swiftSettings: strictSettings),
         .testTarget(name: "CZlibTests", dependencies: ["CZlib"], swiftSettings: strictSettings),
         .testTarget(name: "AdapterStoreTests", dependencies: ["AdapterStore", "LoRAAdapters"], swiftSettings: strictSettings),
+        .testTarget(name: "AggregatorServiceTests", dependencies: ["AggregatorService", "LoRAAdapters"], swiftSettings: strictSettings),
         .testTarget(name: "HTTPServerTests", dependencies: ["HTTPServer"], swiftSettings: strictSettings),
         .testTarget(name: "LoRAAdaptersTests", dependencies: ["LoRAAdapters"], swiftSettings: strictSettings),
     ],

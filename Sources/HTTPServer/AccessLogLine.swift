@@ -1,3 +1,23 @@
+/// What the server knows of an answered request.
+public struct CompletedRequest: Sendable {
+    public let method: String
+    /// The raw path (still percent-encoded).
+    public let path: String
+    /// The matched route's pattern, or nil when no route matched (404, 405, protocol errors).
+    public let route: String?
+    public let status: Int
+    /// Request body bytes as received (after chunked decoding, before any content coding).
+    public let requestBodyBytes: Int
+    public let responseBodyBytes: Int
+    public let duration: Duration
+
+    /// `METHOD PATH STATUS BYTES DURATIONms`.
+    public var accessLogLine: String {
+        AccessLogLine.format(method: method, path: path[...], status: status, bytes: responseBodyBytes,
+                             milliseconds: Double(duration / .microseconds(1)) / 1000)
+    }
+}
+
 /// The access log's line format: `METHOD PATH STATUS BYTES MILLISECONDS`. Method and path come from
 /// a parsed head, which admits only visible ASCII, so a line can never be split or forged; anything
 /// else is escaped anyway as `\xNN`.

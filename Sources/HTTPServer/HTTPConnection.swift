@@ -17,6 +17,8 @@ final class Exchange {
     var sentContinue = false
     var lastBodyActivity: ContinuousClock.Instant
     var responded = false
+    var routePattern: String?
+    var receivedBodyBytes = 0
 
     init(request: HTTPRequest, now: ContinuousClock.Instant) {
         self.request = request
@@ -170,6 +172,7 @@ final class HTTPConnection: EventSource {
             case .matched(let matched, let parameters):
                 route = matched
                 routedRequest.pathParameters = parameters
+                exchange.routePattern = matched.pattern
             case .notFound:
                 throw HTTPServerError(.notFound, "no resource at \(request.path)")
             case .methodNotAllowed(let allowed):
@@ -255,6 +258,7 @@ final class HTTPConnection: EventSource {
                 return
             }
             exchange.lastBodyActivity = server.now
+            exchange.receivedBodyBytes += chunk.count
             if !chunk.isEmpty { exchange.bodyPaused = body.append(chunk) }
             if exchange.bodyComplete { body.finish() }
         }
@@ -336,10 +340,9 @@ final class HTTPConnection: EventSource {
 
     private func finish(_ exchange: Exchange, status: HTTPStatus, bytesSent: Int, keepAlive: Bool) {
         guard case .exchanging(let current) = phase, current === exchange else { return }
-        if let accessLog = configuration.accessLog {
-            let milliseconds = Double((server.now - exchange.startedAt) / .microseconds(1)) / 1000
-            accessLog(AccessLogLine.format(method: exchange.request.method, path: exchange.request.path, status: status.code, bytes: bytesSent, milliseconds: milliseconds))
-        }
+        configuration.onRequestCompleted?(CompletedRequest(
+            method: exchange.request.method, path: String(exchange.request.path), route: exchange.routePattern, status: status.code,
+            requestBodyBytes: exchange.receivedBodyBytes, responseBodyBytes: bytesSent, duration: server.now - exchange.startedAt))
         phase = .awaitingRequest
         lastActivity = server.now
         if keepAlive && !closeWhenIdle {
@@ -362,7 +365,9 @@ final class HTTPConnection: EventSource {
         closeWhenIdle = true  // read and parse nothing more
         updateInterest()
         enqueue([serializeHead(response.status, headers, version: .http1_1, keepAlive: false), bytes]) { [weak self] _ in self?.close() }
-        configuration.accessLog?(AccessLogLine.format(method: request?.method ?? "-", path: request?.path ?? "-", status: error.status.code, bytes: bytes.count, milliseconds: 0))
+        configuration.onRequestCompleted?(CompletedRequest(
+            method: request?.method ?? "-", path: request.map { String($0.path) } ?? "-", route: nil, status: error.status.code,
+            requestBodyBytes: 0, responseBodyBytes: bytes.count, duration: .zero))
     }
 
     private func serializeHead(_ status: HTTPStatus, _ headers: HTTPHeaders, version: HTTPVersion, keepAlive: Bool) -> [UInt8] {

@@ -19,8 +19,9 @@ public struct HTTPServerConfiguration: Sendable {
     public var writeTimeout: Duration = .seconds(30)
     /// How long shutdown waits for requests in flight before closing their connections.
     public var shutdownGracePeriod: Duration = .seconds(10)
-    /// Receives one line per request: method, path, status, response bytes, duration.
-    public var accessLog: (@Sendable (String) -> Void)?
+    /// Called once per answered request, on the event loop (keep it quick): the access log and
+    /// metrics hang off it. `CompletedRequest.accessLogLine` is the formatted log line.
+    public var onRequestCompleted: (@Sendable (CompletedRequest) -> Void)?
     /// Turns an error (from a handler, a request body, or the server's own checks) into a response.
     /// The default answers `HTTPServerError`s with their status and a plain-text message, and
     /// anything else with 500.

@@ -158,7 +158,7 @@ extension HTTPServerTests {
         @Test func writesOneAccessLogLinePerRequest() async throws {
             let lines = Mutex<[String]>([])
             let server = try TestServer.start { configuration in
-                configuration.accessLog = { line in lines.withLock { $0.append(line) } }
+                configuration.onRequestCompleted = { request in lines.withLock { $0.append(request.accessLogLine) } }
             }
             let client = try server.client()
             try client.send("GET /items/x%0Ay HTTP/1.1\r\nHost: x\r\n\r\nGET /nope HTTP/1.1\r\nHost: x\r\n\r\n")

@@ -1,0 +1,242 @@
+import AdapterStore
+import Crypto
+import Dispatch
+import Foundation
+import HTTPServer
+import LoRAAdapters
+
+/// API v1 (../shared/API.md) over the HTTP layer, the adapter core and the store: the routes, their
+/// handlers, content coding, problem+json errors and metrics. CPU-heavy steps (parsing, validation,
+/// hashing, compression) run on a Dispatch queue of their own and the store's SQLite calls on its
+/// own queues, so no handler blocks Swift's cooperative pool.
+public final class AggregatorService: Sendable {
+    public let configuration: ServiceConfiguration
+    let store: AdapterStore
+    let metrics = ServiceMetrics()
+    private let work = DispatchQueue(label: "lora-aggregator.work", attributes: .concurrent)
+
+    public init(configuration: ServiceConfiguration) throws {
+        self.configuration = configuration
+        self.store = try AdapterStore(path: configuration.databasePath, digest: Self.sha256)
+    }
+
+    /// An HTTP server for this service, not yet started.
+    public func makeServer() -> HTTPServer {
+        var http = configuration.http
+        http.errorResponder = { Problem.response(for: $0) }
+        let metrics = self.metrics
+        let accessLog = configuration.accessLog
+        http.onRequestCompleted = { request in
+            metrics.record(request)
+            if accessLog { FileHandle.standardError.write(Data((request.accessLogLine + "\n").utf8)) }
+        }
+        return HTTPServer(configuration: http, router: makeRouter())
+    }
+
+    static let uploadPath = "/v1/federations/{federation}/rounds/{round}/uploads/{client}"
+    static let roundPath = "/v1/federations/{federation}/rounds/{round}"
+
+    public func makeRouter() -> Router {
+        var router = Router(defaultMaxBodyBytes: 0)
+        router.add("PUT", Self.uploadPath, maxBodyBytes: configuration.maxUploadBytes) { [self] in try await putUpload($0, $1) }
+        router.add("GET", Self.uploadPath) { [self] request, _ in try await getUpload(request) }
+        router.add("DELETE", Self.uploadPath) { [self] request, _ in try await deleteUpload(request) }
+        router.add("GET", Self.roundPath) { [self] request, _ in try await getRound(request) }
+        router.add("POST", Self.roundPath + "/seal") { [self] request, _ in try await sealRound(request) }
+        router.add("GET", "/v1/federations/{federation}/rounds") { [self] request, _ in try await listRounds(request) }
+        router.add("GET", Self.roundPath + "/aggregate") { [self] request, _ in try await getAggregate(request, perClient: false) }
+        router.add("GET", Self.roundPath + "/aggregate/{client}") { [self] request, _ in try await getAggregate(request, perClient: true) }
+        router.add("GET", "/healthz") { _, _ in Self.json(.ok, Health(status: "ok")) }
+        router.add("GET", "/metrics") { [metrics] _, _ in
+            HTTPResponse(status: .ok, headers: ["Content-Type": "text/plain; version=0.0.4; charset=utf-8"], body: Array(metrics.exposition().utf8))
+        }
+        router.add("GET", "/openapi.yaml") { _, _ in
+            HTTPResponse(status: .ok, headers: ["Content-Type": "application/yaml"], body: Array(OpenAPIDocument.text.utf8))
+        }
+        return router
+    }
+
+    // MARK: Uploads
+
+    private func putUpload(_ request: HTTPRequest, _ body: HTTPRequestBody) async throws -> HTTPResponse {
+        let parameters = try RequestParameters(request)
+        try parameters.allowOnly(["rank", "weight"])
+        let federation = try parameters.identifier("federation"), client = try parameters.identifier("client")
+        let round = try parameters.round
+        guard let rank = try parameters.positiveInteger("rank") else {
+            throw ServiceError(.badRequest, "query parameter 'rank' is required: the rank of every LoRA tensor in the upload")
+        }
+        let weight = try parameters.positiveNumber("weight") ?? 1
+        let coding = try Self.contentCoding(of: request)
+        if let type = request.headers["content-type"], !type.lowercased().hasPrefix("application/octet-stream") {
+            throw ServiceError(.unsupportedMediaType, "uploads are application/octet-stream (a safetensors file), not \(type)")
+        }
+
+        // Checked before the body is read, so Expect: 100-continue clients never send it.
+        let bytes = try await receiveUpload(body, coding: coding)
+        let (file, summary, digest) = try await offload { () throws -> (SafetensorsFile, AdapterSummary, String) in
+            let file = try SafetensorsFile(bytes: bytes)
+            let summary = try AdapterValidator.validate(file, declaredRank: rank)
+            return (file, summary, Self.sha256(bytes))
+        }
+        let (record, created) = try await store.put(NewUpload(federation: federation, round: round, client: client, rank: rank, weight: weight, file: file, sha256: digest))
+        metrics.uploadStored()
+        return Self.json(created ? .created : .ok, UploadAccepted(
+            federation: federation, round: round, client: client, rank: rank, weight: weight,
+            tensors: summary.tensorCount, loraModules: summary.loraModuleCount, bytes: record.bytes, sha256: record.sha256))
+    }
+
+    /// The decompressed body, capped at `maxUploadBytes`; inflated chunk by chunk as it arrives.
+    private func receiveUpload(_ body: HTTPRequestBody, coding: ContentCoding) async throws -> [UInt8] {
+        guard coding != .identity else { return try await body.collect(upTo: configuration.maxUploadBytes) }
+        let inflater = SerialInflater(try Inflater(coding: coding, limit: configuration.maxUploadBytes))
+        for try await chunk in body {
+            try await offload { try inflater.append(chunk) }
+        }
+        return try await offload { try inflater.finish() }
+    }
+
+    private func getUpload(_ request: HTTPRequest) async throws -> HTTPResponse {
+        let parameters = try RequestParameters(request)
+        try parameters.allowOnly([])
+        let federation = try parameters.identifier("federation"), client = try parameters.identifier("client")
+        guard let (record, file) = try await store.upload(federation: federation, round: try parameters.round, client: client) else {
+            throw ServiceError(.notFound, "client '\(client)' has no upload in this round")
+        }
+        return try await download(file, sha256: record.sha256, for: request)
+    }
+
+    private func deleteUpload(_ request: HTTPRequest) async throws -> HTTPResponse {
+        let parameters = try RequestParameters(request)
+        try parameters.allowOnly([])
+        let federation = try parameters.identifier("federation"), client = try parameters.identifier("client")
+        guard try await store.deleteUpload(federation: federation, round: try parameters.round, client: client) else {
+            throw ServiceError(.notFound, "client '\(client)' has no upload in this round")
+        }
+        return HTTPResponse(status: .noContent)
+    }
+
+    // MARK: Rounds
+
+    private func getRound(_ request: HTTPRequest) async throws -> HTTPResponse {
+        let parameters = try RequestParameters(request)
+        try parameters.allowOnly([])
+        let federation = try parameters.identifier("federation"), round = try parameters.round
+        guard let record = try await store.round(federation: federation, round: round) else {
+            throw ServiceError(.notFound, "round \(round) of federation '\(federation)' has no uploads and is not sealed")
+        }
+        return Self.json(.ok, RoundBody(record))
+    }
+
+    private func sealRound(_ request: HTTPRequest) async throws -> HTTPResponse {
+        let parameters = try RequestParameters(request)
+        try parameters.allowOnly([])
+        let record = try await store.seal(federation: try parameters.identifier("federation"), round: try parameters.round)
+        return Self.json(.ok, RoundBody(record))
+    }
+
+    private func listRounds(_ request: HTTPRequest) async throws -> HTTPResponse {
+        let parameters = try RequestParameters(request)
+        try parameters.allowOnly([])
+        let federation = try parameters.identifier("federation")
+        let rounds = try await store.rounds(federation: federation)
+        return Self.json(.ok, RoundList(federation: federation, rounds: rounds.map { .init(round: $0.round, sealed: $0.sealed, uploads: $0.uploads, maxRank: $0.maxRank) }))
+    }
+
+    // MARK: Aggregates
+
+    private func getAggregate(_ request: HTTPRequest, perClient: Bool) async throws -> HTTPResponse {
+        let parameters = try RequestParameters(request)
+        try parameters.allowOnly(perClient ? ["strategy", "dtype"] : ["strategy", "rank", "dtype"])
+        let federation = try parameters.identifier("federation"), round = try parameters.round
+        let client = perClient ? try parameters.identifier("client") : nil
+        let started = ContinuousClock.now
+        guard let aggregate = try await store.aggregate(federation: federation, round: round, client: client, strategy: try parameters.strategy,
+                                                        rank: try parameters.integer("rank"), dtype: try parameters.outputDType)
+        else {
+            throw ServiceError(.notFound, client.map { "client '\($0)' has no upload in round \(round)" } ?? "round \(round) of federation '\(federation)' has no uploads")
+        }
+        if !aggregate.fromCache { metrics.aggregationFinished(seconds: Double((ContinuousClock.now - started) / .microseconds(1)) / 1e6) }
+        return try await download(aggregate.bytes, sha256: aggregate.sha256, for: request)
+    }
+
+    // MARK: Shared
+
+    /// A safetensors download: strong ETag, If-None-Match → 304, gzip when the client accepts it.
+    private func download(_ bytes: [UInt8], sha256: String, for request: HTTPRequest) async throws -> HTTPResponse {
+        let etag = "\"\(sha256)\""
+        let gzip = Self.acceptsGzip(request)
+        var headers: HTTPHeaders = [
+            "Content-Type": "application/octet-stream",
+            "Content-Disposition": "attachment; filename=\"adapter_model.safetensors\"",
+            "Vary": "Accept-Encoding",
+        ]
+        // The ETag names the representation: gzip'd bytes are a different one.
+        headers.add("ETag", gzip ? "\"\(sha256)-gzip\"" : etag)
+        if let match = request.headers["if-none-match"], Self.matches(match, gzip ? "\"\(sha256)-gzip\"" : etag) {
+            return HTTPResponse(status: .notModified, headers: headers)
+        }
+        guard gzip, request.method != "HEAD" else { return HTTPResponse(status: .ok, headers: headers, body: bytes) }
+        headers.add("Content-Encoding", "gzip")
+        return HTTPResponse(status: .ok, headers: headers, body: try await offload { Gzip.compress(bytes) })
+    }
+
+    static func matches(_ ifNoneMatch: String, _ etag: String) -> Bool {
+        ifNoneMatch.split(separator: ",").contains { candidate in
+            let trimmed = candidate.trimmingCharacters(in: .whitespaces)
+            return trimmed == "*" || trimmed == etag || trimmed == "W/" + etag
+        }
+    }
+
+    static func acceptsGzip(_ request: HTTPRequest) -> Bool {
+        request.headers.tokens(for: "accept-encoding").contains { token in
+            let parts = token.split(separator: ";").map { $0.trimmingCharacters(in: .whitespaces) }
+            guard parts.first == "gzip" || parts.first == "x-gzip" else { return false }
+            return !parts.dropFirst().contains { $0.replacingOccurrences(of: " ", with: "").hasPrefix("q=0") && Double($0.dropFirst(2)) == 0 }
+        }
+    }
+
+    static func contentCoding(of request: HTTPRequest) throws(ServiceError) -> ContentCoding {
+        let codings = request.headers.tokens(for: "content-encoding")
+        guard codings.count <= 1 else {
+            throw ServiceError(.unsupportedMediaType, "only one content coding is supported", headers: ["Accept-Encoding": ContentCoding.acceptEncodingValue])
+        }
+        guard let name = codings.first else { return .identity }
+        guard let coding = ContentCoding(rawValue: name) else {
+            throw ServiceError(.unsupportedMediaType, "content coding '\(name)' is not supported", headers: ["Accept-Encoding": ContentCoding.acceptEncodingValue])
+        }
+        return coding
+    }
+
+    static func json(_ status: HTTPStatus, _ value: some Encodable) -> HTTPResponse {
+        HTTPResponse(status: status, headers: ["Content-Type": "application/json"], body: JSON.encode(value))
+    }
+
+    static func sha256(_ bytes: [UInt8]) -> String {
+        let hex = Array("0123456789abcdef".utf8)
+        var text: [UInt8] = []
+        text.reserveCapacity(64)
+        for byte in SHA256.hash(data: bytes) {
+            text.append(hex[Int(byte >> 4)])
+            text.append(hex[Int(byte & 0x0F)])
+        }
+        return String(decoding: text, as: UTF8.self)
+    }
+
+    /// Runs CPU-heavy work off the cooperative pool.
+    private func offload<Value: Sendable>(_ work: @escaping @Sendable () throws -> Value) async throws -> Value {
+        try await withCheckedThrowingContinuation { continuation in
+            self.work.async { continuation.resume(with: Result { try work() }) }
+        }
+    }
+}
+
+/// An inflater used by one upload's chunks in turn.
+private final class SerialInflater: @unchecked Sendable {
+    // @unchecked: the upload handler awaits each call before making the next, so the inflater is
+    // never used from two threads at once.
+    private let inflater: Inflater
+    init(_ inflater: Inflater) { self.inflater = inflater }
+    func append(_ chunk: [UInt8]) throws { try inflater.append(chunk) }
+    func finish() throws -> [UInt8] { try inflater.finish() }
+}

@@ -1,0 +1,97 @@
+import HTTPServer
+import LoRAAdapters
+
+/// Checked path and query parameters of API v1 requests.
+struct RequestParameters {
+    let request: HTTPRequest
+    private let query: [String: String]
+
+    init(_ request: HTTPRequest) throws(ServiceError) {
+        self.request = request
+        guard let parameters = request.queryParameters() else {
+            throw ServiceError(.badRequest, "the query string is not valid percent-encoded UTF-8")
+        }
+        var query: [String: String] = [:]
+        for (name, value) in parameters {
+            guard query.updateValue(value, forKey: name) == nil else {
+                throw ServiceError(.badRequest, "query parameter '\(name)' is given more than once")
+            }
+        }
+        self.query = query
+    }
+
+    /// A federation or client id: `[A-Za-z0-9._-]{1,64}`.
+    func identifier(_ name: String) throws(ServiceError) -> String {
+        let value = request.pathParameters[name] ?? ""
+        let allowed = value.utf8.allSatisfy { byte in
+            (byte >= 0x30 && byte <= 0x39) || (byte >= 0x41 && byte <= 0x5A) || (byte >= 0x61 && byte <= 0x7A)
+                || byte == UInt8(ascii: ".") || byte == UInt8(ascii: "_") || byte == UInt8(ascii: "-")
+        }
+        guard allowed, (1...64).contains(value.utf8.count) else {
+            throw ServiceError(.badRequest, "\(name) ids are 1 to 64 characters from A-Z, a-z, 0-9, '.', '_' and '-'")
+        }
+        return value
+    }
+
+    /// The round: a decimal integer, 0 ≤ round < 2^53.
+    var round: Int64 {
+        get throws(ServiceError) {
+            let text = request.pathParameters["round"] ?? ""
+            guard !text.isEmpty, text.utf8.count <= 16, text.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }),
+                  let value = Int64(text), value < (1 << 53)
+            else { throw ServiceError(.badRequest, "the round must be a whole number from 0 to 2^53 - 1") }
+            return value
+        }
+    }
+
+    func positiveInteger(_ name: String) throws(ServiceError) -> Int? {
+        guard let text = query[name] else { return nil }
+        guard let value = Int(text), value >= 1, text.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }) else {
+            throw ServiceError(.badRequest, "query parameter '\(name)' must be a positive integer, got '\(text)'")
+        }
+        return value
+    }
+
+    func integer(_ name: String) throws(ServiceError) -> Int? {
+        guard let text = query[name] else { return nil }
+        guard let value = Int(text) else {
+            throw ServiceError(.badRequest, "query parameter '\(name)' must be an integer, got '\(text)'")
+        }
+        return value
+    }
+
+    func positiveNumber(_ name: String) throws(ServiceError) -> Double? {
+        guard let text = query[name] else { return nil }
+        guard let value = Double(text), value.isFinite, value > 0 else {
+            throw ServiceError(.badRequest, "query parameter '\(name)' must be a positive finite number, got '\(text)'")
+        }
+        return value
+    }
+
+    var strategy: AggregationStrategy {
+        get throws(ServiceError) {
+            guard let text = query["strategy"] else { return .replication }
+            guard let strategy = AggregationStrategy(rawValue: text) else {
+                throw ServiceError(.badRequest, "strategy must be 'replication' or 'zero_padding', got '\(text)'")
+            }
+            return strategy
+        }
+    }
+
+    var outputDType: DType {
+        get throws(ServiceError) {
+            guard let text = query["dtype"] else { return .f32 }
+            guard let dtype = DType(rawValue: text), DType.outputTypes.contains(dtype) else {
+                throw ServiceError(.badRequest, "dtype must be F32, F16 or BF16, got '\(text)'")
+            }
+            return dtype
+        }
+    }
+
+    /// Rejects query parameters the endpoint does not define.
+    func allowOnly(_ names: Set<String>) throws(ServiceError) {
+        if let unknown = query.keys.sorted().first(where: { !names.contains($0) }) {
+            throw ServiceError(.badRequest, "unknown query parameter '\(unknown)'")
+        }
+    }
+}

@@ -1,0 +1,15 @@
+import HTTPServer
+
+/// Everything `lora-aggregator serve` can be told; each has a safe default.
+public struct ServiceConfiguration: Sendable {
+    /// The SQLite file holding all state.
+    public var databasePath = "./lora-aggregator.sqlite"
+    /// Caps both an upload's body as sent and its decompressed size.
+    public var maxUploadBytes = 1 << 30
+    /// Write one access-log line per request to standard error.
+    public var accessLog = true
+    /// Listener, limits and timeouts of the HTTP layer.
+    public var http = HTTPServerConfiguration()
+
+    public init() {}
+}

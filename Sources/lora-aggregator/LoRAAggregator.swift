@@ -1,0 +1,91 @@
+import AggregatorService
+import ArgumentParser
+import Foundation
+
+@main
+struct LoRAAggregator: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "lora-aggregator",
+        abstract: "Aggregates heterogeneous-rank LoRA adapters for federated fine-tuning (replication padding).",
+        subcommands: [Serve.self]
+    )
+}
+
+/// Every flag can also come from `LORA_AGGREGATOR_<FLAG>` (`--max-upload-bytes` →
+/// `LORA_AGGREGATOR_MAX_UPLOAD_BYTES`); a flag on the command line wins.
+struct Serve: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Serve API v1 until SIGTERM or SIGINT.")
+
+    @Option(help: "Address to listen on. (default: 127.0.0.1)") var host: String?
+    @Option(help: "Port; 0 picks a free one and the ready line names it. (default: 8080)") var port: Int?
+    @Option(help: "SQLite database file. (default: ./lora-aggregator.sqlite)") var database: String?
+    @Option(help: "Largest upload, as sent and decompressed, in bytes. (default: 1073741824)") var maxUploadBytes: Int?
+    @Option(help: "Open connections before accepting pauses. (default: 1024)") var maxConnections: Int?
+    @Option(help: "Seconds a request head may take to arrive. (default: 10)") var headerTimeout: Double?
+    @Option(help: "Seconds an idle keep-alive connection is kept. (default: 60)") var keepAliveTimeout: Double?
+    @Option(help: "Seconds a request body may stall. (default: 30)") var bodyTimeout: Double?
+    @Option(help: "Seconds a response write may stall. (default: 30)") var writeTimeout: Double?
+    @Option(help: "Seconds to finish requests in flight on shutdown. (default: 10)") var shutdownGracePeriod: Double?
+    @Flag(help: "Do not write an access-log line per request to standard error.") var noAccessLog = false
+
+    func run() async throws {
+        var configuration = ServiceConfiguration()
+        let environment = Environment()
+        configuration.http.host = try host ?? environment.value("host") ?? configuration.http.host
+        configuration.http.port = try port ?? environment.value("port") ?? configuration.http.port
+        configuration.databasePath = try database ?? environment.value("database") ?? configuration.databasePath
+        configuration.maxUploadBytes = try maxUploadBytes ?? environment.value("max-upload-bytes") ?? configuration.maxUploadBytes
+        configuration.http.maxConnections = try maxConnections ?? environment.value("max-connections") ?? configuration.http.maxConnections
+        func seconds(_ flag: Double?, _ name: String, _ fallback: Duration) throws -> Duration {
+            guard let value = try flag ?? environment.value(name) as Double? else { return fallback }
+            guard value > 0, value.isFinite else { throw ValidationError("--\(name) must be a positive number of seconds") }
+            return .milliseconds(Int64(value * 1000))
+        }
+        configuration.http.headerTimeout = try seconds(headerTimeout, "header-timeout", configuration.http.headerTimeout)
+        configuration.http.keepAliveTimeout = try seconds(keepAliveTimeout, "keep-alive-timeout", configuration.http.keepAliveTimeout)
+        configuration.http.bodyIdleTimeout = try seconds(bodyTimeout, "body-timeout", configuration.http.bodyIdleTimeout)
+        configuration.http.writeTimeout = try seconds(writeTimeout, "write-timeout", configuration.http.writeTimeout)
+        configuration.http.shutdownGracePeriod = try seconds(shutdownGracePeriod, "shutdown-grace-period", configuration.http.shutdownGracePeriod)
+        configuration.accessLog = !(noAccessLog || environment.flag("no-access-log"))
+        guard (0...65535).contains(configuration.http.port) else { throw ValidationError("--port must be 0 to 65535") }
+        guard configuration.maxUploadBytes > 0 else { throw ValidationError("--max-upload-bytes must be positive") }
+
+        let service: AggregatorService
+        do {
+            service = try AggregatorService(configuration: configuration)
+        } catch {
+            throw ValidationError("cannot open the database '\(configuration.databasePath)': \(error)")
+        }
+        let server = service.makeServer()
+        let address = try server.start()
+        let signals = [SIGTERM, SIGINT].map { number in
+            signal(number, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: number)
+            source.setEventHandler { server.shutdown() }
+            source.resume()
+            return source
+        }
+        // Written straight to the descriptor: a pipe would otherwise hold stdout's buffer back.
+        FileHandle.standardOutput.write(Data("lora-aggregator listening on http://\(address) (database \(configuration.databasePath))\n".utf8))
+        await server.run()
+        signals.forEach { $0.cancel() }
+    }
+}
+
+/// `LORA_AGGREGATOR_<FLAG>` variables.
+struct Environment {
+    let variables = ProcessInfo.processInfo.environment
+
+    func name(_ flag: String) -> String { "LORA_AGGREGATOR_" + flag.uppercased().replacingOccurrences(of: "-", with: "_") }
+
+    func value<Value: LosslessStringConvertible>(_ flag: String) throws -> Value? {
+        guard let text = variables[name(flag)] else { return nil }
+        guard let value = Value(text) else { throw ValidationError("\(name(flag))='\(text)' is not a valid value for --\(flag)") }
+        return value
+    }
+
+    func flag(_ flag: String) -> Bool {
+        guard let text = variables[name(flag)]?.lowercased() else { return false }
+        return ["1", "true", "yes"].contains(text)
+    }
+}
