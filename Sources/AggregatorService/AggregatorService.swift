@@ -178,7 +178,7 @@ public final class AggregatorService: Sendable {
         }
         guard gzip, request.method != "HEAD" else { return HTTPResponse(status: .ok, headers: headers, body: bytes) }
         headers.add("Content-Encoding", "gzip")
-        return HTTPResponse(status: .ok, headers: headers, body: try await offload { Gzip.compress(bytes) })
+        return HTTPResponse(status: .ok, headers: headers, body: try await offload { ContentCoding.gzip.compress(bytes) })
     }
 
     static func matches(_ ifNoneMatch: String, _ etag: String) -> Bool {

@@ -71,11 +71,12 @@ final class Inflater {
     }
 }
 
-/// gzip compression of a response body.
-enum Gzip {
-    static func compress(_ bytes: [UInt8], level: Int32 = Z_BEST_SPEED) -> [UInt8] {
+extension ContentCoding {
+    /// `bytes` compressed in this coding (gzip for responses; tests make deflate bodies with it).
+    func compress(_ bytes: [UInt8], level: Int32 = Z_BEST_SPEED) -> [UInt8] {
+        guard self != .identity else { return bytes }
         var stream = z_stream()
-        guard czlib_deflate_init2(&stream, level, ContentCoding.gzip.windowBits) == Z_OK else { return bytes }
+        guard czlib_deflate_init2(&stream, level, windowBits) == Z_OK else { return bytes }
         defer { deflateEnd(&stream) }
         var output = [UInt8](repeating: 0, count: Int(deflateBound(&stream, UInt(bytes.count))) + 32)
         var input = bytes
@@ -85,7 +86,7 @@ enum Gzip {
                 stream.avail_in = UInt32(source.count)
                 stream.next_out = destination.baseAddress
                 stream.avail_out = UInt32(destination.count)
-                _ = deflate(&stream, Z_FINISH)
+                _ = CZlib.deflate(&stream, Z_FINISH)
                 return destination.count - Int(stream.avail_out)
             }
         }

@@ -1,4 +1,5 @@
 import LoRAAdapters
+import TestSupport
 import Testing
 
 /// Checks every tensor of an aggregate against reference values: same names, shapes, and values

@@ -1,4 +1,5 @@
 import LoRAAdapters
+import TestSupport
 import Testing
 
 private func file(_ tensors: [(String, [Int], [Double])], dtype: DType = .f32) throws -> SafetensorsFile {

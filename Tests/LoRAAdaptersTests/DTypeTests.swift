@@ -1,5 +1,6 @@
 import Foundation
 import LoRAAdapters
+import TestSupport
 import Testing
 
 @Suite struct DTypeTests {

@@ -1,4 +1,5 @@
 import LoRAAdapters
+import TestSupport
 import Testing
 
 /// A file with a hand-written header: the 8-byte length, the header text, then `data`.

@@ -1,4 +1,5 @@
 import LoRAAdapters
+import TestSupport
 import Testing
 
 @Suite struct SafetensorsWriterTests {

@@ -1,10 +1,10 @@
 import LoRAAdapters
 
 /// SplitMix64: a small seeded generator so every random round can be reproduced from its seed.
-struct SeededGenerator: RandomNumberGenerator {
+public struct SeededGenerator: RandomNumberGenerator {
     private var state: UInt64
-    init(seed: UInt64) { state = seed &+ 0x9E37_79B9_7F4A_7C15 }
-    mutating func next() -> UInt64 {
+    public init(seed: UInt64) { state = seed &+ 0x9E37_79B9_7F4A_7C15 }
+    public mutating func next() -> UInt64 {
         state &+= 0x9E37_79B9_7F4A_7C15
         var z = state
         z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
@@ -14,19 +14,32 @@ struct SeededGenerator: RandomNumberGenerator {
 }
 
 /// A tensor as the tests know it: shape and exact values (every value is representable in its dtype).
-struct TestTensor {
-    let shape: [Int]
-    let values: [Double]
+public struct TestTensor {
+    public let shape: [Int]
+    public let values: [Double]
+
+    public init(shape: [Int], values: [Double]) {
+        self.shape = shape
+        self.values = values
+    }
 }
 
-struct TestClient {
-    let id: String
-    let rank: Int
-    let weight: Double
-    let dtype: DType
-    let tensors: [String: TestTensor]
+public struct TestClient {
+    public let id: String
+    public let rank: Int
+    public let weight: Double
+    public let dtype: DType
+    public let tensors: [String: TestTensor]
 
-    func safetensors() throws -> SafetensorsFile {
+    public init(id: String, rank: Int, weight: Double, dtype: DType, tensors: [String: TestTensor]) {
+        self.id = id
+        self.rank = rank
+        self.weight = weight
+        self.dtype = dtype
+        self.tensors = tensors
+    }
+
+    public func safetensors() throws -> SafetensorsFile {
         let records = tensors.map { name, tensor in
             TensorRecord(name: name, dtype: dtype, shape: tensor.shape, data: dtype.encode(tensor.values))
         }
@@ -35,11 +48,11 @@ struct TestClient {
 }
 
 /// The modules a random round draws from: linear, conv-shaped, embedding and dense tensors.
-enum TestModule: CaseIterable {
+public enum TestModule: CaseIterable {
     case query, value, conv, embedding, classifierWeight, classifierBias
 
     /// Tensor names and shapes for a client of rank `r`.
-    func tensors(rank r: Int) -> [(String, [Int])] {
+    public func tensors(rank r: Int) -> [(String, [Int])] {
         switch self {
         case .query: [("base_model.model.layers.0.attn.q_proj.lora_A.weight", [r, 12]), ("base_model.model.layers.0.attn.q_proj.lora_B.weight", [10, r])]
         case .value: [("base_model.model.layers.1.attn.v_proj.lora_A.weight", [r, 9]), ("base_model.model.layers.1.attn.v_proj.lora_B.weight", [7, r])]
@@ -51,12 +64,12 @@ enum TestModule: CaseIterable {
     }
 }
 
-enum TestRound {
-    static let ranks = [1, 2, 4, 8, 16, 64]
+public enum TestRound {
+    public static let ranks = [1, 2, 4, 8, 16, 64]
 
     /// A random round: 2–9 clients, mixed ranks, weights and dtypes, each holding a random subset of
     /// modules (at least one LoRA module), listed in a random order.
-    static func random(seed: UInt64, ranks: [Int] = ranks, dtypes: [DType] = DType.allCases) -> [TestClient] {
+    public static func random(seed: UInt64, ranks: [Int] = ranks, dtypes: [DType] = DType.allCases) -> [TestClient] {
         var random = SeededGenerator(seed: seed)
         let clientCount = Int.random(in: 2...9, using: &random)
         var ids = Set<String>()
@@ -78,7 +91,7 @@ enum TestRound {
     }
 
     /// F32/F64 get full-precision values; F16/BF16 get k/128 with |k| ≤ 255, exact in both.
-    static func randomValue(for dtype: DType, using random: inout SeededGenerator) -> Double {
+    public static func randomValue(for dtype: DType, using random: inout SeededGenerator) -> Double {
         switch dtype {
         case .f32: Double(Float.random(in: -1...1, using: &random))
         case .f64: Double.random(in: -1...1, using: &random)
@@ -86,17 +99,17 @@ enum TestRound {
         }
     }
 
-    static func source(_ clients: [TestClient]) throws -> InMemoryAdapterSource {
+    public static func source(_ clients: [TestClient]) throws -> InMemoryAdapterSource {
         InMemoryAdapterSource(try clients.map { ClientAdapter(clientID: $0.id, rank: $0.rank, weight: $0.weight, file: try $0.safetensors()) })
     }
 }
 
 /// The independent reference: padding materialised literally, as the paper and API.md describe it,
 /// with none of the engine's code. A LoRA tensor is sliced along its rank axis by plain index maths.
-enum LiteralReference {
-    enum Padding { case replication, zeros }
+public enum LiteralReference {
+    public enum Padding { case replication, zeros }
 
-    static func aggregate(_ clients: [TestClient], padding: Padding, rank: Int) -> [String: TestTensor] {
+    public static func aggregate(_ clients: [TestClient], padding: Padding, rank: Int) -> [String: TestTensor] {
         let globalRank = clients.map(\.rank).max()!
         let names = Set(clients.flatMap(\.tensors.keys))
         var result: [String: TestTensor] = [:]

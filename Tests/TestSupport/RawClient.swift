@@ -1,22 +1,21 @@
 import Foundation
-import HTTPServer
 
 /// A blocking TCP client for tests: sends exact bytes and reads responses off the wire. Its calls
 /// block the calling thread, so suites that use it run serialized: parallel tests would otherwise
 /// occupy every thread of the cooperative pool that the server's handlers need.
-final class RawClient {
-    let descriptor: Int32
+public final class RawClient {
+    public let descriptor: Int32
     private var buffer: [UInt8] = []
 
-    struct Response {
-        let statusCode: Int
-        let headers: [(String, String)]
-        let body: [UInt8]
-        func header(_ name: String) -> String? { headers.first { $0.0.lowercased() == name.lowercased() }?.1 }
-        var text: String { String(decoding: body, as: UTF8.self) }
+    public struct Response: Sendable {
+        public let statusCode: Int
+        public let headers: [(String, String)]
+        public let body: [UInt8]
+        public func header(_ name: String) -> String? { headers.first { $0.0.lowercased() == name.lowercased() }?.1 }
+        public var text: String { String(decoding: body, as: UTF8.self) }
     }
 
-    init(port: Int, host: String = "127.0.0.1", receiveTimeout: Double = 5) throws {
+    public init(port: Int, host: String = "127.0.0.1", receiveTimeout: Double = 5) throws {
         var hints = addrinfo()
         hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
         var results: UnsafeMutablePointer<addrinfo>?
@@ -34,9 +33,9 @@ final class RawClient {
 
     deinit { Glibc.close(descriptor) }
 
-    func send(_ text: String) throws { try send(Array(text.utf8)) }
+    public func send(_ text: String) throws { try send(Array(text.utf8)) }
 
-    func send(_ bytes: [UInt8]) throws {
+    public func send(_ bytes: [UInt8]) throws {
         var offset = 0
         while offset < bytes.count {
             let sent = bytes[offset...].withUnsafeBytes { Glibc.send(descriptor, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
@@ -79,7 +78,7 @@ final class RawClient {
     }
 
     /// Reads one response; `head: true` for a response to HEAD (no body whatever the headers say).
-    func readResponse(head: Bool = false) throws -> Response {
+    public func readResponse(head: Bool = false) throws -> Response {
         let statusLine = try readLine()
         let parts = statusLine.split(separator: " ", maxSplits: 2)
         guard parts.count >= 2, parts[0].hasPrefix("HTTP/1."), let code = Int(parts[1]) else { throw POSIXError(.EBADMSG) }
@@ -111,7 +110,7 @@ final class RawClient {
     }
 
     /// Reads and discards until EOF or reset; returns the byte count, or nil if still open after `timeout`.
-    func drainUntilClosed(timeout: Double = 5) -> Int? {
+    public func drainUntilClosed(timeout: Double = 5) -> Int? {
         let deadline = Date().addingTimeInterval(timeout)
         var total = buffer.count
         buffer.removeAll()
@@ -126,7 +125,7 @@ final class RawClient {
     }
 
     /// True once the server has closed the connection (EOF), false if it is still open after `timeout`.
-    func waitForClose(timeout: Double = 5) -> Bool {
+    public func waitForClose(timeout: Double = 5) -> Bool {
         let deadline = Date().addingTimeInterval(timeout)
         while Date() < deadline {
             var byte: UInt8 = 0
@@ -139,55 +138,3 @@ final class RawClient {
     }
 }
 
-/// A server on an ephemeral loopback port for one test.
-struct TestServer {
-    let server: HTTPServer
-    let port: Int
-
-    static func start(
-        configure: (inout HTTPServerConfiguration) -> Void = { _ in },
-        routes: (inout Router) -> Void = TestServer.standardRoutes
-    ) throws -> TestServer {
-        var configuration = HTTPServerConfiguration()
-        configuration.port = 0
-        configure(&configuration)
-        var router = Router(defaultMaxBodyBytes: 1 << 20)
-        routes(&router)
-        let server = HTTPServer(configuration: configuration, router: router)
-        let address = try server.start()
-        return TestServer(server: server, port: address.port)
-    }
-
-    func stop() async {
-        server.shutdown()
-        await server.run()
-    }
-
-    func client(receiveTimeout: Double = 5) throws -> RawClient { try RawClient(port: port, receiveTimeout: receiveTimeout) }
-
-    /// `/healthz`; `/echo` (PUT/POST: the body back); `/items/{id}` (GET: the decoded id);
-    /// `/refuse` (PUT: 403 without reading the body); `/slow` (GET: answers after 300 ms);
-    /// `/stream` (GET: three chunks, no length); `/big` (PUT, 64 MiB limit: the body's byte count).
-    static func standardRoutes(_ router: inout Router) {
-        router.add("GET", "/healthz") { _, _ in HTTPResponse(status: .ok, headers: ["Content-Type": "application/json"], body: Array(#"{"status":"ok"}"#.utf8)) }
-        for method in ["PUT", "POST"] {
-            router.add(method, "/echo") { _, body in HTTPResponse(status: .ok, body: try await body.collect(upTo: 1 << 20)) }
-        }
-        router.add("GET", "/items/{id}") { request, _ in HTTPResponse(status: .ok, body: Array((request.pathParameters["id"] ?? "?").utf8)) }
-        router.add("PUT", "/refuse") { _, _ in HTTPResponse(status: .forbidden, body: Array("no".utf8)) }
-        router.add("GET", "/slow") { _, _ in
-            try await Task.sleep(for: .milliseconds(300))
-            return HTTPResponse(status: .ok, body: Array("slow".utf8))
-        }
-        router.add("GET", "/stream") { _, _ in
-            HTTPResponse(status: .ok, streamLength: nil) { writer in
-                for part in ["one,", "two,", "three"] { try await writer.write(Array(part.utf8)) }
-            }
-        }
-        router.add("PUT", "/big", maxBodyBytes: 64 << 20) { _, body in
-            var total = 0
-            for try await chunk in body { total += chunk.count }
-            return HTTPResponse(status: .ok, body: Array(#"{"bytes":\#(total)}"#.utf8))
-        }
-    }
-}

@@ -1,0 +1,170 @@
+@testable import AggregatorService
+import Foundation
+import LoRAAdapters
+import TestSupport
+import Testing
+
+private func expectProblem(_ response: RawClient.Response, _ status: Int, sourceLocation: SourceLocation = #_sourceLocation) {
+    #expect(response.statusCode == status, "\(response.text)", sourceLocation: sourceLocation)
+    #expect(response.header("Content-Type") == "application/problem+json", sourceLocation: sourceLocation)
+    let json = response.json
+    #expect(json["status"] as? Int == status && json["title"] is String && json["detail"] is String
+        && (json["type"] as? String)?.hasPrefix("urn:lora-aggregator:problem:") == true, "\(response.text)", sourceLocation: sourceLocation)
+}
+
+private func uploadPath(_ client: String, rank: Int, weight: Double = 1, round: Int = 1) -> String {
+    "/v1/federations/fed/rounds/\(round)/uploads/\(client)?rank=\(rank)&weight=\(weight)"
+}
+
+@Suite(.serialized) struct ServiceEndToEndTests {
+    @Test(arguments: 0..<3)
+    func randomRoundsUploadedCompressedMatchTheLiteralReference(seed: UInt64) async throws {
+        let service = try await ServiceProcess.start()
+        let client = service.client
+        var random = SeededGenerator(seed: 900 + seed)
+        let clients = TestRound.random(seed: 700 + seed)
+        for participant in clients.shuffled(using: &random) {
+            let file = try participant.safetensors().bytes
+            let coding = ContentCoding.allCases.randomElement(using: &random)!
+            let headers = coding == .identity ? [] : [("Content-Encoding", coding.rawValue)]
+            let response = try await client.request("PUT", uploadPath(participant.id, rank: participant.rank, weight: participant.weight),
+                                                    headers: headers + [("Content-Type", "application/octet-stream")], body: coding.compress(file))
+            #expect(response.statusCode == 201, "\(response.text)")
+            #expect(response.json["sha256"] as? String == AggregatorService.sha256(file))
+            #expect(response.json["bytes"] as? Int == file.count)
+        }
+        let round = try await client.get("/v1/federations/fed/rounds/1")
+        let globalRank = clients.map(\.rank).max()!
+        #expect(round.json["max_rank"] as? Int == globalRank)
+        #expect((round.json["uploads"] as? [[String: Any]])?.compactMap { $0["client"] as? String } == clients.map(\.id).sorted())
+
+        for (strategy, padding) in [("replication", LiteralReference.Padding.replication), ("zero_padding", .zeros)] {
+            let global = try await client.get("/v1/federations/fed/rounds/1/aggregate?strategy=\(strategy)")
+            #expect(global.statusCode == 200)
+            try expectClose(global.body, LiteralReference.aggregate(clients, padding: padding, rank: globalRank))
+            for participant in clients {
+                let own = try await client.get("/v1/federations/fed/rounds/1/aggregate/\(participant.id)?strategy=\(strategy)")
+                try expectClose(own.body, LiteralReference.aggregate(clients, padding: padding, rank: participant.rank))
+            }
+        }
+        #expect(await service.stop() == 0)
+    }
+
+    private func expectClose(_ bytes: [UInt8], _ reference: [String: TestTensor], sourceLocation: SourceLocation = #_sourceLocation) throws {
+        let file = try SafetensorsFile(bytes: bytes)
+        #expect(Set(file.tensors.map(\.name)) == Set(reference.keys), sourceLocation: sourceLocation)
+        for tensor in file.tensors {
+            let expected = try #require(reference[tensor.name])
+            #expect(tensor.shape == expected.shape, sourceLocation: sourceLocation)
+            let worst = zip(file.values(of: tensor), expected.values).map { abs($0 - $1) / (abs($1) + 1e-12) }.max() ?? 0
+            #expect(worst <= 1e-6, "\(tensor.name): \(worst)", sourceLocation: sourceLocation)
+        }
+    }
+
+    @Test func uploadsReplaceDeleteSealAndDownloadsWithETagsGzipAndHead() async throws {
+        let service = try await ServiceProcess.start()
+        let client = service.client
+        let first = try TestClient(id: "alice", rank: 4, weight: 2, dtype: .f32, tensors: TestRound.random(seed: 1, ranks: [4])[0].tensors).safetensors().bytes
+        let second = try TestRound.random(seed: 2, ranks: [4])[0].safetensors().bytes
+        #expect(try await client.request("PUT", uploadPath("alice", rank: 4), body: first).statusCode == 201)
+        #expect(try await client.request("PUT", uploadPath("alice", rank: 4), body: second).statusCode == 200, "replaced")
+
+        let download = try await client.get("/v1/federations/fed/rounds/1/uploads/alice")
+        #expect(download.body == second)
+        let etag = try #require(download.header("ETag"))
+        #expect(etag == "\"\(AggregatorService.sha256(second))\"")
+        #expect(download.header("Content-Disposition") == "attachment; filename=\"adapter_model.safetensors\"")
+        #expect(try await client.get("/v1/federations/fed/rounds/1/uploads/alice", headers: [("If-None-Match", etag)]).statusCode == 304)
+        let head = try await client.request("HEAD", "/v1/federations/fed/rounds/1/uploads/alice")
+        #expect(head.statusCode == 200 && head.header("Content-Length") == String(second.count) && head.body.isEmpty)
+
+        let aggregate = try await client.get("/v1/federations/fed/rounds/1/aggregate?dtype=BF16")
+        let zipped = try await client.get("/v1/federations/fed/rounds/1/aggregate?dtype=BF16", headers: [("Accept-Encoding", "gzip")])
+        #expect(zipped.header("Content-Encoding") == "gzip" && zipped.header("Vary") == "Accept-Encoding")
+        let inflater = try Inflater(coding: .gzip, limit: 1 << 30)
+        try inflater.append(zipped.body)
+        #expect(try inflater.finish() == aggregate.body)
+        let metadata = try SafetensorsFile(bytes: aggregate.body).metadata
+        #expect(metadata == ["format": "pt", "federation": "fed", "round": "1", "strategy": "replication", "rank": "4", "clients": "1"])
+        #expect(try await client.get("/v1/federations/fed/rounds/1/aggregate?dtype=BF16", headers: [("If-None-Match", aggregate.header("ETag") ?? "")]).statusCode == 304)
+
+        #expect(try await client.request("DELETE", "/v1/federations/fed/rounds/1/uploads/alice").statusCode == 204)
+        expectProblem(try await client.request("DELETE", "/v1/federations/fed/rounds/1/uploads/alice"), 404)
+        expectProblem(try await client.get("/v1/federations/fed/rounds/1"), 404)
+
+        #expect(try await client.request("PUT", uploadPath("bob", rank: 4), body: first).statusCode == 201)
+        let sealed = try await client.request("POST", "/v1/federations/fed/rounds/1/seal")
+        #expect(sealed.statusCode == 200 && sealed.json["sealed"] as? Bool == true)
+        #expect(try await client.request("POST", "/v1/federations/fed/rounds/1/seal").statusCode == 200, "idempotent")
+        expectProblem(try await client.request("PUT", uploadPath("carol", rank: 4), body: first), 409)
+        expectProblem(try await client.request("DELETE", "/v1/federations/fed/rounds/1/uploads/bob"), 409)
+        let list = try await client.get("/v1/federations/fed/rounds")
+        #expect((list.json["rounds"] as? [[String: Any]])?.first?["sealed"] as? Bool == true)
+        #expect(await service.stop() == 0)
+    }
+
+    @Test func everyRefusalIsAProblemAndLeavesTheEarlierUploadByteIdentical() async throws {
+        let service = try await ServiceProcess.start(arguments: ["--max-upload-bytes", "200000"])
+        let client = service.client
+        let good = try TestRound.random(seed: 3, ranks: [8])[0].safetensors().bytes
+        let stored = try await client.request("PUT", uploadPath("alice", rank: 8), body: good)
+        #expect(stored.statusCode == 201)
+
+        expectProblem(try await client.request("PUT", uploadPath("alice", rank: 4), body: good), 422)         // rank tag wrong
+        expectProblem(try await client.request("PUT", uploadPath("alice", rank: 8), body: Array(good.prefix(good.count - 3))), 400)  // truncated file
+        expectProblem(try await client.request("PUT", uploadPath("alice", rank: 8), headers: [("Content-Encoding", "gzip")], body: Array(ContentCoding.gzip.compress(good).dropLast(9))), 400)  // corrupt stream
+        let bomb = ContentCoding.gzip.compress([UInt8](repeating: 0, count: 50_000_000), level: 9)
+        #expect(bomb.count < 200_000)
+        expectProblem(try await client.request("PUT", uploadPath("alice", rank: 8), headers: [("Content-Encoding", "gzip")], body: bomb), 413)
+        expectProblem(try await client.request("PUT", uploadPath("alice", rank: 8), body: [UInt8](repeating: 1, count: 200_001)), 413)
+        let unsupported = try await client.request("PUT", uploadPath("alice", rank: 8), headers: [("Content-Encoding", "br")], body: good)
+        expectProblem(unsupported, 415)
+        #expect(unsupported.header("Accept-Encoding") == "gzip, deflate, identity")
+        expectProblem(try await client.request("PUT", uploadPath("alice", rank: 8), headers: [("Content-Type", "application/json")], body: good), 415)
+        expectProblem(try await client.request("PUT", "/v1/federations/fed/rounds/1/uploads/alice?weight=2", body: good), 400)     // rank missing
+        expectProblem(try await client.request("PUT", uploadPath("alice", rank: 8, weight: -1), body: good), 400)
+        expectProblem(try await client.request("PUT", uploadPath("bad%20id", rank: 8), body: good), 400)
+        expectProblem(try await client.request("PUT", uploadPath("alice", rank: 8, round: -1), body: good), 400)
+        let wrongShape = try TestClient(id: "x", rank: 8, weight: 1, dtype: .f32, tensors: ["base_model.model.layers.0.attn.q_proj.lora_A.weight": TestTensor(shape: [8, 13], values: Array(repeating: 0.5, count: 104)), "base_model.model.layers.0.attn.q_proj.lora_B.weight": TestTensor(shape: [10, 8], values: Array(repeating: 0.5, count: 80))]).safetensors().bytes
+        let other = try await client.request("PUT", uploadPath("bob", rank: 8), body: wrongShape)
+        if TestRound.random(seed: 3, ranks: [8])[0].tensors["base_model.model.layers.0.attn.q_proj.lora_A.weight"] != nil {
+            expectProblem(other, 422)  // shape disagrees with alice's q_proj apart from the rank axis
+        }
+        var nonFinite = try SafetensorsFile(bytes: good)
+        let tensor = nonFinite.tensors.first { TensorRole(tensorName: $0.name).factor == .a }!
+        var poisoned = good
+        poisoned.replaceSubrange(tensor.byteRange.lowerBound..<(tensor.byteRange.lowerBound + tensor.dtype.byteWidth), with: tensor.dtype.encode([.nan]))
+        nonFinite = try SafetensorsFile(bytes: poisoned)
+        expectProblem(try await client.request("PUT", uploadPath("alice", rank: 8), body: nonFinite.bytes), 422)
+
+        expectProblem(try await client.get("/v1/federations/fed/rounds/1/aggregate?rank=9"), 422)
+        expectProblem(try await client.get("/v1/federations/fed/rounds/1/aggregate?strategy=mean"), 400)
+        expectProblem(try await client.get("/v1/federations/fed/rounds/1/aggregate?dtype=F64"), 400)
+        expectProblem(try await client.get("/v1/federations/fed/rounds/2/aggregate"), 404)
+        expectProblem(try await client.get("/v1/federations/fed/rounds/1/aggregate/nobody"), 404)
+        expectProblem(try await client.get("/v1/nowhere"), 404)
+        let wrongMethod = try await client.request("PATCH", "/v1/federations/fed/rounds/1/uploads/alice")
+        expectProblem(wrongMethod, 405)
+        #expect(wrongMethod.header("Allow") == "DELETE, GET, HEAD, PUT")
+
+        let after = try await client.get("/v1/federations/fed/rounds/1/uploads/alice")
+        #expect(after.body == good, "every refusal left the earlier upload byte-identical")
+        #expect(after.header("ETag") == "\"\(stored.json["sha256"] as? String ?? "")\"")
+        #expect(await service.stop() == 0)
+    }
+
+    @Test func healthMetricsAndTheOpenAPIDocument() async throws {
+        let service = try await ServiceProcess.start()
+        let client = service.client
+        #expect(try await client.get("/healthz").text == #"{"status":"ok"}"#)
+        _ = try await client.get("/v1/federations/fed/rounds/1")
+        let metrics = try await client.get("/metrics").text
+        #expect(metrics.contains(#"lora_aggregator_requests_total{route="/healthz",method="GET",status="200"} 1"#))
+        #expect(metrics.contains(#"lora_aggregator_requests_total{route="/v1/federations/{federation}/rounds/{round}",method="GET",status="404"} 1"#))
+        #expect(metrics.contains("lora_aggregator_uploads_stored_total 0"))
+        let document = try await client.get("/openapi.yaml")
+        #expect(document.header("Content-Type") == "application/yaml")
+        #expect(document.text == OpenAPIDocument.text && document.text.hasPrefix("openapi: 3.1"))
+        #expect(await service.stop() == 0)
+    }
+}

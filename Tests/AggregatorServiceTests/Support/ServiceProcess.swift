@@ -1,0 +1,110 @@
+import Foundation
+import TestSupport
+
+/// The real `lora-aggregator` executable, started on port 0 against a database for one test and
+/// stopped by its PID.
+final class ServiceProcess: @unchecked Sendable {
+    // @unchecked: `process` is set once in init; stop/kill only signal it.
+    let process: Process
+    let port: Int
+    let databasePath: String
+    private let errorOutput: Pipe
+
+    static var executable: URL {
+        // The test bundle sits next to the package's executables in the build directory.
+        var directory = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
+        while !FileManager.default.fileExists(atPath: directory.appendingPathComponent("lora-aggregator").path), directory.path != "/" {
+            directory.deleteLastPathComponent()
+        }
+        return directory.appendingPathComponent("lora-aggregator")
+    }
+
+    static func temporaryDatabase() -> String {
+        FileManager.default.temporaryDirectory.appendingPathComponent("lora-aggregator-\(UUID().uuidString).sqlite").path
+    }
+
+    /// Starts the server and waits for its ready line (off the cooperative pool).
+    static func start(database: String = temporaryDatabase(), arguments: [String] = []) async throws -> ServiceProcess {
+        try await onOwnThread { try ServiceProcess(database: database, arguments: arguments) }
+    }
+
+    private init(database: String, arguments: [String]) throws {
+        process = Process()
+        process.executableURL = Self.executable
+        process.arguments = ["serve", "--port", "0", "--database", database, "--no-access-log"] + arguments
+        let output = Pipe()
+        errorOutput = Pipe()
+        process.standardOutput = output
+        process.standardError = errorOutput
+        try process.run()
+        var line = Data()
+        while !line.contains(0x0A) {
+            let chunk = output.fileHandleForReading.availableData
+            guard !chunk.isEmpty else { throw POSIXError(.ECHILD) }
+            line.append(chunk)
+        }
+        let text = String(decoding: line, as: UTF8.self)
+        guard let range = text.range(of: #"127\.0\.0\.1:(\d+)"#, options: .regularExpression),
+              let port = Int(text[range].split(separator: ":")[1])
+        else { throw POSIXError(.EBADMSG) }
+        self.port = port
+        self.databasePath = database
+    }
+
+    /// SIGTERM, then waits for the exit; returns the exit status.
+    @discardableResult
+    func stop() async -> Int32 {
+        Foundation.kill(process.processIdentifier, SIGTERM)
+        return await onOwnThread { [process] in
+            process.waitUntilExit()
+            return process.terminationStatus
+        }
+    }
+
+    /// SIGKILL: no chance to clean up.
+    func kill() async {
+        Foundation.kill(process.processIdentifier, SIGKILL)
+        await onOwnThread { [process] in process.waitUntilExit() }
+    }
+
+    var client: ServiceClient { ServiceClient(port: port) }
+}
+
+/// HTTP/1.1 requests to the service; each runs its blocking socket I/O on a Dispatch thread, so
+/// tests never hold a thread of the cooperative pool while waiting on the network.
+struct ServiceClient: Sendable {
+    let port: Int
+
+    func request(_ method: String, _ path: String, headers: [(String, String)] = [], body: [UInt8] = []) async throws -> RawClient.Response {
+        try await onOwnThread { [port] in
+            let client = try RawClient(port: port, receiveTimeout: 60)
+            var head = "\(method) \(path) HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+            for (name, value) in headers { head += "\(name): \(value)\r\n" }
+            if !body.isEmpty || method == "PUT" || method == "POST" { head += "Content-Length: \(body.count)\r\n" }
+            try client.send(Array((head + "\r\n").utf8) + body)
+            return try client.readResponse(head: method == "HEAD")
+        }
+    }
+
+    func get(_ path: String, headers: [(String, String)] = []) async throws -> RawClient.Response {
+        try await request("GET", path, headers: headers)
+    }
+}
+
+/// Runs blocking work on a Dispatch thread and awaits it.
+func onOwnThread<Value: Sendable>(_ work: @escaping @Sendable () throws -> Value) async throws -> Value {
+    try await withCheckedThrowingContinuation { continuation in
+        DispatchQueue.global().async { continuation.resume(with: Result { try work() }) }
+    }
+}
+
+func onOwnThread<Value: Sendable>(_ work: @escaping @Sendable () -> Value) async -> Value {
+    await withCheckedContinuation { continuation in
+        DispatchQueue.global().async { continuation.resume(returning: work()) }
+    }
+}
+
+extension RawClient.Response {
+    /// The body as a JSON object.
+    var json: [String: Any] { (try? JSONSerialization.jsonObject(with: Data(body))) as? [String: Any] ?? [:] }
+}
