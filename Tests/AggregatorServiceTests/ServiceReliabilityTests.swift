@@ -1,0 +1,121 @@
+@testable import AggregatorService
+import Foundation
+import TestSupport
+import Testing
+
+@Suite(.serialized) struct ServiceReliabilityTests {
+    /// Concurrent uploads, SIGKILL in the middle, restart: every upload that got a 2xx is there with
+    /// its digest, and nothing is partial.
+    @Test func uploadsAcknowledgedBeforeASIGKILLSurviveIt() async throws {
+        let database = ServiceProcess.temporaryDatabase()
+        let service = try await ServiceProcess.start(database: database)
+        let files = try (0..<48).map { index in try TestRound.random(seed: UInt64(3000 + index), ranks: [16])[0].safetensors().bytes }
+        // Each upload reports (index, digest) when acknowledged with a 2xx.
+        let acknowledgedNow = try await withThrowingTaskGroup(of: (Int, String)?.self) { group in
+            for (index, file) in files.enumerated() {
+                group.addTask {
+                    let response = try? await service.client.request("PUT", "/v1/federations/crash/rounds/0/uploads/c\(index)?rank=16", body: file)
+                    guard let response, (200..<300).contains(response.statusCode), let digest = response.json["sha256"] as? String else { return nil }
+                    return (index, digest)
+                }
+            }
+            group.addTask {
+                try await Task.sleep(for: .milliseconds(150))
+                await service.kill()
+                return nil
+            }
+            var acknowledged: [Int: String] = [:]
+            for try await case let (index, digest)? in group { acknowledged[index] = digest }
+            return acknowledged
+        }
+
+        let restarted = try await ServiceProcess.start(database: database)
+        let round = try await restarted.client.get("/v1/federations/crash/rounds/0")
+        let listed = (round.json["uploads"] as? [[String: Any]]) ?? []
+        for (index, digest) in acknowledgedNow {
+            let stored = try await restarted.client.get("/v1/federations/crash/rounds/0/uploads/c\(index)")
+            #expect(stored.statusCode == 200, "acknowledged upload c\(index) is missing")
+            #expect(AggregatorService.sha256(stored.body) == digest && stored.body == files[index])
+        }
+        for entry in listed {
+            // Unacknowledged uploads may or may not have landed, but never partially.
+            let client = try #require(entry["client"] as? String)
+            let index = try #require(Int(client.dropFirst()))
+            let stored = try await restarted.client.get("/v1/federations/crash/rounds/0/uploads/\(client)")
+            #expect(stored.body == files[index], "\(client) is partial")
+        }
+        #expect(listed.count >= acknowledgedNow.count)
+        #expect(await restarted.stop() == 0)
+    }
+
+    @Test func twoServerProcessesShareOneDatabase() async throws {
+        let database = ServiceProcess.temporaryDatabase()
+        let first = try await ServiceProcess.start(database: database)
+        let second = try await ServiceProcess.start(database: database)
+        let clients = TestRound.random(seed: 44)
+        try await withThrowingTaskGroup(of: Int.self) { group in
+            for (index, participant) in clients.enumerated() {
+                let service = index % 2 == 0 ? first : second
+                let file = try participant.safetensors().bytes
+                let path = "/v1/federations/shared/rounds/0/uploads/\(participant.id)?rank=\(participant.rank)&weight=\(participant.weight)"
+                group.addTask { try await service.client.request("PUT", path, body: file).statusCode }
+            }
+            for try await status in group { #expect(status == 201) }
+        }
+        let fromFirst = try await first.client.get("/v1/federations/shared/rounds/0/aggregate")
+        let fromSecond = try await second.client.get("/v1/federations/shared/rounds/0/aggregate")
+        #expect(fromFirst.statusCode == 200 && fromFirst.body == fromSecond.body)
+        let round = try await second.client.get("/v1/federations/shared/rounds/0")
+        #expect((round.json["uploads"] as? [[String: Any]])?.count == clients.count)
+        #expect(await first.stop() == 0)
+        #expect(await second.stop() == 0)
+    }
+
+    @Test func sigtermFinishesTheRequestInFlightAndExitsZero() async throws {
+        let service = try await ServiceProcess.start()
+        let big = try TestRound.random(seed: 5, ranks: [64])[0].safetensors().bytes
+        async let upload = service.client.request("PUT", "/v1/federations/f/rounds/0/uploads/a?rank=64", body: big)
+        try await Task.sleep(for: .milliseconds(30))
+        let status = await service.stop()
+        #expect(status == 0)
+        let response = try await upload
+        #expect([200, 201].contains(response.statusCode) || response.statusCode == 0)
+    }
+}
+
+/// The top-level openapi.yaml of this checkout.
+private func openAPIDocumentPath(_ file: String = #filePath) -> String {
+    URL(fileURLWithPath: file).deletingLastPathComponent().appendingPathComponent("../../openapi.yaml").standardized.path
+}
+
+@Suite struct OpenAPIContractTests {
+    @Test func everyRouteIsInTheDocumentAndEveryPathIsARoute() throws {
+        let service = try AggregatorService(configuration: {
+            var configuration = ServiceConfiguration()
+            configuration.databasePath = ServiceProcess.temporaryDatabase()
+            return configuration
+        }())
+        let routes = Set(service.makeRouter().routes.map(\.pattern))
+        let text = try String(contentsOfFile: openAPIDocumentPath(), encoding: .utf8)
+        let documented = Set(text.split(separator: "\n").filter { $0.hasPrefix("  /") && $0.hasSuffix(":") }.map { String($0.dropFirst(2).dropLast()) })
+        #expect(routes == documented)
+        // Methods: each route's method appears under its path.
+        for route in service.makeRouter().routes {
+            let section = "\n" + text.components(separatedBy: "\n  \(route.pattern):\n")[1].components(separatedBy: "\n  /")[0]
+            #expect(section.contains("\n    \(route.method.lowercased()):"), "\(route.method) \(route.pattern)")
+        }
+    }
+
+    @Test func theDocumentIsValidOpenAPI31() throws {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        process.arguments = ["python3", "-c", "import sys; from openapi_spec_validator import validate; from openapi_spec_validator.readers import read_from_filename; validate(read_from_filename(sys.argv[1])[0]); print('valid')", openAPIDocumentPath()]
+        let output = Pipe()
+        process.standardOutput = output
+        process.standardError = output
+        try process.run()
+        process.waitUntilExit()
+        let text = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        #expect(process.terminationStatus == 0 && text.contains("valid"), "\(text)")
+    }
+}
