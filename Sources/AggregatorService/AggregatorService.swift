@@ -68,7 +68,10 @@ public final class AggregatorService: Sendable {
         }
         let weight = try parameters.positiveNumber("weight") ?? 1
         let coding = try Self.contentCoding(of: request)
-        if let type = request.headers["content-type"], !type.lowercased().hasPrefix("application/octet-stream") {
+        // `curl --data-binary` labels bodies as form data unless told otherwise; the bytes are
+        // checked as safetensors either way, so only types that promise something else are refused.
+        if let type = request.headers["content-type"]?.split(separator: ";").first?.trimmingCharacters(in: .whitespaces).lowercased(),
+           !["application/octet-stream", "application/x-www-form-urlencoded"].contains(type) {
             throw ServiceError(.unsupportedMediaType, "uploads are application/octet-stream (a safetensors file), not \(type)")
         }
 
