@@ -1,27 +1,38 @@
 import Dispatch
 import LoRAAdapters
 
-/// Uploads, rounds and cached aggregates in one SQLite file (WAL, `synchronous=FULL`: a returned
+/// Uploads and rounds in one SQLite file (WAL, `synchronous=FULL`: a returned
 /// write is on disk). Every call runs on one of two serial queues, one per connection: a writer and
 /// a reader, so SQLite's blocking calls never run on Swift's cooperative pool and an aggregation
 /// (a long read transaction) does not stop uploads. Several processes may share one file; SQLite's
-/// locks and the busy timeout keep them correct.
+/// locks and the busy timeout keep them correct. Computed aggregates are cached in memory.
 public final class AdapterStore: Sendable {
     private let writer: ConnectionQueue
     private let reader: ConnectionQueue
     private let digest: @Sendable ([UInt8]) -> String
+    private let cache: AggregateCache
 
-    /// - Parameter digest: hex SHA-256 of bytes, for aggregate ETags.
-    public init(path: String, digest: @escaping @Sendable ([UInt8]) -> String) throws {
+    /// - Parameters:
+    ///   - digest: hex SHA-256 of bytes, for aggregate ETags.
+    ///   - aggregateCacheBytes: memory kept for recently computed aggregates.
+    public init(path: String, aggregateCacheBytes: Int = 1 << 30, digest: @escaping @Sendable ([UInt8]) -> String) throws {
+        cache = AggregateCache(capacityBytes: aggregateCacheBytes)
         let writerConnection = try SQLiteConnection(path: path)
-        try writerConnection.execute("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")
+        // Tensors are large blobs: 64 KiB pages (the largest; it applies only to a new file, before
+        // WAL) make a 1 MB tensor 16 overflow pages instead of 256, and reads go through a memory
+        // map instead of a read() per page.
+        try writerConnection.execute("PRAGMA page_size = 65536; PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")
+        try writerConnection.execute(Self.readTuning)
         try Schema.migrate(writerConnection)
         let readerConnection = try SQLiteConnection(path: path)
         try readerConnection.execute("PRAGMA foreign_keys = ON; PRAGMA query_only = ON;")
+        try readerConnection.execute(Self.readTuning)
         writer = ConnectionQueue(writerConnection, label: "lora-aggregator.store.writer")
         reader = ConnectionQueue(readerConnection, label: "lora-aggregator.store.reader")
         self.digest = digest
     }
+
+    private static let readTuning = "PRAGMA mmap_size = 2147418112; PRAGMA cache_size = -65536;"
 
     // MARK: Uploads
 
@@ -136,8 +147,8 @@ public final class AdapterStore: Sendable {
     public func aggregate(
         federation: String, round: Int64, client: String?, strategy: AggregationStrategy, rank requestedRank: Int?, dtype: DType
     ) async throws -> StoredAggregate? {
-        let digest = self.digest
-        let computed: (aggregate: StoredAggregate, revision: Int64)? = try await reader.run { connection in
+        let (digest, cache) = (self.digest, self.cache)
+        return try await reader.run { connection in
             try connection.transaction(immediate: false) {
                 let source = SQLiteAdapterSource(connection: connection, federation: federation, round: round)
                 let participants = try source.participants()
@@ -147,39 +158,21 @@ public final class AdapterStore: Sendable {
                     guard let participant = participants.first(where: { $0.clientID == client }) else { return nil }
                     rank = participant.rank
                 }
-                let resolvedRank = rank ?? participants.map(\.rank).max()!
                 let revisionQuery = try connection.statement("SELECT revision FROM rounds WHERE federation = ?1 AND round = ?2")
                 try revisionQuery.bind(.text(federation), .integer(round))
                 _ = try revisionQuery.step()
-                let revision = revisionQuery.integer(0)
-
-                let cached = try connection.statement("""
-                    SELECT sha256, body FROM aggregates WHERE federation = ?1 AND round = ?2 AND strategy = ?3 AND rank = ?4 AND dtype = ?5 AND revision = ?6
-                    """)
-                try cached.bind(.text(federation), .integer(round), .text(strategy.rawValue), .integer(Int64(resolvedRank)), .text(dtype.rawValue), .integer(revision))
-                if try cached.step() {
-                    return (StoredAggregate(bytes: cached.blob(1), sha256: cached.text(0), rank: resolvedRank, fromCache: true), revision)
+                let key = AggregateCache.Key(federation: federation, round: round, revision: revisionQuery.integer(0), strategy: strategy,
+                                             rank: rank ?? participants.map(\.rank).max()!, dtype: dtype)
+                if let cached = cache.value(for: key) {
+                    return StoredAggregate(bytes: cached.bytes, sha256: cached.sha256, rank: cached.rank, fromCache: true)
                 }
-                let options = AggregationOptions(strategy: strategy, rank: resolvedRank, dtype: dtype,
-                                                  metadata: ["federation": federation, "round": String(round)])
+                let options = AggregationOptions(strategy: strategy, rank: key.rank, dtype: dtype, metadata: ["federation": federation, "round": String(round)])
                 let result = try AdapterAggregator.aggregate(source, options: options)
-                return (StoredAggregate(bytes: result.bytes, sha256: digest(result.bytes), rank: result.rank, fromCache: false), revision)
+                let aggregate = StoredAggregate(bytes: result.bytes, sha256: digest(result.bytes), rank: result.rank, fromCache: false)
+                cache.insert(aggregate, for: key)
+                return aggregate
             }
         }
-        guard let computed else { return nil }
-        if !computed.aggregate.fromCache {
-            // Cached only if the round is still at the revision it was computed from.
-            try await writer.run { connection in try connection.transaction(immediate: true) {
-                try connection.statement("""
-                    INSERT INTO aggregates (federation, round, revision, strategy, rank, dtype, sha256, body)
-                    SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8 WHERE (SELECT revision FROM rounds WHERE federation = ?1 AND round = ?2) = ?3
-                    ON CONFLICT DO UPDATE SET revision = excluded.revision, sha256 = excluded.sha256, body = excluded.body
-                    """).bind(.text(federation), .integer(round), .integer(computed.revision), .text(strategy.rawValue),
-                              .integer(Int64(computed.aggregate.rank)), .text(dtype.rawValue), .text(computed.aggregate.sha256),
-                              .blob(computed.aggregate.bytes)).run()
-            } }
-        }
-        return computed.aggregate
     }
 
     // MARK: Helpers (inside a transaction)
@@ -207,11 +200,9 @@ public final class AdapterStore: Sendable {
         }
     }
 
-    /// A change to a round's uploads: new revision, cached aggregates dropped.
+    /// A change to a round's uploads: a new revision, so no cached aggregate of it matches any more.
     private static func roundChanged(_ connection: SQLiteConnection, _ federation: String, _ round: Int64) throws {
         try connection.statement("UPDATE rounds SET revision = revision + 1 WHERE federation = ?1 AND round = ?2")
-            .bind(.text(federation), .integer(round)).run()
-        try connection.statement("DELETE FROM aggregates WHERE federation = ?1 AND round = ?2")
             .bind(.text(federation), .integer(round)).run()
     }
 

@@ -36,18 +36,6 @@ enum Schema {
             data BLOB NOT NULL,
             PRIMARY KEY (upload_id, name)
         );
-        CREATE TABLE aggregates (
-            federation TEXT NOT NULL,
-            round INTEGER NOT NULL,
-            revision INTEGER NOT NULL,
-            strategy TEXT NOT NULL,
-            rank INTEGER NOT NULL,
-            dtype TEXT NOT NULL,
-            sha256 TEXT NOT NULL,
-            body BLOB NOT NULL,
-            PRIMARY KEY (federation, round, strategy, rank, dtype),
-            FOREIGN KEY (federation, round) REFERENCES rounds (federation, round)
-        );
         """,
     ]
 

@@ -27,13 +27,17 @@ struct RoundFile: Codable {
 
 enum Scenario: String {
     case distilbert, llama
+    /// Eight Llama-7B-like clients all at rank 16: the ingest benchmark's uploads.
+    case llama16
 
     var modules: Int { self == .distilbert ? 18 : 64 }
     var width: Int { self == .distilbert ? 768 : 4096 }
+
     var ranks: [Int] {
         switch self {
         case .distilbert: [5, 20, 5, 20, 5, 20, 5, 20, 5, 20]
         case .llama: [4, 8, 16, 32, 64, 4, 8, 16, 32, 64, 4, 8, 16, 32, 64, 16]
+        case .llama16: Array(repeating: 16, count: 8)
         }
     }
 }
@@ -196,7 +200,7 @@ do {
     case ("rss", 2):
         try measureStreamingMemory(directory: URL(fileURLWithPath: Array(arguments)[1]))
     default:
-        FileHandle.standardError.write(Data("usage: AggregateBenchmark generate {distilbert|llama} {F32|BF16} DIR | engine DIR REPEATS | rss DIR\n".utf8))
+        FileHandle.standardError.write(Data("usage: AggregateBenchmark generate {distilbert|llama|llama16} {F32|BF16} DIR | engine DIR REPEATS | rss DIR\n".utf8))
         exit(2)
     }
 } catch {

@@ -17,7 +17,7 @@ public final class AggregatorService: Sendable {
 
     public init(configuration: ServiceConfiguration) throws {
         self.configuration = configuration
-        self.store = try AdapterStore(path: configuration.databasePath, digest: Self.sha256)
+        self.store = try AdapterStore(path: configuration.databasePath, aggregateCacheBytes: configuration.aggregateCacheBytes, digest: Self.sha256)
     }
 
     /// An HTTP server for this service, not yet started.

@@ -6,6 +6,8 @@ public struct ServiceConfiguration: Sendable {
     public var databasePath = "./lora-aggregator.sqlite"
     /// Caps both an upload's body as sent and its decompressed size.
     public var maxUploadBytes = 1 << 30
+    /// Memory kept for recently computed aggregates (least recently used out first).
+    public var aggregateCacheBytes = 1 << 30
     /// Write one access-log line per request to standard error.
     public var accessLog = true
     /// Listener, limits and timeouts of the HTTP layer.

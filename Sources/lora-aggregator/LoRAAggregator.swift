@@ -20,6 +20,7 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Port; 0 picks a free one and the ready line names it. (default: 8080)") var port: Int?
     @Option(help: "SQLite database file. (default: ./lora-aggregator.sqlite)") var database: String?
     @Option(help: "Largest upload, as sent and decompressed, in bytes. (default: 1073741824)") var maxUploadBytes: Int?
+    @Option(help: "Memory for recently computed aggregates, in bytes. (default: 1073741824)") var aggregateCacheBytes: Int?
     @Option(help: "Open connections before accepting pauses. (default: 1024)") var maxConnections: Int?
     @Option(help: "Seconds a request head may take to arrive. (default: 10)") var headerTimeout: Double?
     @Option(help: "Seconds an idle keep-alive connection is kept. (default: 60)") var keepAliveTimeout: Double?
@@ -35,6 +36,7 @@ struct Serve: AsyncParsableCommand {
         configuration.http.port = try port ?? environment.value("port") ?? configuration.http.port
         configuration.databasePath = try database ?? environment.value("database") ?? configuration.databasePath
         configuration.maxUploadBytes = try maxUploadBytes ?? environment.value("max-upload-bytes") ?? configuration.maxUploadBytes
+        configuration.aggregateCacheBytes = try aggregateCacheBytes ?? environment.value("aggregate-cache-bytes") ?? configuration.aggregateCacheBytes
         configuration.http.maxConnections = try maxConnections ?? environment.value("max-connections") ?? configuration.http.maxConnections
         func seconds(_ flag: Double?, _ name: String, _ fallback: Duration) throws -> Duration {
             guard let value = try flag ?? environment.value(name) as Double? else { return fallback }
@@ -49,6 +51,7 @@ struct Serve: AsyncParsableCommand {
         configuration.accessLog = !(noAccessLog || environment.flag("no-access-log"))
         guard (0...65535).contains(configuration.http.port) else { throw ValidationError("--port must be 0 to 65535") }
         guard configuration.maxUploadBytes > 0 else { throw ValidationError("--max-upload-bytes must be positive") }
+        guard configuration.aggregateCacheBytes >= 0 else { throw ValidationError("--aggregate-cache-bytes must not be negative") }
 
         let service: AggregatorService
         do {
