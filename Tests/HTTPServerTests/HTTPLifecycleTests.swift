@@ -6,8 +6,8 @@ import Testing
 
 extension HTTPServerTests {
     @Suite struct HTTPLifecycleTests {
-        @Test func slowlorisConnectionsDoNotSlowOthersAndCloseAtTheHeaderTimeout() async throws {
-            let server = try TestServer.start { $0.headerTimeout = .seconds(2) }
+        @Test func slowlorisConnectionsDoNotHoldUpOthersAndCloseAtTheHeaderTimeout() async throws {
+            let server = try TestServer.start { $0.headerTimeout = .seconds(3) }
             // 300 connections each send part of a head and then trickle.
             var trickling: [RawClient] = []
             for index in 0..<300 {
@@ -17,17 +17,16 @@ extension HTTPServerTests {
             }
             for client in trickling { try? client.send("a") }
 
-            // A normal client is served at once, several times over.
-            let started = ContinuousClock.now
+            // Normal clients are served while every slow connection is still open and unanswered.
             for _ in 0..<20 {
                 let normal = try server.client()
                 try normal.send("GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
                 #expect(try normal.readResponse().statusCode == 200)
             }
-            #expect(ContinuousClock.now - started < .seconds(1), "20 requests beside 300 slow connections")
+            #expect(!trickling[0].waitForClose(timeout: 0.1) && !trickling[299].waitForClose(timeout: 0.1), "slow connections are still open")
 
-            // After the header timeout every trickling connection has been answered 408 and closed.
-            try await Task.sleep(for: .milliseconds(2600))
+            // Past the header timeout every trickling connection has been answered 408 and closed.
+            try await Task.sleep(for: .milliseconds(3500))
             var closed = 0
             for client in trickling where client.waitForClose(timeout: 0.5) { closed += 1 }
             #expect(closed == 300)
@@ -110,7 +109,7 @@ extension HTTPServerTests {
             #expect(response.statusCode == 200 && response.text == "slow")
             #expect(response.header("Connection") == "close")
             await server.server.run()
-            #expect(ContinuousClock.now - started < .seconds(2))
+            #expect(ContinuousClock.now - started < .seconds(5), "shutdown did not wait out the 10 s grace period")
             #expect(throws: (any Error).self, "no longer listening") { try server.client() }
         }
 
@@ -191,17 +190,19 @@ extension HTTPServerTests {
 
             let process = Process()
             process.executableURL = URL(fileURLWithPath: "/usr/bin/curl")
-            process.arguments = ["-sS", "-X", "PUT", "-H", "Expect: 100-continue", "--data-binary", "@\(file.path)",
+            process.arguments = ["-sS", "-v", "-X", "PUT", "-H", "Expect: 100-continue", "--data-binary", "@\(file.path)",
                                  "-w", "\\n%{time_total}", "http://127.0.0.1:\(server.port)/big"]
-            let output = Pipe()
+            let output = Pipe(), trace = Pipe()
             process.standardOutput = output
+            process.standardError = trace
             try process.run()
             let text = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            let verbose = String(decoding: trace.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
             process.waitUntilExit()
             let lines = text.split(separator: "\n")
             #expect(lines.first == #"{"bytes":33554432}"#)
-            let seconds = Double(lines.last ?? "") ?? 99
-            #expect(seconds < 1.0, "curl took \(seconds) s: it waited for a 100 Continue that did not come")
+            // curl waits up to a second for 100 Continue before sending anyway; it must not have to.
+            #expect(verbose.contains("< HTTP/1.1 100 Continue"), "no 100 Continue; curl took \(lines.last ?? "?") s")
             await server.stop()
         }
     }
