@@ -37,6 +37,16 @@ enum Schema {
             PRIMARY KEY (upload_id, name)
         );
         """,
+        // Client tokens, stored only as SHA-256 hashes.
+        """
+        CREATE TABLE client_tokens (
+            token_hash TEXT PRIMARY KEY,
+            federation TEXT NOT NULL,
+            client TEXT NOT NULL,
+            created_at TEXT NOT NULL
+        ) WITHOUT ROWID;
+        CREATE INDEX client_tokens_by_client ON client_tokens (federation, client);
+        """,
     ]
 
     /// Brings the schema up to date. The version is read inside the write transaction, so two

@@ -55,3 +55,8 @@ struct RoundList: Encodable {
 struct Health: Encodable {
     let status: String
 }
+
+/// A client token, shown once.
+struct IssuedToken: Encodable {
+    let token: String
+}

@@ -13,11 +13,21 @@ public final class AggregatorService: Sendable {
     public let configuration: ServiceConfiguration
     let store: AdapterStore
     let metrics = ServiceMetrics()
+    let authorization: Authorization
     private let work = DispatchQueue(label: "lora-aggregator.work", attributes: .concurrent)
 
+    /// Opens the database. Refuses a configuration that would expose `/v1` to the network without
+    /// an admin token (unless `insecureNoAuth`).
     public init(configuration: ServiceConfiguration) throws {
+        if configuration.adminToken == nil && !configuration.insecureNoAuth && !Authorization.isLoopback(configuration.http.host) {
+            throw ServiceError(.badRequest, "refusing to serve \(configuration.http.host) without authentication: give an admin token (--admin-token-file or LORA_AGGREGATOR_ADMIN_TOKEN), listen on a loopback address, or pass --insecure-no-auth")
+        }
+        if let token = configuration.adminToken, token.count < 16 {
+            throw ServiceError(.badRequest, "the admin token must be at least 16 characters")
+        }
         self.configuration = configuration
         self.store = try AdapterStore(path: configuration.databasePath, aggregateCacheBytes: configuration.aggregateCacheBytes, digest: Self.sha256)
+        self.authorization = Authorization(adminToken: configuration.adminToken, store: store)
     }
 
     /// An HTTP server for this service, not yet started.
@@ -35,17 +45,29 @@ public final class AggregatorService: Sendable {
 
     static let uploadPath = "/v1/federations/{federation}/rounds/{round}/uploads/{client}"
     static let roundPath = "/v1/federations/{federation}/rounds/{round}"
+    static let tokensPath = "/v1/federations/{federation}/clients/{client}/tokens"
 
     public func makeRouter() -> Router {
         var router = Router(defaultMaxBodyBytes: 0)
-        router.add("PUT", Self.uploadPath, maxBodyBytes: configuration.maxUploadBytes) { [self] in try await putUpload($0, $1) }
-        router.add("GET", Self.uploadPath) { [self] request, _ in try await getUpload(request) }
-        router.add("DELETE", Self.uploadPath) { [self] request, _ in try await deleteUpload(request) }
-        router.add("GET", Self.roundPath) { [self] request, _ in try await getRound(request) }
-        router.add("POST", Self.roundPath + "/seal") { [self] request, _ in try await sealRound(request) }
-        router.add("GET", "/v1/federations/{federation}/rounds") { [self] request, _ in try await listRounds(request) }
-        router.add("GET", Self.roundPath + "/aggregate") { [self] request, _ in try await getAggregate(request, perClient: false) }
-        router.add("GET", Self.roundPath + "/aggregate/{client}") { [self] request, _ in try await getAggregate(request, perClient: true) }
+        let authorization = self.authorization
+        /// Adds a `/v1` route whose handler runs only once the caller passes `requirement`, before
+        /// any of the body is read (so a refused upload is never sent with Expect: 100-continue).
+        func add(_ method: String, _ pattern: String, _ requirement: Authorization.Requirement, maxBodyBytes: Int? = nil, _ handler: @escaping HTTPHandler) {
+            router.add(method, pattern, maxBodyBytes: maxBodyBytes) { request, body in
+                try await authorization.check(request, requirement)
+                return try await handler(request, body)
+            }
+        }
+        add("PUT", Self.uploadPath, .ownUpload, maxBodyBytes: configuration.maxUploadBytes) { [self] in try await putUpload($0, $1) }
+        add("GET", Self.uploadPath, .ownUpload) { [self] request, _ in try await getUpload(request) }
+        add("DELETE", Self.uploadPath, .ownUpload) { [self] request, _ in try await deleteUpload(request) }
+        add("GET", Self.roundPath, .federationMember) { [self] request, _ in try await getRound(request) }
+        add("POST", Self.roundPath + "/seal", .admin) { [self] request, _ in try await sealRound(request) }
+        add("GET", "/v1/federations/{federation}/rounds", .federationMember) { [self] request, _ in try await listRounds(request) }
+        add("GET", Self.roundPath + "/aggregate", .federationMember) { [self] request, _ in try await getAggregate(request, perClient: false) }
+        add("GET", Self.roundPath + "/aggregate/{client}", .federationMember) { [self] request, _ in try await getAggregate(request, perClient: true) }
+        add("POST", Self.tokensPath, .admin) { [self] request, _ in try await issueToken(request) }
+        add("DELETE", Self.tokensPath, .admin) { [self] request, _ in try await revokeTokens(request) }
         router.add("GET", "/healthz") { _, _ in Self.json(.ok, Health(status: "ok")) }
         router.add("GET", "/metrics") { [metrics] _, _ in
             HTTPResponse(status: .ok, headers: ["Content-Type": "text/plain; version=0.0.4; charset=utf-8"], body: Array(metrics.exposition().utf8))
@@ -144,6 +166,24 @@ public final class AggregatorService: Sendable {
         let federation = try parameters.identifier("federation")
         let rounds = try await store.rounds(federation: federation)
         return Self.json(.ok, RoundList(federation: federation, rounds: rounds.map { .init(round: $0.round, sealed: $0.sealed, uploads: $0.uploads, maxRank: $0.maxRank) }))
+    }
+
+    // MARK: Client tokens
+
+    private func issueToken(_ request: HTTPRequest) async throws -> HTTPResponse {
+        let parameters = try RequestParameters(request)
+        try parameters.allowOnly([])
+        let token = try await authorization.issueToken(federation: try parameters.identifier("federation"), client: try parameters.identifier("client"))
+        var response = Self.json(.created, IssuedToken(token: token))
+        response.headers.add("Cache-Control", "no-store")
+        return response
+    }
+
+    private func revokeTokens(_ request: HTTPRequest) async throws -> HTTPResponse {
+        let parameters = try RequestParameters(request)
+        try parameters.allowOnly([])
+        try await store.revokeClientTokens(federation: try parameters.identifier("federation"), client: try parameters.identifier("client"))
+        return HTTPResponse(status: .noContent)
     }
 
     // MARK: Aggregates

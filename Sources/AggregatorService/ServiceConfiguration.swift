@@ -8,6 +8,11 @@ public struct ServiceConfiguration: Sendable {
     public var maxUploadBytes = 1 << 30
     /// Memory kept for recently computed aggregates (least recently used out first).
     public var aggregateCacheBytes = 1 << 30
+    /// With a token, every `/v1` request needs `Authorization: Bearer` (the admin token or a client
+    /// token the admin issued); without one, `/v1` is open.
+    public var adminToken: String?
+    /// Allows serving without an admin token on an address other hosts can reach.
+    public var insecureNoAuth = false
     /// Write one access-log line per request to standard error.
     public var accessLog = true
     /// Listener, limits and timeouts of the HTTP layer.

@@ -8,6 +8,8 @@ public struct ServiceError: Error, Sendable, CustomStringConvertible {
         public let status: HTTPStatus
 
         public static let badRequest = Code(rawValue: "bad_request", status: .badRequest)
+        public static let unauthorized = Code(rawValue: "unauthorized", status: .unauthorized)
+        public static let forbidden = Code(rawValue: "forbidden", status: .forbidden)
         public static let notFound = Code(rawValue: "not_found", status: .notFound)
         public static let unsupportedMediaType = Code(rawValue: "unsupported_media_type", status: .unsupportedMediaType)
         public static let contentTooLarge = Code(rawValue: "content_too_large", status: .contentTooLarge)

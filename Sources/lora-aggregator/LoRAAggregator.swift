@@ -28,6 +28,9 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Seconds a response write may stall. (default: 30)") var writeTimeout: Double?
     @Option(help: "Seconds to finish requests in flight on shutdown. (default: 10)") var shutdownGracePeriod: Double?
     @Flag(help: "Do not write an access-log line per request to standard error.") var noAccessLog = false
+    @Option(help: "File holding the admin token; then every /v1 request needs 'Authorization: Bearer'. (LORA_AGGREGATOR_ADMIN_TOKEN gives the token itself.)")
+    var adminTokenFile: String?
+    @Flag(help: "Serve a non-loopback address without an admin token.") var insecureNoAuth = false
 
     func run() async throws {
         var configuration = ServiceConfiguration()
@@ -49,6 +52,13 @@ struct Serve: AsyncParsableCommand {
         configuration.http.writeTimeout = try seconds(writeTimeout, "write-timeout", configuration.http.writeTimeout)
         configuration.http.shutdownGracePeriod = try seconds(shutdownGracePeriod, "shutdown-grace-period", configuration.http.shutdownGracePeriod)
         configuration.accessLog = !(noAccessLog || environment.flag("no-access-log"))
+        configuration.insecureNoAuth = insecureNoAuth || environment.flag("insecure-no-auth")
+        if let path = adminTokenFile ?? environment.variables[environment.name("admin-token-file")] {
+            guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { throw ValidationError("cannot read the admin token file '\(path)'") }
+            configuration.adminToken = text.trimmingCharacters(in: .whitespacesAndNewlines)
+        } else if let token = environment.variables[environment.name("admin-token")] {
+            configuration.adminToken = token.trimmingCharacters(in: .whitespacesAndNewlines)
+        }
         guard (0...65535).contains(configuration.http.port) else { throw ValidationError("--port must be 0 to 65535") }
         guard configuration.maxUploadBytes > 0 else { throw ValidationError("--max-upload-bytes must be positive") }
         guard configuration.aggregateCacheBytes >= 0 else { throw ValidationError("--aggregate-cache-bytes must not be negative") }
@@ -56,6 +66,8 @@ struct Serve: AsyncParsableCommand {
         let service: AggregatorService
         do {
             service = try AggregatorService(configuration: configuration)
+        } catch let error as ServiceError {
+            throw ValidationError(error.message)
         } catch {
             throw ValidationError("cannot open the database '\(configuration.databasePath)': \(error)")
         }
