@@ -33,8 +33,8 @@ let package = Package(
         // HTTP/1.1 on POSIX sockets and epoll; knows nothing of LoRA.
         .target(name: "HTTPServer", dependencies: ["CLinux"], swiftSettings: strictSettings),
 
-        // libFuzzer target for the HTTP parser (scripts/fuzz); replays saved inputs otherwise.
-        .executableTarget(name: "HTTPParserFuzzer", dependencies: ["HTTPServer"], swiftSettings: strictSettings),
+        // libFuzzer targets: HTTP parser, safetensors reader, inflate (scripts/fuzz/run); replays saved inputs otherwise.
+        .executableTarget(name: "Fuzzers", dependencies: ["HTTPServer", "LoRAAdapters", "AggregatorService"], swiftSettings: strictSettings),
 
         // API v1: routes, handlers, content coding, problem+json, metrics, configuration.
         .target(

@@ -94,3 +94,16 @@ extension ContentCoding {
         return output
     }
 }
+
+/// Request-body decoding as one call, for tools (the fuzzer) outside the service.
+public enum ContentDecoding {
+    /// `bytes` decoded from `coding` ("gzip" or "deflate"), refusing output past `limit` bytes.
+    public static func inflate(_ bytes: [UInt8], coding: String, limit: Int) throws -> [UInt8] {
+        guard let coding = ContentCoding(rawValue: coding), coding != .identity else {
+            throw ServiceError(.unsupportedMediaType, "content coding '\(coding)' is not supported")
+        }
+        let inflater = try Inflater(coding: coding, limit: limit)
+        try inflater.append(bytes)
+        return try inflater.finish()
+    }
+}
