@@ -14,6 +14,12 @@ final class SQLiteConnection {
             sqlite3_close_v2(handle)
             throw Self.error(status, "the database cannot be opened", detail: detail)
         }
+        // SQLITE_OPEN_READWRITE quietly falls back to read-only when the OS refuses writes; a store
+        // that cannot write must say so at start, not at the first upload.
+        guard sqlite3_db_readonly(handle, "main") == 0 else {
+            sqlite3_close_v2(handle)
+            throw StoreError(.readOnly, "the database is read-only", detail: path)
+        }
         self.handle = handle
         sqlite3_extended_result_codes(handle, 1)
         sqlite3_busy_timeout(handle, busyTimeoutMilliseconds)

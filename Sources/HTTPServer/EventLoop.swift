@@ -115,3 +115,17 @@ struct LoopBound<Value>: @unchecked Sendable {
     init(_ value: Value) { wrapped = value }
     var value: Value { wrapped }
 }
+
+/// Like `LoopBound`, for two objects held weakly: nil once either is gone.
+struct WeakLoopBound<First: AnyObject, Second: AnyObject>: @unchecked Sendable {
+    private weak var first: First?
+    private weak var second: Second?
+    init(_ first: First, _ second: Second) {
+        self.first = first
+        self.second = second
+    }
+    var values: (First, Second)? {
+        guard let first, let second else { return nil }
+        return (first, second)
+    }
+}

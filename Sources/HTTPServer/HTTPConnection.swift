@@ -207,7 +207,15 @@ final class HTTPConnection: EventSource {
         let target = LoopBound((self, exchange))
         let loop = self.loop
         if exchange.body == nil {
-            exchange.body = HTTPRequestBody(onDemand: { loop.execute { target.value.0.bodyDemanded(by: target.value.1) } })
+            // Weak: the exchange owns its body, so a strong capture here would be a cycle that
+            // kept every connection that ever received a body alive.
+            let weakTarget = WeakLoopBound(self, exchange)
+            exchange.body = HTTPRequestBody(onDemand: {
+                loop.execute {
+                    guard let (connection, exchange) = weakTarget.values else { return }
+                    connection.bodyDemanded(by: exchange)
+                }
+            })
         }
         let body = exchange.body!
         let handler = route.handler
