@@ -1,0 +1,30 @@
+# Sourced by scripts that need a running server of their own.
+#   start_server BINARY DATABASE [EXTRA-SERVE-ARGUMENTS...]
+# starts `BINARY serve` on a free loopback port against DATABASE, waits for its ready line and sets
+# `server_pid` and `url`; `stop_server` sends SIGTERM and waits. Callers trap stop_server on EXIT.
+server_pid=
+url=
+
+start_server() {
+    local binary=$1 database=$2 ready
+    shift 2
+    ready=$(mktemp)
+    "$binary" serve --port 0 --database "$database" --no-access-log "$@" >"$ready" &
+    server_pid=$!
+    for _ in $(seq 200); do grep -q listening "$ready" 2>/dev/null && break; sleep 0.1; done
+    url="http://$(grep -o '127\.0\.0\.1:[0-9]*' "$ready")"
+    rm -f "$ready"
+    [ "$url" != "http://" ] || { echo "the server did not start" >&2; return 1; }
+}
+
+stop_server() {
+    [ -n "$server_pid" ] || return 0
+    kill "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null
+    server_pid=
+}
+
+# The debug build of lora-aggregator, built if missing.
+built_server() {
+    [ -x .build/debug/lora-aggregator ] || swift build --product lora-aggregator >&2
+    echo .build/debug/lora-aggregator
+}
