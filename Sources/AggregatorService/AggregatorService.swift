@@ -235,7 +235,9 @@ public final class AggregatorService: Sendable {
         request.headers.tokens(for: "accept-encoding").contains { token in
             let parts = token.split(separator: ";").map { $0.trimmingCharacters(in: .whitespaces) }
             guard parts.first == "gzip" || parts.first == "x-gzip" else { return false }
-            return !parts.dropFirst().contains { $0.replacingOccurrences(of: " ", with: "").hasPrefix("q=0") && Double($0.dropFirst(2)) == 0 }
+            // "q=0" means "not acceptable" (RFC 9110 §12.4.2); no q means 1.
+            let quality = parts.dropFirst().first { $0.hasPrefix("q=") }.flatMap { Double($0.dropFirst(2)) } ?? 1
+            return quality > 0
         }
     }
 

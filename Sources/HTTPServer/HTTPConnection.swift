@@ -285,8 +285,7 @@ final class HTTPConnection: EventSource {
             exchange.body?.fail(HTTPServerError(.badRequest, "the response was sent before the request body was read"))
         }
         let sendsBody = request.method != "HEAD" && !response.status.forbidsBody
-        var headers = response.headers
-        for name in ["Content-Length", "Transfer-Encoding", "Connection", "Date"] { headers.remove(name) }
+        var headers = Self.withoutServerHeaders(response.headers)
 
         switch response.body {
         case .bytes(let bytes):
@@ -364,11 +363,10 @@ final class HTTPConnection: EventSource {
 
     /// Answers a request whose framing is unknown or untrustworthy, then closes.
     private func refuseAndClose(_ error: HTTPServerError, request: HTTPRequest? = nil) {
-        var response = configuration.errorResponder(error)
-        if case .stream = response.body { response.body = .bytes([]) }
-        guard case .bytes(let bytes) = response.body else { return }
-        var headers = response.headers
-        for name in ["Content-Length", "Transfer-Encoding", "Connection", "Date"] { headers.remove(name) }
+        let response = configuration.errorResponder(error)
+        // A streamed error body is dropped: the connection closes right after this answer.
+        let bytes: [UInt8] = if case .bytes(let bytes) = response.body { bytes } else { [] }
+        var headers = Self.withoutServerHeaders(response.headers)
         headers.add("Content-Length", String(bytes.count))
         closeWhenIdle = true  // read and parse nothing more
         updateInterest()
@@ -376,6 +374,13 @@ final class HTTPConnection: EventSource {
         configuration.onRequestCompleted?(CompletedRequest(
             method: request?.method ?? "-", path: request.map { String($0.path) } ?? "-", route: nil, status: error.status.code,
             requestBodyBytes: 0, responseBodyBytes: bytes.count, duration: .zero))
+    }
+
+    /// `headers` without the fields the server sets itself (framing, connection, date).
+    private static func withoutServerHeaders(_ headers: HTTPHeaders) -> HTTPHeaders {
+        var headers = headers
+        for name in ["Content-Length", "Transfer-Encoding", "Connection", "Date"] { headers.remove(name) }
+        return headers
     }
 
     private func serializeHead(_ status: HTTPStatus, _ headers: HTTPHeaders, version: HTTPVersion, keepAlive: Bool) -> [UInt8] {
