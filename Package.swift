@@ -28,7 +28,7 @@ let package = Package(
         .target(name: "LoRAAdapters", swiftSettings: strictSettings),
 
         // SQLite storage of uploads, rounds and cached aggregates; the engine's streaming source.
-        .target(name: "AdapterStore", dependencies: ["CSQLite3", "LoRAAdapters"], swiftSettings: strictSettings),
+        .target(name: "AdapterStore", dependencies: ["CSQLite3", "LoRAAdapters", .product(name: "Crypto", package: "swift-crypto")], swiftSettings: strictSettings),
 
         // HTTP/1.1 on POSIX sockets and epoll; knows nothing of LoRA.
         .target(name: "HTTPServer", dependencies: ["CLinux"], swiftSettings: strictSettings),
@@ -39,7 +39,7 @@ let package = Package(
         // API v1: routes, handlers, content coding, problem+json, metrics, configuration.
         .target(
             name: "AggregatorService",
-            dependencies: ["AdapterStore", "HTTPServer", "LoRAAdapters", "CZlib", .product(name: "Crypto", package: "swift-crypto")],
+            dependencies: ["AdapterStore", "HTTPServer", "LoRAAdapters", "CZlib"],
             resources: [.embedInCode("Resources/openapi.yaml")],
             swiftSettings: strictSettings
         ),
@@ -64,7 +64,7 @@ let package = Package(
         // Shared by the test targets: a raw HTTP client and the literal aggregation reference.
         .target(name: "TestSupport", dependencies: ["LoRAAdapters"], path: "Tests/TestSupport", swiftSettings: strictSettings),
         .testTarget(name: "AdapterStoreTests", dependencies: ["AdapterStore", "LoRAAdapters"], swiftSettings: strictSettings),
-        .testTarget(name: "AggregatorServiceTests", dependencies: ["AggregatorService", "LoRAAdapters", "TestSupport"], swiftSettings: strictSettings),
+        .testTarget(name: "AggregatorServiceTests", dependencies: ["AdapterStore", "AggregatorService", "LoRAAdapters", "TestSupport"], swiftSettings: strictSettings),
         .testTarget(name: "HTTPServerTests", dependencies: ["HTTPServer", "TestSupport"], swiftSettings: strictSettings),
         .testTarget(name: "LoRAAdaptersTests", dependencies: ["LoRAAdapters", "TestSupport"], swiftSettings: strictSettings),
     ],

@@ -10,16 +10,13 @@ import Synchronization
 public final class AdapterStore: Sendable {
     private let writer: ConnectionQueue
     private let reader: ConnectionQueue
-    private let digest: @Sendable ([UInt8]) -> String
     private let cache: AggregateCache
     private let checkpointer: ConnectionQueue
     /// True while a checkpoint is queued, so a burst of writes queues one.
     private let checkpointQueued = Mutex(false)
 
-    /// - Parameters:
-    ///   - digest: hex SHA-256 of bytes, for aggregate ETags.
-    ///   - aggregateCacheBytes: memory kept for recently computed aggregates.
-    public init(path: String, aggregateCacheBytes: Int = 1 << 30, digest: @escaping @Sendable ([UInt8]) -> String) throws {
+    /// - Parameter aggregateCacheBytes: memory kept for recently computed aggregates.
+    public init(path: String, aggregateCacheBytes: Int = 1 << 30) throws {
         cache = AggregateCache(capacityBytes: aggregateCacheBytes)
         let writerConnection = try SQLiteConnection(path: path)
         // Tensors are large blobs: 64 KiB pages (the largest; it applies only to a new file, before
@@ -38,7 +35,6 @@ public final class AdapterStore: Sendable {
         reader = ConnectionQueue(readerConnection, label: "lora-aggregator.store.reader")
         // A short busy timeout: the checkpointer gives way to writers and long readers, and retries.
         checkpointer = ConnectionQueue(try SQLiteConnection(path: path, busyTimeoutMilliseconds: 50), label: "lora-aggregator.store.checkpoint")
-        self.digest = digest
     }
 
     private static let readTuning = "PRAGMA mmap_size = 2147418112; PRAGMA cache_size = -65536;"
@@ -175,7 +171,7 @@ public final class AdapterStore: Sendable {
     public func aggregate(
         federation: String, round: Int64, client: String?, strategy: AggregationStrategy, rank requestedRank: Int?, dtype: DType
     ) async throws -> StoredAggregate? {
-        let (digest, cache) = (self.digest, self.cache)
+        let cache = self.cache
         return try await reader.run { connection in
             try connection.transaction(immediate: false) {
                 let source = SQLiteAdapterSource(connection: connection, federation: federation, round: round)
@@ -195,8 +191,9 @@ public final class AdapterStore: Sendable {
                     return StoredAggregate(bytes: cached.bytes, sha256: cached.sha256, rank: cached.rank, fromCache: true)
                 }
                 let options = AggregationOptions(strategy: strategy, rank: key.rank, dtype: dtype, metadata: ["federation": federation, "round": String(round)])
-                let result = try AdapterAggregator.aggregate(source, options: options)
-                let aggregate = StoredAggregate(bytes: result.bytes, sha256: digest(result.bytes), rank: result.rank, fromCache: false)
+                let digest = BackgroundSHA256()
+                let result = try AdapterAggregator.aggregate(source, options: options, observer: digest)
+                let aggregate = StoredAggregate(bytes: result.bytes, sha256: digest.hexDigest(), rank: result.rank, fromCache: false)
                 cache.insert(aggregate, for: key)
                 return aggregate
             }

@@ -1,8 +1,8 @@
 import LoRAAdapters
 
 /// A round in the database as the aggregation engine's source: one tensor name across all clients
-/// at a time, in client-id order (SQLite's BINARY collation is byte order), each blob handed over
-/// in place without a copy. Used inside a read transaction, so the round cannot change underneath.
+/// at a time, in client-id order (SQLite's BINARY collation is byte order), each blob read into one
+/// reused buffer. Used inside a read transaction, so the round cannot change underneath.
 struct SQLiteAdapterSource: AdapterSource {
     let connection: SQLiteConnection
     let federation: String
@@ -33,14 +33,16 @@ struct SQLiteAdapterSource: AdapterSource {
 
     func forEachContribution(toTensor tensorName: String, _ body: (TensorContribution) throws -> Void) throws {
         let statement = try connection.statement("""
-            SELECT u.client, t.dtype, t.shape, t.data FROM uploads u JOIN tensors t ON t.upload_id = u.id AND t.name = ?3
+            SELECT u.client, t.dtype, t.shape, t.rowid FROM uploads u JOIN tensors t ON t.upload_id = u.id AND t.name = ?3
             WHERE u.federation = ?1 AND u.round = ?2 ORDER BY u.client
             """)
         try statement.bind(.text(federation), .integer(round), .text(tensorName))
-        while try statement.step() {
-            let contribution = (client: statement.text(0), dtype: try Self.dtype(statement.text(1)), shape: Self.shape(statement.text(2)))
-            try statement.withBlob(3) { bytes in
-                try body(TensorContribution(clientID: contribution.client, dtype: contribution.dtype, shape: contribution.shape, bytes: bytes))
+        try connection.withBlobReader(table: "tensors", column: "data") { blobs in
+            while try statement.step() {
+                let contribution = (client: statement.text(0), dtype: try Self.dtype(statement.text(1)), shape: Self.shape(statement.text(2)))
+                try blobs.withBlob(rowID: statement.integer(3)) { bytes in
+                    try body(TensorContribution(clientID: contribution.client, dtype: contribution.dtype, shape: contribution.shape, bytes: bytes))
+                }
             }
         }
     }

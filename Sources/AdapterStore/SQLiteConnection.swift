@@ -70,6 +70,13 @@ final class SQLiteConnection {
         for statement in statements.values { statement.reset() }
     }
 
+    /// Runs `body` with a reader of the blobs in one column of a table; its handle is closed after.
+    func withBlobReader<Result>(table: String, column: String, _ body: (SQLiteBlobReader) throws -> Result) rethrows -> Result {
+        let reader = SQLiteBlobReader(connection: self, database: handle, table: table, column: column)
+        defer { reader.close() }
+        return try body(reader)
+    }
+
     var changes: Int { Int(sqlite3_changes(handle)) }
     var lastInsertedRowID: Int64 { sqlite3_last_insert_rowid(handle) }
 
@@ -156,4 +163,47 @@ enum SQLiteValue {
     case blob([UInt8])
     case borrowedBlob(UnsafeRawBufferPointer)
     case null
+}
+
+/// Reads whole blobs through SQLite's incremental I/O into one buffer it reuses, instead of the
+/// fresh allocation `sqlite3_column_blob` makes for every blob that spills into overflow pages.
+final class SQLiteBlobReader {
+    private unowned let connection: SQLiteConnection
+    private let database: OpaquePointer
+    private let table: String, column: String
+    private var handle: OpaquePointer?
+    private var buffer = UnsafeMutableRawBufferPointer(start: nil, count: 0)
+
+    fileprivate init(connection: SQLiteConnection, database: OpaquePointer, table: String, column: String) {
+        self.connection = connection
+        self.database = database
+        self.table = table
+        self.column = column
+    }
+
+    fileprivate func close() {
+        sqlite3_blob_close(handle)
+        handle = nil
+        buffer.deallocate()
+        buffer = UnsafeMutableRawBufferPointer(start: nil, count: 0)
+    }
+
+    /// The blob of row `rowID`, valid until the next call.
+    func withBlob<Result>(rowID: Int64, _ body: (UnsafeRawBufferPointer) throws -> Result) throws -> Result {
+        let status = handle == nil ? sqlite3_blob_open(database, "main", table, column, rowID, 0, &handle) : sqlite3_blob_reopen(handle, rowID)
+        guard status == SQLITE_OK else {
+            let error = connection.failure(status)
+            sqlite3_blob_close(handle)
+            handle = nil
+            throw error
+        }
+        let count = Int(sqlite3_blob_bytes(handle))
+        if count > buffer.count {
+            buffer.deallocate()
+            buffer = .allocate(byteCount: count, alignment: 64)
+        }
+        let read = sqlite3_blob_read(handle, buffer.baseAddress, Int32(count), 0)
+        guard read == SQLITE_OK else { throw connection.failure(read) }
+        return try body(UnsafeRawBufferPointer(rebasing: buffer[0..<count]))
+    }
 }

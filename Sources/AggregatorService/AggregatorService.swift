@@ -1,5 +1,4 @@
 import AdapterStore
-import Crypto
 import Dispatch
 import Foundation
 import HTTPServer
@@ -26,7 +25,7 @@ public final class AggregatorService: Sendable {
             throw ServiceError(.badRequest, "the admin token must be at least 16 characters")
         }
         self.configuration = configuration
-        self.store = try AdapterStore(path: configuration.databasePath, aggregateCacheBytes: configuration.aggregateCacheBytes, digest: Self.sha256)
+        self.store = try AdapterStore(path: configuration.databasePath, aggregateCacheBytes: configuration.aggregateCacheBytes)
         self.authorization = Authorization(adminToken: configuration.adminToken, store: store)
     }
 
@@ -102,7 +101,7 @@ public final class AggregatorService: Sendable {
         let (file, summary, digest) = try await offload { () throws -> (SafetensorsFile, AdapterSummary, String) in
             let file = try SafetensorsFile(bytes: bytes)
             let summary = try AdapterValidator.validate(file, declaredRank: rank)
-            return (file, summary, Self.sha256(bytes))
+            return (file, summary, ContentDigest.sha256Hex(bytes))
         }
         let (record, created) = try await store.put(NewUpload(federation: federation, round: round, client: client, rank: rank, weight: weight, file: file, sha256: digest))
         metrics.uploadStored()
@@ -255,17 +254,6 @@ public final class AggregatorService: Sendable {
 
     static func json(_ status: HTTPStatus, _ value: some Encodable) -> HTTPResponse {
         HTTPResponse(status: status, headers: ["Content-Type": "application/json"], body: JSON.encode(value))
-    }
-
-    static func sha256(_ bytes: [UInt8]) -> String {
-        let hex = Array("0123456789abcdef".utf8)
-        var text: [UInt8] = []
-        text.reserveCapacity(64)
-        for byte in SHA256.hash(data: bytes) {
-            text.append(hex[Int(byte >> 4)])
-            text.append(hex[Int(byte & 0x0F)])
-        }
-        return String(decoding: text, as: UTF8.self)
     }
 
     /// Runs CPU-heavy work off the cooperative pool.

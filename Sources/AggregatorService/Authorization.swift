@@ -1,5 +1,4 @@
 import AdapterStore
-import Crypto
 import Foundation
 import HTTPServer
 
@@ -27,7 +26,7 @@ struct Authorization: Sendable {
     let store: AdapterStore
 
     init(adminToken: String?, store: AdapterStore) {
-        self.adminTokenHash = adminToken.map { Array(SHA256.hash(data: Array($0.utf8))) }
+        self.adminTokenHash = adminToken.map { Array(ContentDigest.sha256Hex(Array($0.utf8)).utf8) }
         self.store = store
     }
 
@@ -53,10 +52,10 @@ struct Authorization: Sendable {
             throw ServiceError(.unauthorized, "send 'Authorization: Bearer TOKEN'", headers: ["WWW-Authenticate": challenge])
         }
         let token = header.dropFirst(7).trimmingCharacters(in: .whitespaces)
-        let tokenHash = Array(SHA256.hash(data: Array(token.utf8)))
-        if Self.constantTimeEqual(tokenHash, adminTokenHash) { return .admin }
+        let tokenHash = ContentDigest.sha256Hex(Array(token.utf8))
+        if Self.constantTimeEqual(Array(tokenHash.utf8), adminTokenHash) { return .admin }
         // A lookup by the hash of a high-entropy token reveals nothing useful through timing.
-        if let owner = try await store.clientToken(hash: Self.hex(tokenHash)) {
+        if let owner = try await store.clientToken(hash: tokenHash) {
             return .client(federation: owner.federation, client: owner.client)
         }
         throw ServiceError(.unauthorized, "the token is not valid", headers: ["WWW-Authenticate": challenge + #", error="invalid_token""#])
@@ -66,7 +65,7 @@ struct Authorization: Sendable {
     func issueToken(federation: String, client: String) async throws -> String {
         var generator = SystemRandomNumberGenerator()
         let token = (0..<4).map { _ in String(generator.next() as UInt64, radix: 16).leftPadded(to: 16) }.joined()
-        try await store.addClientToken(hash: Self.hex(Array(SHA256.hash(data: Array(token.utf8)))), federation: federation, client: client)
+        try await store.addClientToken(hash: ContentDigest.sha256Hex(Array(token.utf8)), federation: federation, client: client)
         return token
     }
 
@@ -74,8 +73,6 @@ struct Authorization: Sendable {
         guard lhs.count == rhs.count else { return false }
         return zip(lhs, rhs).reduce(UInt8(0)) { $0 | ($1.0 ^ $1.1) } == 0
     }
-
-    static func hex(_ bytes: [UInt8]) -> String { bytes.map { String($0, radix: 16).leftPadded(to: 2) }.joined() }
 
     /// True for addresses only this machine can reach: 127.0.0.0/8, ::1, localhost.
     static func isLoopback(_ host: String) -> Bool {

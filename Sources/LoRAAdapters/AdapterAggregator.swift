@@ -7,7 +7,11 @@ import Foundation
 /// denominator, and rounds straight into the preallocated output file. Memory is the output file
 /// plus one Float64 tensor, whatever the number of clients.
 public enum AdapterAggregator {
-    public static func aggregate(_ source: some AdapterSource, options: AggregationOptions = .init()) throws -> AggregatedAdapter {
+    /// - Parameter observer: sees each region of the output as soon as it is final (to hash it on
+    ///   another core meanwhile, say).
+    public static func aggregate(
+        _ source: some AdapterSource, options: AggregationOptions = .init(), observer: (any AggregationOutputObserver)? = nil
+    ) throws -> AggregatedAdapter {
         let participants = try checkedParticipants(try source.participants())
         let globalRank = participants.values.map(\.rank).max()!
         let rank = options.rank ?? globalRank
@@ -29,12 +33,16 @@ public enum AdapterAggregator {
         // buffer needs no zero-filling first.
         let output = try [UInt8](unsafeUninitializedCapacity: layout.fileSize) { outputBytes, initializedCount in
             let base = UnsafeMutableRawPointer(outputBytes.baseAddress!)
+            // Even when aggregation fails half-way, the observer is done with the buffer before it goes.
+            defer { observer?.outputComplete() }
             adviseHugePages(base, byteCount: layout.fileSize)
             layout.headerBytes.withUnsafeBytes { base.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+            observer?.regionFinished(UnsafeRawBufferPointer(start: base, count: layout.headerBytes.count))
             for (plan, info) in zip(plans, layout.tensors) {
                 let sums = UnsafeMutableBufferPointer(rebasing: accumulator[0..<plan.outputElementCount])
                 try accumulate(plan, from: source, into: sums)
                 plan.writeMeans(of: sums, as: options.dtype, to: base + info.byteRange.lowerBound)
+                observer?.regionFinished(UnsafeRawBufferPointer(start: base + info.byteRange.lowerBound, count: info.byteRange.count))
             }
             initializedCount = layout.fileSize
         }

@@ -34,3 +34,13 @@ public struct AggregatedAdapter: Sendable {
     public let globalRank: Int
     public let clientCount: Int
 }
+
+/// Sees an aggregate's bytes while the engine writes them, in file order: the header, then each
+/// tensor as it is finished.
+public protocol AggregationOutputObserver: AnyObject {
+    /// `bytes` are final and stay valid until `outputComplete()` has returned.
+    func regionFinished(_ bytes: UnsafeRawBufferPointer)
+    /// Called once, after the last region or when aggregation fails; the observer must be done
+    /// with every region when it returns.
+    func outputComplete()
+}

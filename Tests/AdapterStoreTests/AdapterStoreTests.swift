@@ -17,22 +17,18 @@ func makeAdapter(rank: Int, seed: Int, width: Int = 6, dtype: DType = .f32) thro
 }
 
 /// Not a cryptographic digest: enough for tests to tell bodies apart.
-let testDigest: @Sendable ([UInt8]) -> String = { bytes in
-    String(bytes.reduce(UInt64(14_695_981_039_346_656_037)) { ($0 ^ UInt64($1)) &* 1_099_511_628_211 }, radix: 16)
-}
-
 func temporaryDatabase() -> String {
     FileManager.default.temporaryDirectory.appendingPathComponent("store-\(UUID().uuidString).sqlite").path
 }
 
 func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, seed: Int = 0, file: SafetensorsFile? = nil) throws -> NewUpload {
     let file = try file ?? makeAdapter(rank: rank, seed: seed)
-    return NewUpload(federation: "fed", round: round, client: client, rank: rank, weight: weight, file: file, sha256: testDigest(file.bytes))
+    return NewUpload(federation: "fed", round: round, client: client, rank: rank, weight: weight, file: file, sha256: ContentDigest.sha256Hex(file.bytes))
 }
 
 @Suite struct AdapterStoreTests {
     @Test func storesAndReturnsTheExactFile() async throws {
-        let store = try AdapterStore(path: temporaryDatabase(), digest: testDigest)
+        let store = try AdapterStore(path: temporaryDatabase())
         let first = try upload("alice", rank: 4, weight: 3)
         let (record, created) = try await store.put(first)
         #expect(created)
@@ -45,7 +41,7 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
     }
 
     @Test func replacingAnUploadKeepsOnlyTheNewOne() async throws {
-        let store = try AdapterStore(path: temporaryDatabase(), digest: testDigest)
+        let store = try AdapterStore(path: temporaryDatabase())
         _ = try await store.put(upload("alice", rank: 4, seed: 1))
         let replacement = try upload("alice", rank: 2, seed: 2)
         let (_, created) = try await store.put(replacement)
@@ -56,7 +52,7 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
     }
 
     @Test func aSealedRoundRefusesUploadsAndDeletes() async throws {
-        let store = try AdapterStore(path: temporaryDatabase(), digest: testDigest)
+        let store = try AdapterStore(path: temporaryDatabase())
         _ = try await store.put(upload("alice", rank: 4))
         let sealed = try await store.seal(federation: "fed", round: 0)
         #expect(sealed.sealed && sealed.uploads.count == 1)
@@ -70,7 +66,7 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
     }
 
     @Test func aShapeConflictWritesNothingAndKeepsTheEarlierUpload() async throws {
-        let store = try AdapterStore(path: temporaryDatabase(), digest: testDigest)
+        let store = try AdapterStore(path: temporaryDatabase())
         _ = try await store.put(upload("alice", rank: 4))
         let bobFirst = try upload("bob", rank: 2, seed: 3)
         _ = try await store.put(bobFirst)
@@ -83,7 +79,7 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
     }
 
     @Test func deleteRemovesAndAnEmptyRoundDisappears() async throws {
-        let store = try AdapterStore(path: temporaryDatabase(), digest: testDigest)
+        let store = try AdapterStore(path: temporaryDatabase())
         _ = try await store.put(upload("alice", rank: 4))
         #expect(try await store.deleteUpload(federation: "fed", round: 0, client: "alice"))
         #expect(try await !store.deleteUpload(federation: "fed", round: 0, client: "alice"))
@@ -92,7 +88,7 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
     }
 
     @Test func aggregatesEqualTheInMemoryEngineAndAreCachedUntilTheRoundChanges() async throws {
-        let store = try AdapterStore(path: temporaryDatabase(), digest: testDigest)
+        let store = try AdapterStore(path: temporaryDatabase())
         let uploads = try [upload("carol", rank: 8, weight: 2, seed: 1), upload("alice", rank: 2, weight: 5, seed: 2), upload("bob", rank: 4, weight: 1, seed: 3)]
         for item in uploads { _ = try await store.put(item) }
         let memory = InMemoryAdapterSource(uploads.map { ClientAdapter(clientID: $0.client, rank: $0.rank, weight: $0.weight, file: $0.file) })
@@ -101,6 +97,7 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
             let expected = try AdapterAggregator.aggregate(memory, options: .init(strategy: strategy, rank: 8, metadata: ["federation": "fed", "round": "0"]))
             let fresh = try #require(try await store.aggregate(federation: "fed", round: 0, client: nil, strategy: strategy, rank: nil, dtype: .f32))
             #expect(!fresh.fromCache && fresh.bytes == expected.bytes && fresh.rank == 8)
+            #expect(fresh.sha256 == ContentDigest.sha256Hex(expected.bytes), "the digest hashed alongside the engine is the whole file's")
             let again = try #require(try await store.aggregate(federation: "fed", round: 0, client: nil, strategy: strategy, rank: nil, dtype: .f32))
             #expect(again.fromCache && again.bytes == fresh.bytes && again.sha256 == fresh.sha256)
         }
@@ -122,8 +119,8 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
 
     @Test func twoStoresOnOneFileStayConsistentUnderConcurrentWrites() async throws {
         let path = temporaryDatabase()
-        let first = try AdapterStore(path: path, digest: testDigest)
-        let second = try AdapterStore(path: path, digest: testDigest)
+        let first = try AdapterStore(path: path)
+        let second = try AdapterStore(path: path)
         try await withThrowingTaskGroup(of: Void.self) { group in
             for index in 0..<40 {
                 let store = index % 2 == 0 ? first : second
@@ -136,7 +133,7 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
         #expect(round.uploads.map(\.client) == (0..<10).map { "client-\($0)" })
         for record in round.uploads {
             let stored = try #require(try await second.upload(federation: "fed", round: 0, client: record.client))
-            #expect(testDigest(stored.file) == record.sha256, "every stored file is whole and matches its digest")
+            #expect(ContentDigest.sha256Hex(stored.file) == record.sha256, "every stored file is whole and matches its digest")
         }
     }
 
@@ -144,11 +141,11 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("readonly-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
         let path = directory.appendingPathComponent("db.sqlite").path
-        _ = try AdapterStore(path: path, digest: testDigest)
+        _ = try AdapterStore(path: path)
         try FileManager.default.setAttributes([.posixPermissions: 0o444], ofItemAtPath: path)
         try FileManager.default.setAttributes([.posixPermissions: 0o555], ofItemAtPath: directory.path)
         defer { try? FileManager.default.setAttributes([.posixPermissions: 0o755], ofItemAtPath: directory.path) }
         guard getuid() != 0 else { return }  // root writes read-only files anyway
-        #expect { _ = try AdapterStore(path: path, digest: testDigest) } throws: { ($0 as? StoreError)?.code == .readOnly }
+        #expect { _ = try AdapterStore(path: path) } throws: { ($0 as? StoreError)?.code == .readOnly }
     }
 }

@@ -1,3 +1,4 @@
+import AdapterStore
 @testable import AggregatorService
 import Foundation
 import LoRAAdapters
@@ -30,7 +31,7 @@ private func uploadPath(_ client: String, rank: Int, weight: Double = 1, round: 
             let response = try await client.request("PUT", uploadPath(participant.id, rank: participant.rank, weight: participant.weight),
                                                     headers: headers + [("Content-Type", "application/octet-stream")], body: coding.compress(file))
             #expect(response.statusCode == 201, "\(response.text)")
-            #expect(response.json["sha256"] as? String == AggregatorService.sha256(file))
+            #expect(response.json["sha256"] as? String == ContentDigest.sha256Hex(file))
             #expect(response.json["bytes"] as? Int == file.count)
         }
         let round = try await client.get("/v1/federations/fed/rounds/1")
@@ -72,7 +73,7 @@ private func uploadPath(_ client: String, rank: Int, weight: Double = 1, round: 
         let download = try await client.get("/v1/federations/fed/rounds/1/uploads/alice")
         #expect(download.body == second)
         let etag = try #require(download.header("ETag"))
-        #expect(etag == "\"\(AggregatorService.sha256(second))\"")
+        #expect(etag == "\"\(ContentDigest.sha256Hex(second))\"")
         #expect(download.header("Content-Disposition") == "attachment; filename=\"adapter_model.safetensors\"")
         #expect(try await client.get("/v1/federations/fed/rounds/1/uploads/alice", headers: [("If-None-Match", etag)]).statusCode == 304)
         let head = try await client.request("HEAD", "/v1/federations/fed/rounds/1/uploads/alice")
@@ -86,6 +87,7 @@ private func uploadPath(_ client: String, rank: Int, weight: Double = 1, round: 
         #expect(try inflater.finish() == aggregate.body)
         let metadata = try SafetensorsFile(bytes: aggregate.body).metadata
         #expect(metadata == ["format": "pt", "federation": "fed", "round": "1", "strategy": "replication", "rank": "4", "clients": "1"])
+        #expect(aggregate.header("ETag") == "\"\(ContentDigest.sha256Hex(aggregate.body))\"")
         #expect(try await client.get("/v1/federations/fed/rounds/1/aggregate?dtype=BF16", headers: [("If-None-Match", aggregate.header("ETag") ?? "")]).statusCode == 304)
 
         #expect(try await client.request("DELETE", "/v1/federations/fed/rounds/1/uploads/alice").statusCode == 204)

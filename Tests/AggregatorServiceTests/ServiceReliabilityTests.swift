@@ -1,3 +1,4 @@
+import AdapterStore
 @testable import AggregatorService
 import Foundation
 import TestSupport
@@ -35,7 +36,7 @@ import Testing
         for (index, digest) in acknowledgedNow {
             let stored = try await restarted.client.get("/v1/federations/crash/rounds/0/uploads/c\(index)")
             #expect(stored.statusCode == 200, "acknowledged upload c\(index) is missing")
-            #expect(AggregatorService.sha256(stored.body) == digest && stored.body == files[index])
+            #expect(ContentDigest.sha256Hex(stored.body) == digest && stored.body == files[index])
         }
         for entry in listed {
             // Unacknowledged uploads may or may not have landed, but never partially.

@@ -95,7 +95,16 @@ private func expectMatches(
             ])
         }
         let source = ReversedSource(base: try TestRound.source(clients))
-        #expect { try AdapterAggregator.aggregate(source) } throws: { ($0 as? AdapterError)?.code == .inconsistentSource }
+        let observer = CopyingObserver()
+        #expect { try AdapterAggregator.aggregate(source, observer: observer) } throws: { ($0 as? AdapterError)?.code == .inconsistentSource }
+        #expect(observer.completions == 1, "the observer is released from the buffer on failure too")
+    }
+
+    @Test(arguments: 0..<5)
+    func theObserverSeesTheWholeFileInOrderAsItIsWritten(seed: UInt64) throws {
+        let observer = CopyingObserver()
+        let aggregate = try AdapterAggregator.aggregate(try TestRound.source(TestRound.random(seed: 300 + seed)), options: .init(dtype: .bf16), observer: observer)
+        #expect(observer.bytes == aggregate.bytes && observer.completions == 1)
     }
 
     @Test(arguments: DType.outputTypes)
@@ -207,6 +216,14 @@ private struct ReversedSource: AdapterSource {
             try base.forEachContribution(toTensor: tensorName) { if $0.clientID == id { try body($0) } }
         }
     }
+}
+
+/// Concatenates the regions it is shown, copying each at once (they are final when shown).
+private final class CopyingObserver: AggregationOutputObserver {
+    var bytes: [UInt8] = []
+    var completions = 0
+    func regionFinished(_ region: UnsafeRawBufferPointer) { bytes.append(contentsOf: region) }
+    func outputComplete() { completions += 1 }
 }
 
 /// Records which tensor names the engine asks for, in order.
