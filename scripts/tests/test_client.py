@@ -2,18 +2,14 @@
 import contextlib
 import io
 import json
-import os
-import re
 import struct
-import subprocess
-import sys
-import tempfile
 import unittest
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))
-import lora_aggregator_client as lac  # noqa: E402
+import numpy as np
+from support import ServerTestCase
+
+import lora_aggregator_client as lac
 
 
 def adapter(rank, value):
@@ -34,22 +30,7 @@ def read_tensor(data, name):
     return header[name]["shape"], struct.unpack(f"<{(end - begin) // 4}f", data[8 + length + begin:8 + length + end])
 
 
-class ClientTests(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.directory = tempfile.TemporaryDirectory()
-        binary = ROOT / ".build/debug/lora-aggregator"
-        cls.server = subprocess.Popen([str(binary), "serve", "--port", "0", "--database", os.path.join(cls.directory.name, "db.sqlite"), "--no-access-log"],
-                                      stdout=subprocess.PIPE, text=True)
-        port = re.search(r"127\.0\.0\.1:(\d+)", cls.server.stdout.readline()).group(1)
-        cls.url = f"http://127.0.0.1:{port}"
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.server.terminate()
-        cls.server.wait()
-        cls.directory.cleanup()
-
+class ClientTests(ServerTestCase):
     def test_upload_status_download_and_seal_through_the_module(self):
         client = lac.Client(self.url)
         peft_directory = Path(self.directory.name) / "peft-adapter"
@@ -97,6 +78,45 @@ class ClientTests(unittest.TestCase):
         self.assertEqual(code, 1)
         self.assertIn("422", stderr.getvalue())
         self.assertIn("rank", stderr.getvalue())
+
+    def test_safetensors_with_numpy_round_trips_and_the_server_reads_it(self):
+        arrays = {"base_model.model.q.lora_B.weight": np.arange(12, dtype=np.float32).reshape(6, 2),
+                  "base_model.model.q.lora_A.weight": np.linspace(-1, 1, 16).reshape(2, 8).astype(np.float16)}
+        data = lac.encode_safetensors(arrays, metadata={"format": "pt"})
+        decoded, metadata = lac.decode_safetensors(data)
+        self.assertEqual(metadata, {"format": "pt"})
+        for name, array in arrays.items():
+            np.testing.assert_array_equal(decoded[name], array)
+            self.assertEqual(decoded[name].dtype, array.dtype)
+        self.assertEqual(lac.Client(self.url).upload("np", 0, "a", 2, data)["tensors"], 2)
+        with self.assertRaises(ValueError):
+            lac.encode_safetensors({"x.lora_A.weight": np.zeros((2, 2), dtype=np.int32)})
+
+    def test_truncation_keeps_the_first_rank_slices_of_lora_tensors_only(self):
+        arrays = {"m.lora_A.weight": np.arange(24).reshape(4, 6), "m.lora_B.weight": np.arange(12).reshape(3, 4), "head.weight": np.ones((2, 2))}
+        truncated = lac.truncate_to_rank(arrays, 2)
+        np.testing.assert_array_equal(truncated["m.lora_A.weight"], arrays["m.lora_A.weight"][:2])
+        np.testing.assert_array_equal(truncated["m.lora_B.weight"], arrays["m.lora_B.weight"][:, :2])
+        self.assertIs(truncated["head.weight"], arrays["head.weight"])
+        with self.assertRaises(ValueError):
+            lac.truncate_to_rank(arrays, 5)
+
+    def test_download_with_an_adapter_config_writes_one_whose_r_is_the_rank(self):
+        client = lac.Client(self.url)
+        client.upload("cfg", 0, "a", 2, adapter(2, 1.0))
+        client.upload("cfg", 0, "b", 4, adapter(4, 1.0))
+        base = Path(self.directory.name) / "base_config.json"
+        base.write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q"]}))
+        output = Path(self.directory.name) / "cfg-out"
+        output.mkdir()
+        with contextlib.redirect_stdout(io.StringIO()) as stdout:
+            code = lac.main(["--server", self.url, "download", "--federation", "cfg", "--round", "0", "--client", "a", "--output", str(output), "--adapter-config", str(base)])
+        self.assertEqual(code, 0, stdout.getvalue())
+        config = json.loads((output / "adapter_config.json").read_text())
+        self.assertEqual((config["r"], config["lora_alpha"], config["target_modules"]), (2, 16, ["q"]))
+        self.assertEqual(read_tensor((output / "adapter_model.safetensors").read_bytes(), "base_model.model.q.lora_A.weight")[0], [2, 8])
+        with self.assertRaises(ValueError):
+            lac.write_adapter_config(str(output), {"r": 8, "rank_pattern": {"q": 4}}, 2)
 
 
 if __name__ == "__main__":

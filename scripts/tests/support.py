@@ -1,0 +1,30 @@
+"""Shared by the Python tests: the real server on a free port against a temporary database."""
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import unittest
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+
+class ServerTestCase(unittest.TestCase):
+    """Starts `lora-aggregator serve` (the debug build) once per test class; `self.url` reaches it."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.directory = tempfile.TemporaryDirectory()
+        binary = ROOT / ".build/debug/lora-aggregator"
+        cls.server = subprocess.Popen([str(binary), "serve", "--port", "0", "--database", os.path.join(cls.directory.name, "db.sqlite"), "--no-access-log"],
+                                      stdout=subprocess.PIPE, text=True)
+        port = re.search(r"127\.0\.0\.1:(\d+)", cls.server.stdout.readline()).group(1)
+        cls.url = f"http://127.0.0.1:{port}"
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.terminate()
+        cls.server.wait()
+        cls.directory.cleanup()
