@@ -28,7 +28,7 @@ let package = Package(
         .target(name: "LoRAAdapters", swiftSettings: strictSettings),
 
         // SQLite storage of uploads, rounds and cached aggregates; the engine's streaming source.
-        .target(name: "AdapterStore", dependencies: ["CSQLite3", "LoRAAdapters", .product(name: "Crypto", package: "swift-crypto")], swiftSettings: strictSettings),
+        .target(name: "AdapterStore", dependencies: ["CSQLite3", "CZlib", "LoRAAdapters", .product(name: "Crypto", package: "swift-crypto")], swiftSettings: strictSettings),
 
         // HTTP/1.1 on POSIX sockets and epoll; knows nothing of LoRA.
         .target(name: "HTTPServer", dependencies: ["CLinux"], swiftSettings: strictSettings),

@@ -169,33 +169,133 @@ public final class AdapterStore: Sendable {
     /// cache when the round has not changed since it was computed. Nil when the round has no
     /// uploads, or `client` has none in it. Throws `rankOutOfRange` for a rank past the global one.
     public func aggregate(
-        federation: String, round: Int64, client: String?, strategy: AggregationStrategy, rank requestedRank: Int?, dtype: DType
+        federation: String, round: Int64, client: String?, strategy: AggregationStrategy, rank: Int?, dtype: DType
     ) async throws -> StoredAggregate? {
-        let cache = self.cache
-        return try await reader.run { connection in
+        let outcome = try await aggregate(federation: federation, round: round, client: client, strategy: strategy, rank: rank, dtype: dtype) { _ in .compute }
+        guard case .complete(let aggregate)? = outcome else { return nil }
+        return aggregate
+    }
+
+    /// The same, except when the aggregate is not in memory but was computed before (in this
+    /// process or another on the same file) for the round as it is now: then its digest is on
+    /// record and `plan` decides whether to compute it at all, and whether to stream it.
+    public func aggregate(
+        federation: String, round: Int64, client: String?, strategy: AggregationStrategy, rank requestedRank: Int?, dtype: DType,
+        whenDigestKnown plan: @escaping @Sendable (AggregateDigest) -> KnownDigestPlan
+    ) async throws -> AggregateOutcome? {
+        return try await reader.run { [self] (connection, handOver: (AggregateOutcome?) -> Void) in
             try connection.transaction(immediate: false) {
-                let source = SQLiteAdapterSource(connection: connection, federation: federation, round: round)
-                let participants = try source.participants()
-                guard !participants.isEmpty else { return nil }
-                var rank = requestedRank
-                if let client {
-                    guard let participant = participants.first(where: { $0.clientID == client }) else { return nil }
-                    rank = participant.rank
-                }
-                let revisionQuery = try connection.statement("SELECT revision FROM rounds WHERE federation = ?1 AND round = ?2")
-                try revisionQuery.bind(.text(federation), .integer(round))
-                _ = try revisionQuery.step()
-                let key = AggregateCache.Key(federation: federation, round: round, revision: revisionQuery.integer(0), strategy: strategy,
-                                             rank: rank ?? participants.map(\.rank).max()!, dtype: dtype)
+                guard let key = try Self.aggregateKey(connection, federation, round, client, strategy, requestedRank, dtype) else { return handOver(nil) }
                 if let cached = cache.value(for: key) {
-                    return StoredAggregate(bytes: cached.bytes, sha256: cached.sha256, rank: cached.rank, fromCache: true)
+                    return handOver(.complete(StoredAggregate(bytes: cached.bytes, sha256: cached.sha256, rank: cached.rank, fromCache: true)))
                 }
+                let source = SQLiteAdapterSource(connection: connection, federation: federation, round: round)
                 let options = AggregationOptions(strategy: strategy, rank: key.rank, dtype: dtype, metadata: ["federation": federation, "round": String(round)])
-                let digest = BackgroundSHA256()
-                let result = try AdapterAggregator.aggregate(source, options: options, observer: digest)
-                let aggregate = StoredAggregate(bytes: result.bytes, sha256: digest.hexDigest(), rank: result.rank, fromCache: false)
-                cache.insert(aggregate, for: key)
-                return aggregate
+                let recorded = try Self.recordedDigest(connection, key)
+                switch recorded.map({ ($0, plan($0)) }) {
+                case let (digest, .digestOnly)?:
+                    handOver(.digestOnly(digest))
+                case let (digest, .stream)?:
+                    let (pieces, continuation) = AsyncThrowingStream<[UInt8], any Error>.makeStream()
+                    handOver(.streaming(digest, pieces))
+                    try stream(source, options, matching: digest, for: key, into: DigestCheckedStream(continuation))
+                case (_, .compute)?, nil:
+                    handOver(.complete(try compute(source, options, for: key, recorded: recorded)))
+                }
+            }
+        }
+    }
+
+    /// Computes and hashes the aggregate, caches it, and records its digest unless it is on record.
+    private func compute(_ source: SQLiteAdapterSource, _ options: AggregationOptions, for key: AggregateCache.Key, recorded: AggregateDigest?) throws -> StoredAggregate {
+        let digest = BackgroundDigest(sha256: true)
+        let result = try AdapterAggregator.aggregate(source, options: options, observer: digest)
+        let digests = digest.digests()
+        let aggregate = StoredAggregate(bytes: result.bytes, sha256: digests.sha256!, rank: result.rank, fromCache: false)
+        cache.insert(aggregate, for: key)
+        let computed = AggregateDigest(sha256: aggregate.sha256, byteCount: result.bytes.count, rank: result.rank, crc32: digests.crc32)
+        if computed != recorded { recordDigest(computed, for: key) }
+        return aggregate
+    }
+
+    /// Computes the aggregate into `stream` as it goes, checked against the digest on record: a
+    /// match is cached, a mismatch fails the stream and drops the record. The pieces are copies,
+    /// so a slow client holds them (at most one aggregate) but not the store's reader.
+    private func stream(_ source: SQLiteAdapterSource, _ options: AggregationOptions, matching recorded: AggregateDigest,
+                        for key: AggregateCache.Key, into stream: DigestCheckedStream) throws {
+        let digest = BackgroundDigest(sha256: false, forward: stream.forward)
+        do {
+            let result = try AdapterAggregator.aggregate(source, options: options, observer: digest)
+            let crc32 = digest.digests().crc32
+            stream.finish(crc32: crc32, expected: recorded.crc32)
+            if crc32 == recorded.crc32 {
+                cache.insert(StoredAggregate(bytes: result.bytes, sha256: recorded.sha256, rank: result.rank, fromCache: false), for: key)
+            } else {
+                forgetDigest(for: key)
+            }
+        } catch {
+            stream.fail(error)
+            throw error
+        }
+    }
+
+    /// The cache key of a request against the round as it is now; nil when the round has no
+    /// uploads or `client` has none in it.
+    private static func aggregateKey(
+        _ connection: SQLiteConnection, _ federation: String, _ round: Int64, _ client: String?,
+        _ strategy: AggregationStrategy, _ requestedRank: Int?, _ dtype: DType
+    ) throws -> AggregateCache.Key? {
+        let participants = try SQLiteAdapterSource(connection: connection, federation: federation, round: round).participants()
+        guard !participants.isEmpty else { return nil }
+        var rank = requestedRank
+        if let client {
+            guard let participant = participants.first(where: { $0.clientID == client }) else { return nil }
+            rank = participant.rank
+        }
+        let revision = try connection.statement("SELECT revision FROM rounds WHERE federation = ?1 AND round = ?2")
+        try revision.bind(.text(federation), .integer(round))
+        _ = try revision.step()
+        return AggregateCache.Key(federation: federation, round: round, revision: revision.integer(0), strategy: strategy,
+                                  rank: rank ?? participants.map(\.rank).max()!, dtype: dtype)
+    }
+
+    private static func recordedDigest(_ connection: SQLiteConnection, _ key: AggregateCache.Key) throws -> AggregateDigest? {
+        let statement = try connection.statement("""
+            SELECT sha256, bytes, crc32 FROM aggregate_digests WHERE federation = ?1 AND round = ?2 AND revision = ?3 AND strategy = ?4
+            AND rank = ?5 AND dtype = ?6 AND engine_version = ?7
+            """)
+        try statement.bind(digestKey(key))
+        guard try statement.step() else { return nil }
+        return AggregateDigest(sha256: statement.text(0), byteCount: Int(statement.integer(1)), rank: key.rank, crc32: UInt32(truncatingIfNeeded: statement.integer(2)))
+    }
+
+    /// The primary key of `aggregate_digests`, in column order: digests of this engine version only.
+    private static func digestKey(_ key: AggregateCache.Key) -> [SQLiteValue] {
+        [.text(key.federation), .integer(key.round), .integer(key.revision), .text(key.strategy.rawValue),
+         .integer(Int64(key.rank)), .text(key.dtype.rawValue), .integer(Int64(AdapterAggregator.outputVersion))]
+    }
+
+    /// Records an aggregate's digest after the request is answered: losing it costs only a
+    /// streamed answer later. A row for a revision that has moved on meanwhile is never matched.
+    private func recordDigest(_ digest: AggregateDigest, for key: AggregateCache.Key) {
+        writer.runDetached(after: 0) { connection in
+            try? connection.transaction(immediate: true) {
+                try connection.statement("""
+                    INSERT OR REPLACE INTO aggregate_digests (federation, round, revision, strategy, rank, dtype, engine_version, sha256, crc32, bytes)
+                    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                    """).bind(Self.digestKey(key) + [.text(digest.sha256), .integer(Int64(digest.crc32)), .integer(Int64(digest.byteCount))]).run()
+            }
+        }
+    }
+
+    /// Drops a recorded digest the bytes no longer match, so the next request computes afresh.
+    private func forgetDigest(for key: AggregateCache.Key) {
+        writer.runDetached(after: 0) { connection in
+            try? connection.transaction(immediate: true) {
+                try connection.statement("""
+                    DELETE FROM aggregate_digests WHERE federation = ?1 AND round = ?2 AND revision = ?3 AND strategy = ?4
+                    AND rank = ?5 AND dtype = ?6 AND engine_version = ?7
+                    """).bind(Self.digestKey(key)).run()
             }
         }
     }
@@ -259,9 +359,12 @@ public final class AdapterStore: Sendable {
         }
     }
 
-    /// A change to a round's uploads: a new revision, so no cached aggregate of it matches any more.
+    /// A change to a round's uploads: a new revision, so no cached aggregate or recorded digest of
+    /// it matches any more (and the recorded ones can go).
     private static func roundChanged(_ connection: SQLiteConnection, _ federation: String, _ round: Int64) throws {
         try connection.statement("UPDATE rounds SET revision = revision + 1 WHERE federation = ?1 AND round = ?2")
+            .bind(.text(federation), .integer(round)).run()
+        try connection.statement("DELETE FROM aggregate_digests WHERE federation = ?1 AND round = ?2")
             .bind(.text(federation), .integer(round)).run()
     }
 
@@ -303,6 +406,26 @@ private final class ConnectionQueue: @unchecked Sendable {
     func run<Value: Sendable>(_ work: @escaping @Sendable (SQLiteConnection) throws -> Value) async throws -> Value {
         try await withCheckedThrowingContinuation { continuation in
             queue.async { continuation.resume(with: Swift.Result { try work(self.connection) }) }
+        }
+    }
+
+    /// Like `run`, but `work` hands its result over (exactly once) and may go on working on the
+    /// queue afterwards, inside the same transaction: how an aggregate streams while it is computed.
+    func run<Value: Sendable>(_ work: @escaping @Sendable (SQLiteConnection, _ handOver: (Value) -> Void) throws -> Void) async throws -> Value {
+        try await withCheckedThrowingContinuation { continuation in
+            queue.async {
+                var waiting: CheckedContinuation<Value, any Error>? = continuation
+                let handOver = { (value: Value) in
+                    waiting?.resume(returning: value)
+                    waiting = nil
+                }
+                do {
+                    try work(self.connection, handOver)
+                    waiting?.resume(throwing: StoreError(.database, "the store gave no answer"))
+                } catch {
+                    waiting?.resume(throwing: error)
+                }
+            }
         }
     }
 

@@ -112,7 +112,10 @@ final class SQLiteStatement {
     }
 
     @discardableResult
-    func bind(_ values: SQLiteValue...) throws(StoreError) -> SQLiteStatement {
+    func bind(_ values: SQLiteValue...) throws(StoreError) -> SQLiteStatement { try bind(values) }
+
+    @discardableResult
+    func bind(_ values: [SQLiteValue]) throws(StoreError) -> SQLiteStatement {
         for (offset, value) in values.enumerated() {
             let index = Int32(offset + 1)
             let status: Int32 = switch value {

@@ -47,6 +47,24 @@ enum Schema {
         ) WITHOUT ROWID;
         CREATE INDEX client_tokens_by_client ON client_tokens (federation, client);
         """,
+        // The digest and size of every aggregate computed, by the round's revision: once on record,
+        // a cache miss can send its ETag first and stream the body while computing it, and a
+        // conditional GET is answered without computing. A change to the round deletes its rows.
+        """
+        CREATE TABLE aggregate_digests (
+            federation TEXT NOT NULL,
+            round INTEGER NOT NULL,
+            revision INTEGER NOT NULL,
+            strategy TEXT NOT NULL,
+            rank INTEGER NOT NULL,
+            dtype TEXT NOT NULL,
+            engine_version INTEGER NOT NULL,
+            sha256 TEXT NOT NULL,
+            crc32 INTEGER NOT NULL,
+            bytes INTEGER NOT NULL,
+            PRIMARY KEY (federation, round, revision, strategy, rank, dtype, engine_version)
+        ) WITHOUT ROWID;
+        """,
     ]
 
     /// Brings the schema up to date. The version is read inside the write transaction, so two

@@ -58,3 +58,32 @@ public struct StoredAggregate: Sendable {
     /// True when it came from the cache rather than a fresh aggregation.
     public let fromCache: Bool
 }
+
+/// An aggregate's digest and size, known before its bytes are.
+public struct AggregateDigest: Sendable, Equatable {
+    public let sha256: String
+    public let byteCount: Int
+    public let rank: Int
+    /// What a recomputation of the same bytes is checked against, cheaper than the SHA-256.
+    let crc32: UInt32
+}
+
+/// What to do with an aggregate that is not in memory but whose digest is on record.
+public enum KnownDigestPlan: Sendable {
+    /// Nothing more: the caller needs only the digest (a conditional request that matches, a HEAD).
+    case digestOnly
+    /// Compute it and hand over its bytes as they are produced, checked against the digest.
+    case stream
+    /// Compute it and hand over the whole file.
+    case compute
+}
+
+public enum AggregateOutcome: Sendable {
+    /// From the cache, or computed now.
+    case complete(StoredAggregate)
+    /// On record and not computed (`KnownDigestPlan.digestOnly`).
+    case digestOnly(AggregateDigest)
+    /// On record and being computed: the file in order, in pieces. The stream fails, and its last
+    /// piece is withheld, when the bytes do not match the digest on record.
+    case streaming(AggregateDigest, AsyncThrowingStream<[UInt8], any Error>)
+}

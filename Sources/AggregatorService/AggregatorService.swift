@@ -192,35 +192,71 @@ public final class AggregatorService: Sendable {
         try parameters.allowOnly(perClient ? ["strategy", "dtype"] : ["strategy", "rank", "dtype"])
         let federation = try parameters.identifier("federation"), round = try parameters.round
         let client = perClient ? try parameters.identifier("client") : nil
+        let gzip = Self.acceptsGzip(request)
         let started = ContinuousClock.now
-        guard let aggregate = try await store.aggregate(federation: federation, round: round, client: client, strategy: try parameters.strategy,
-                                                        rank: try parameters.integer("rank"), dtype: try parameters.outputDType)
-        else {
-            throw ServiceError(.notFound, client.map { "client '\($0)' has no upload in round \(round)" } ?? "round \(round) of federation '\(federation)' has no uploads")
+        // An aggregate computed before has its ETag on record: a matching If-None-Match or a HEAD
+        // needs no computing, and a GET streams the body while it is computed. A gzip'd answer
+        // needs the whole file first.
+        let outcome = try await store.aggregate(federation: federation, round: round, client: client, strategy: try parameters.strategy,
+                                                rank: try parameters.integer("rank"), dtype: try parameters.outputDType) { digest in
+            if Self.notModified(request, sha256: digest.sha256, gzip: gzip) || (request.method == "HEAD" && !gzip) { return .digestOnly }
+            return gzip ? .compute : .stream
         }
-        if !aggregate.fromCache { metrics.aggregationFinished(seconds: Double((ContinuousClock.now - started) / .microseconds(1)) / 1e6) }
-        return try await download(aggregate.bytes, sha256: aggregate.sha256, for: request)
+        let metrics = self.metrics
+        let recordAggregation = { @Sendable in metrics.aggregationFinished(seconds: Double((ContinuousClock.now - started) / .microseconds(1)) / 1e6) }
+        switch outcome {
+        case nil:
+            throw ServiceError(.notFound, client.map { "client '\($0)' has no upload in round \(round)" } ?? "round \(round) of federation '\(federation)' has no uploads")
+        case .complete(let aggregate)?:
+            if !aggregate.fromCache { recordAggregation() }
+            return try await download(aggregate.bytes, sha256: aggregate.sha256, for: request)
+        case .digestOnly(let digest)?:
+            return downloadWithoutBody(digest, for: request)
+        case .streaming(let digest, let pieces)?:
+            return HTTPResponse(status: .ok, headers: Self.downloadHeaders(sha256: digest.sha256, gzip: false), streamLength: digest.byteCount) { writer in
+                for try await piece in pieces { try await writer.write(piece) }
+                recordAggregation()
+            }
+        }
     }
 
     // MARK: Shared
 
     /// A safetensors download: strong ETag, If-None-Match → 304, gzip when the client accepts it.
     private func download(_ bytes: [UInt8], sha256: String, for request: HTTPRequest) async throws -> HTTPResponse {
-        let etag = "\"\(sha256)\""
         let gzip = Self.acceptsGzip(request)
+        var headers = Self.downloadHeaders(sha256: sha256, gzip: gzip)
+        if Self.notModified(request, sha256: sha256, gzip: gzip) { return HTTPResponse(status: .notModified, headers: headers) }
+        guard gzip, request.method != "HEAD" else { return HTTPResponse(status: .ok, headers: headers, body: bytes) }
+        headers.add("Content-Encoding", "gzip")
+        return HTTPResponse(status: .ok, headers: headers, body: try await offload { ContentCoding.gzip.compress(bytes) })
+    }
+
+    /// The answer to a conditional GET that matches, or to a HEAD, from the digest alone.
+    private func downloadWithoutBody(_ digest: AggregateDigest, for request: HTTPRequest) -> HTTPResponse {
+        let gzip = Self.acceptsGzip(request)
+        let headers = Self.downloadHeaders(sha256: digest.sha256, gzip: gzip)
+        if Self.notModified(request, sha256: digest.sha256, gzip: gzip) { return HTTPResponse(status: .notModified, headers: headers) }
+        // HEAD: the server sends the head with this Content-Length and never runs the stream.
+        return HTTPResponse(status: .ok, headers: headers, streamLength: digest.byteCount) { _ in }
+    }
+
+    static func downloadHeaders(sha256: String, gzip: Bool) -> HTTPHeaders {
         var headers: HTTPHeaders = [
             "Content-Type": "application/octet-stream",
             "Content-Disposition": "attachment; filename=\"adapter_model.safetensors\"",
             "Vary": "Accept-Encoding",
         ]
-        // The ETag names the representation: gzip'd bytes are a different one.
-        headers.add("ETag", gzip ? "\"\(sha256)-gzip\"" : etag)
-        if let match = request.headers["if-none-match"], Self.matches(match, gzip ? "\"\(sha256)-gzip\"" : etag) {
-            return HTTPResponse(status: .notModified, headers: headers)
-        }
-        guard gzip, request.method != "HEAD" else { return HTTPResponse(status: .ok, headers: headers, body: bytes) }
-        headers.add("Content-Encoding", "gzip")
-        return HTTPResponse(status: .ok, headers: headers, body: try await offload { ContentCoding.gzip.compress(bytes) })
+        headers.add("ETag", etag(sha256: sha256, gzip: gzip))
+        return headers
+    }
+
+    /// The ETag names the representation: gzip'd bytes are a different one.
+    static func etag(sha256: String, gzip: Bool) -> String { gzip ? "\"\(sha256)-gzip\"" : "\"\(sha256)\"" }
+
+    static func notModified(_ request: HTTPRequest, sha256: String, gzip: Bool) -> Bool {
+        guard let ifNoneMatch = request.headers["if-none-match"] else { return false }
+        return matches(ifNoneMatch, etag(sha256: sha256, gzip: gzip))
     }
 
     static func matches(_ ifNoneMatch: String, _ etag: String) -> Bool {

@@ -61,7 +61,7 @@ final class ServiceMetrics: Sendable {
             # HELP lora_aggregator_uploads_stored_total Uploads durably stored (created or replaced).
             # TYPE lora_aggregator_uploads_stored_total counter
             lora_aggregator_uploads_stored_total \(state.uploadsStored)
-            # HELP lora_aggregator_aggregation_seconds Time spent computing aggregates (cache misses).
+            # HELP lora_aggregator_aggregation_seconds Time spent computing aggregates (cache misses; a body streamed while computed counts until its last byte is sent).
             # TYPE lora_aggregator_aggregation_seconds summary
             lora_aggregator_aggregation_seconds_sum \(state.aggregationSeconds)
             lora_aggregator_aggregation_seconds_count \(state.aggregations)

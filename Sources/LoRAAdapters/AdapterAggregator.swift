@@ -7,6 +7,11 @@ import Foundation
 /// denominator, and rounds straight into the preallocated output file. Memory is the output file
 /// plus one Float64 tensor, whatever the number of clients.
 public enum AdapterAggregator {
+    /// The version of the bytes `aggregate` produces for given inputs and options. Bump it with any
+    /// change to them (summation, rounding, layout, metadata): digests recorded for an older
+    /// version are then no longer trusted to describe what this one computes.
+    public static let outputVersion = 1
+
     /// - Parameter observer: sees each region of the output as soon as it is final (to hash it on
     ///   another core meanwhile, say).
     public static func aggregate(

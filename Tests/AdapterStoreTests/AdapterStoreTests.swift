@@ -1,4 +1,4 @@
-import AdapterStore
+@testable import AdapterStore
 import Foundation
 import LoRAAdapters
 import Testing
@@ -115,6 +115,56 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
         _ = try await store.put(upload("dave", rank: 8, weight: 4, seed: 7))
         let after = try #require(try await store.aggregate(federation: "fed", round: 0, client: nil, strategy: .replication, rank: nil, dtype: .f32))
         #expect(!after.fromCache && after.bytes != before.bytes)
+    }
+
+    /// Once computed, an aggregate's digest is on record in the file: a store without it in memory
+    /// (another process, or after a restart) gives the digest without computing, or streams the
+    /// same bytes; bytes that disagree with the record lose their last piece and the record.
+    @Test func aRecordedDigestAnswersWithoutComputingAndChecksWhatItStreams() async throws {
+        let path = temporaryDatabase()
+        let store = try AdapterStore(path: path, aggregateCacheBytes: 0)
+        let uploads = try [upload("alice", rank: 2, weight: 3, seed: 4), upload("bob", rank: 8, weight: 1, seed: 5)]
+        for item in uploads { _ = try await store.put(item) }
+        let computed = try #require(try await store.aggregate(federation: "fed", round: 0, client: nil, strategy: .zeroPadding, rank: nil, dtype: .f16))
+
+        func outcome(_ store: AdapterStore, _ plan: KnownDigestPlan) async throws -> AggregateOutcome? {
+            try await store.aggregate(federation: "fed", round: 0, client: nil, strategy: .zeroPadding, rank: nil, dtype: .f16) { _ in plan }
+        }
+        func streamed(_ pieces: AsyncThrowingStream<[UInt8], any Error>) async -> (bytes: [UInt8], failed: Bool) {
+            var bytes: [UInt8] = []
+            do { for try await piece in pieces { bytes += piece } } catch { return (bytes, true) }
+            return (bytes, false)
+        }
+        // Recorded just after the answer, on the writer's queue.
+        var recorded: AggregateDigest?
+        for _ in 0..<200 where recorded == nil {
+            if case .digestOnly(let digest)? = try await outcome(store, .digestOnly) { recorded = digest } else { try await Task.sleep(for: .milliseconds(10)) }
+        }
+        #expect(recorded?.sha256 == computed.sha256 && recorded?.byteCount == computed.bytes.count && recorded?.rank == 8)
+
+        let restarted = try AdapterStore(path: path)
+        guard case .streaming(let digest, let pieces)? = try await outcome(restarted, .stream) else { Issue.record("not streamed"); return }
+        #expect(digest == recorded)
+        let whole = await streamed(pieces)
+        #expect(!whole.failed && whole.bytes == computed.bytes)
+        guard case .complete(let cached)? = try await outcome(restarted, .stream) else { Issue.record("not cached after streaming"); return }
+        #expect(cached.fromCache && cached.sha256 == computed.sha256)
+
+        // A record the bytes do not match: the stream fails before its last piece and the record goes.
+        try SQLiteConnection(path: path).execute("UPDATE aggregate_digests SET crc32 = (crc32 + 1) % 4294967296")
+        guard case .streaming(_, let mismatched)? = try await outcome(store, .stream) else { Issue.record("not streamed"); return }
+        let cut = await streamed(mismatched)
+        #expect(cut.failed && cut.bytes.count < computed.bytes.count && Array(computed.bytes.prefix(cut.bytes.count)) == cut.bytes)
+        var forgotten = false
+        for _ in 0..<200 where !forgotten {
+            if case .complete? = try await outcome(store, .digestOnly) { forgotten = true } else { try await Task.sleep(for: .milliseconds(10)) }
+        }
+        #expect(forgotten, "computed afresh once the record is gone")
+
+        // A change to the round: the plan is not asked, the new aggregate is computed.
+        _ = try await store.put(upload("carol", rank: 4, seed: 6))
+        guard case .complete(let changed)? = try await outcome(restarted, .digestOnly) else { Issue.record("a stale digest was used"); return }
+        #expect(!changed.fromCache && changed.sha256 != computed.sha256)
     }
 
     @Test func twoStoresOnOneFileStayConsistentUnderConcurrentWrites() async throws {

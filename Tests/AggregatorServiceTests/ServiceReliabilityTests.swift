@@ -72,6 +72,57 @@ import Testing
         #expect(await second.stop() == 0)
     }
 
+    /// An aggregate computed once has its digest on record in the database: a server without a copy
+    /// in memory (cache off, restarted) answers a matching If-None-Match and a HEAD without
+    /// computing, and streams the identical body under the same ETag.
+    @Test func aRecordedDigestAnswersConditionalGetsWithoutComputingAndStreamsAfterARestart() async throws {
+        let database = ServiceProcess.temporaryDatabase()
+        let uncached = try await ServiceProcess.start(database: database, arguments: ["--aggregate-cache-bytes", "0"])
+        for participant in TestRound.random(seed: 46) {
+            let path = "/v1/federations/digests/rounds/0/uploads/\(participant.id)?rank=\(participant.rank)&weight=\(participant.weight)"
+            #expect(try await uncached.client.request("PUT", path, body: try participant.safetensors().bytes).statusCode == 201)
+        }
+        let path = "/v1/federations/digests/rounds/0/aggregate?strategy=zero_padding"
+        let first = try await uncached.client.get(path)
+        let etag = try #require(first.header("ETag"))
+        #expect(first.statusCode == 200 && etag == "\"\(ContentDigest.sha256Hex(first.body))\"")
+        // The digest is recorded just after the answer; from then on a conditional GET computes nothing.
+        var answeredFromTheRecord = false
+        for _ in 0..<100 where !answeredFromTheRecord {
+            let before = try await aggregations(uncached)
+            #expect(try await uncached.client.get(path, headers: [("If-None-Match", etag)]).statusCode == 304)
+            answeredFromTheRecord = try await aggregations(uncached) == before
+        }
+        #expect(answeredFromTheRecord)
+        #expect(await uncached.stop() == 0)
+
+        let restarted = try await ServiceProcess.start(database: database)
+        #expect(try await restarted.client.get(path, headers: [("If-None-Match", etag)]).statusCode == 304)
+        let head = try await restarted.client.request("HEAD", path)
+        #expect(head.statusCode == 200 && head.header("ETag") == etag && head.header("Content-Length") == String(first.body.count) && head.body.isEmpty)
+        #expect(try await aggregations(restarted) == 0, "neither needed the aggregate")
+        let streamed = try await restarted.client.get(path)
+        #expect(streamed.statusCode == 200 && streamed.header("ETag") == etag && streamed.header("Content-Length") == String(first.body.count))
+        #expect(streamed.body == first.body)
+        // Computed once while streaming, then served from memory.
+        #expect(try await restarted.client.get(path).body == first.body)
+        #expect(try await aggregations(restarted) == 1)
+
+        // A change to the round: the recorded digest no longer applies.
+        let late = try TestRound.random(seed: 47, ranks: [2])[0]
+        #expect(try await restarted.client.request("PUT", "/v1/federations/digests/rounds/0/uploads/zz-late?rank=2", body: late.safetensors().bytes).statusCode == 201)
+        let changed = try await restarted.client.get(path, headers: [("If-None-Match", etag)])
+        #expect(changed.statusCode == 200 && changed.header("ETag") == "\"\(ContentDigest.sha256Hex(changed.body))\"" && changed.header("ETag") != etag)
+        #expect(await restarted.stop() == 0)
+    }
+
+    /// `lora_aggregator_aggregation_seconds_count` from `/metrics`: aggregates computed so far.
+    private func aggregations(_ service: ServiceProcess) async throws -> Int {
+        let metrics = String(decoding: try await service.client.get("/metrics").body, as: UTF8.self)
+        let line = try #require(metrics.split(separator: "\n").first { $0.hasPrefix("lora_aggregator_aggregation_seconds_count ") })
+        return try #require(Int(line.split(separator: " ")[1]))
+    }
+
     @Test func sigtermFinishesTheRequestInFlightAndExitsZero() async throws {
         let service = try await ServiceProcess.start()
         let big = try TestRound.random(seed: 5, ranks: [64])[0].safetensors().bytes
