@@ -207,8 +207,8 @@ private func expectMatches(
 /// Delivers each tensor's contributions in descending client-id order, breaking the protocol.
 private struct ReversedSource: AdapterSource {
     let base: InMemoryAdapterSource
-    func participants() throws -> [RoundParticipant] { try base.participants() }
-    func holdings() throws -> [TensorHolding] { try base.holdings() }
+    func participants() throws -> [RoundParticipant] { base.participants() }
+    func holdings() throws -> [TensorHolding] { base.holdings() }
     func forEachContribution(toTensor tensorName: String, _ body: (TensorContribution) throws -> Void) throws {
         var ids: [String] = []
         try base.forEachContribution(toTensor: tensorName) { ids.append($0.clientID) }
@@ -231,8 +231,8 @@ private final class RecordingSource: AdapterSource {
     let base: InMemoryAdapterSource
     var requestedNames: [String] = []
     init(base: InMemoryAdapterSource) { self.base = base }
-    func participants() throws -> [RoundParticipant] { try base.participants() }
-    func holdings() throws -> [TensorHolding] { try base.holdings() }
+    func participants() throws -> [RoundParticipant] { base.participants() }
+    func holdings() throws -> [TensorHolding] { base.holdings() }
     func forEachContribution(toTensor tensorName: String, _ body: (TensorContribution) throws -> Void) throws {
         requestedNames.append(tensorName)
         try base.forEachContribution(toTensor: tensorName, body)
