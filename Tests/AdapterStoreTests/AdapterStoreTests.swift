@@ -26,6 +26,17 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
     return NewUpload(federation: "fed", round: round, client: client, rank: rank, weight: weight, file: file, sha256: ContentDigest.sha256Hex(file.bytes))
 }
 
+/// Polls `condition` until it holds, for up to 30 s: for what the store writes after answering.
+@discardableResult
+func eventually(_ condition: () async throws -> Bool) async throws -> Bool {
+    let deadline = ContinuousClock.now + .seconds(30)
+    while ContinuousClock.now < deadline {
+        if try await condition() { return true }
+        try await Task.sleep(for: .milliseconds(10))
+    }
+    return false
+}
+
 @Suite struct AdapterStoreTests {
     @Test func storesAndReturnsTheExactFile() async throws {
         let store = try AdapterStore(path: temporaryDatabase())
@@ -137,8 +148,9 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
         }
         // Recorded just after the answer, on the writer's queue.
         var recorded: AggregateDigest?
-        for _ in 0..<200 where recorded == nil {
-            if case .digestOnly(let digest)? = try await outcome(store, .digestOnly) { recorded = digest } else { try await Task.sleep(for: .milliseconds(10)) }
+        try await eventually {
+            if case .digestOnly(let digest)? = try await outcome(store, .digestOnly) { recorded = digest }
+            return recorded != nil
         }
         #expect(recorded?.sha256 == computed.sha256 && recorded?.byteCount == computed.bytes.count && recorded?.rank == 8)
 
@@ -155,9 +167,9 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
         guard case .streaming(_, let mismatched)? = try await outcome(store, .stream) else { Issue.record("not streamed"); return }
         let cut = await streamed(mismatched)
         #expect(cut.failed && cut.bytes.count < computed.bytes.count && Array(computed.bytes.prefix(cut.bytes.count)) == cut.bytes)
-        var forgotten = false
-        for _ in 0..<200 where !forgotten {
-            if case .complete? = try await outcome(store, .digestOnly) { forgotten = true } else { try await Task.sleep(for: .milliseconds(10)) }
+        let forgotten = try await eventually {
+            if case .complete? = try await outcome(store, .digestOnly) { return true }
+            return false
         }
         #expect(forgotten, "computed afresh once the record is gone")
 
