@@ -110,8 +110,8 @@ import Testing
         #expect(try await aggregations(restarted) == 1)
 
         // A change to the round: the recorded digest no longer applies.
-        let late = try TestRound.random(seed: 47, ranks: [2])[0]
-        #expect(try await restarted.client.request("PUT", "/v1/federations/digests/rounds/0/uploads/zz-late?rank=2", body: late.safetensors().bytes).statusCode == 201)
+        let late = TestRound.random(seed: 47, ranks: [2])[0]
+        #expect(try await restarted.client.request("PUT", "/v1/federations/digests/rounds/0/uploads/zz-late?rank=2", body: try late.safetensors().bytes).statusCode == 201)
         let changed = try await restarted.client.get(path, headers: [("If-None-Match", etag)])
         #expect(changed.statusCode == 200 && changed.header("ETag") == "\"\(ContentDigest.sha256Hex(changed.body))\"" && changed.header("ETag") != etag)
         #expect(await restarted.stop() == 0)
