@@ -214,7 +214,13 @@ public final class AggregatorService: Sendable {
             return downloadWithoutBody(digest, for: request)
         case .streaming(let digest, let pieces)?:
             return HTTPResponse(status: .ok, headers: Self.downloadHeaders(sha256: digest.sha256, gzip: false), streamLength: digest.byteCount) { writer in
-                for try await piece in pieces { try await writer.write(piece) }
+                do {
+                    for try await piece in pieces { try await writer.write(piece) }
+                } catch {
+                    // The head is out, so no problem+json can follow: the connection closes short.
+                    if !(error is HTTPServerError) { Problem.log("an aggregate stream failed after its head was sent: \(error)") }
+                    throw error
+                }
                 recordAggregation()
             }
         }

@@ -14,7 +14,10 @@ enum Problem {
         let detail: String
     }
 
-    static func response(for error: any Error, log: (String) -> Void = { FileHandle.standardError.write(Data(($0 + "\n").utf8)) }) -> HTTPResponse {
+    /// The server's log (standard error): what clients must not see.
+    static func log(_ line: String) { FileHandle.standardError.write(Data((line + "\n").utf8)) }
+
+    static func response(for error: any Error, log: (String) -> Void = log) -> HTTPResponse {
         let (status, code, detail, headers) = classify(error, log: log)
         let body = Body(type: "urn:lora-aggregator:problem:\(code)", title: status.reasonPhrase, status: status.code, detail: detail)
         var responseHeaders: HTTPHeaders = ["Content-Type": "application/problem+json"]

@@ -108,13 +108,35 @@ import Testing
         // Computed once while streaming, then served from memory.
         #expect(try await restarted.client.get(path).body == first.body)
         #expect(try await aggregations(restarted) == 1)
+        #expect(await restarted.stop() == 0)
+
+        // A record the bytes do not match (written behind the server's back): the body is cut short
+        // of its Content-Length, the server logs why and drops the record, and a GET computes afresh.
+        try sqlite(database, "UPDATE aggregate_digests SET crc32 = (crc32 + 1) % 4294967296")
+        let mismatched = try await ServiceProcess.start(database: database, arguments: ["--aggregate-cache-bytes", "0"])
+        await #expect(throws: (any Error).self, "a truncated body") { _ = try await mismatched.client.get(path) }
+        var recomputed: RawClient.Response?
+        let retryDeadline = ContinuousClock.now + .seconds(30)
+        while recomputed == nil && ContinuousClock.now < retryDeadline { recomputed = try? await mismatched.client.get(path) }
+        #expect(recomputed?.body == first.body && recomputed?.header("ETag") == etag)
 
         // A change to the round: the recorded digest no longer applies.
         let late = TestRound.random(seed: 47, ranks: [2])[0]
-        #expect(try await restarted.client.request("PUT", "/v1/federations/digests/rounds/0/uploads/zz-late?rank=2", body: try late.safetensors().bytes).statusCode == 201)
-        let changed = try await restarted.client.get(path, headers: [("If-None-Match", etag)])
+        #expect(try await mismatched.client.request("PUT", "/v1/federations/digests/rounds/0/uploads/zz-late?rank=2", body: try late.safetensors().bytes).statusCode == 201)
+        let changed = try await mismatched.client.get(path, headers: [("If-None-Match", etag)])
         #expect(changed.statusCode == 200 && changed.header("ETag") == "\"\(ContentDigest.sha256Hex(changed.body))\"" && changed.header("ETag") != etag)
-        #expect(await restarted.stop() == 0)
+        #expect(await mismatched.stop() == 0)
+        #expect(mismatched.errorLog().contains("an aggregate stream failed after its head was sent"))
+    }
+
+    /// Runs SQL on the database with Python's sqlite3 (the tests' tool for changing it behind the server's back).
+    private func sqlite(_ database: String, _ sql: String) throws {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        process.arguments = ["python3", "-c", "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); c.execute(sys.argv[2]); c.commit()", database, sql]
+        try process.run()
+        process.waitUntilExit()
+        #expect(process.terminationStatus == 0)
     }
 
     /// `lora_aggregator_aggregation_seconds_count` from `/metrics`: aggregates computed so far.

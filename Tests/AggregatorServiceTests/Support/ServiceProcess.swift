@@ -67,6 +67,11 @@ final class ServiceProcess: @unchecked Sendable {
         await onOwnThread { [process] in process.waitUntilExit() }
     }
 
+    /// What the server wrote to standard error; read it once the server has stopped.
+    func errorLog() -> String {
+        String(decoding: errorOutput.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+    }
+
     var client: ServiceClient { ServiceClient(port: port) }
 }
 
