@@ -199,7 +199,7 @@ public final class AggregatorService: Sendable {
         // needs the whole file first.
         let outcome = try await store.aggregate(federation: federation, round: round, client: client, strategy: try parameters.strategy,
                                                 rank: try parameters.integer("rank"), dtype: try parameters.outputDType) { digest in
-            if Self.notModified(request, sha256: digest.sha256, gzip: gzip) || (request.method == "HEAD" && !gzip) { return .digestOnly }
+            if request.method == "HEAD" || Self.notModified(request, sha256: digest.sha256, gzip: gzip) { return .digestOnly }
             return gzip ? .compute : .stream
         }
         let metrics = self.metrics
@@ -211,7 +211,7 @@ public final class AggregatorService: Sendable {
             if !aggregate.fromCache { recordAggregation() }
             return try await download(aggregate.bytes, sha256: aggregate.sha256, for: request)
         case .digestOnly(let digest)?:
-            return downloadWithoutBody(digest, for: request)
+            return Self.bodiless(sha256: digest.sha256, byteCount: digest.byteCount, for: request)
         case .streaming(let digest, let pieces)?:
             return HTTPResponse(status: .ok, headers: Self.downloadHeaders(sha256: digest.sha256, gzip: false), streamLength: digest.byteCount) { writer in
                 do {
@@ -231,20 +231,24 @@ public final class AggregatorService: Sendable {
     /// A safetensors download: strong ETag, If-None-Match → 304, gzip when the client accepts it.
     private func download(_ bytes: [UInt8], sha256: String, for request: HTTPRequest) async throws -> HTTPResponse {
         let gzip = Self.acceptsGzip(request)
+        if request.method == "HEAD" || Self.notModified(request, sha256: sha256, gzip: gzip) {
+            return Self.bodiless(sha256: sha256, byteCount: bytes.count, for: request)
+        }
         var headers = Self.downloadHeaders(sha256: sha256, gzip: gzip)
-        if Self.notModified(request, sha256: sha256, gzip: gzip) { return HTTPResponse(status: .notModified, headers: headers) }
-        guard gzip, request.method != "HEAD" else { return HTTPResponse(status: .ok, headers: headers, body: bytes) }
+        guard gzip else { return HTTPResponse(status: .ok, headers: headers, body: bytes) }
         headers.add("Content-Encoding", "gzip")
         return HTTPResponse(status: .ok, headers: headers, body: try await offload { ContentCoding.gzip.compress(bytes) })
     }
 
-    /// The answer to a conditional GET that matches, or to a HEAD, from the digest alone.
-    private func downloadWithoutBody(_ digest: AggregateDigest, for request: HTTPRequest) -> HTTPResponse {
-        let gzip = Self.acceptsGzip(request)
-        let headers = Self.downloadHeaders(sha256: digest.sha256, gzip: gzip)
-        if Self.notModified(request, sha256: digest.sha256, gzip: gzip) { return HTTPResponse(status: .notModified, headers: headers) }
-        // HEAD: the server sends the head with this Content-Length and never runs the stream.
-        return HTTPResponse(status: .ok, headers: headers, streamLength: digest.byteCount) { _ in }
+    /// A 304 for a matching If-None-Match, else the answer to a HEAD: the GET's header fields, less
+    /// the gzip'd length, which only compressing would tell (RFC 9110 §9.3.2 lets a HEAD omit it).
+    static func bodiless(sha256: String, byteCount: Int, for request: HTTPRequest) -> HTTPResponse {
+        let gzip = acceptsGzip(request)
+        var headers = downloadHeaders(sha256: sha256, gzip: gzip)
+        if notModified(request, sha256: sha256, gzip: gzip) { return HTTPResponse(status: .notModified, headers: headers) }
+        if gzip { headers.add("Content-Encoding", "gzip") }
+        // The server sends this head alone and never runs the stream.
+        return HTTPResponse(status: .ok, headers: headers, streamLength: gzip ? nil : byteCount) { _ in }
     }
 
     static func downloadHeaders(sha256: String, gzip: Bool) -> HTTPHeaders {

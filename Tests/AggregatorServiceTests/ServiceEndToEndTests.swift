@@ -78,6 +78,10 @@ private func uploadPath(_ client: String, rank: Int, weight: Double = 1, round: 
         #expect(try await client.get("/v1/federations/fed/rounds/1/uploads/alice", headers: [("If-None-Match", etag)]).statusCode == 304)
         let head = try await client.request("HEAD", "/v1/federations/fed/rounds/1/uploads/alice")
         #expect(head.statusCode == 200 && head.header("Content-Length") == String(second.count) && head.body.isEmpty)
+        // HEAD has the GET's header fields; the gzip'd length, known only by compressing, is left out.
+        let zippedHead = try await client.request("HEAD", "/v1/federations/fed/rounds/1/uploads/alice", headers: [("Accept-Encoding", "gzip")])
+        #expect(zippedHead.statusCode == 200 && zippedHead.header("Content-Encoding") == "gzip" && zippedHead.header("Content-Length") == nil)
+        #expect(zippedHead.header("ETag") == "\"\(ContentDigest.sha256Hex(second))-gzip\"" && zippedHead.body.isEmpty)
 
         let aggregate = try await client.get("/v1/federations/fed/rounds/1/aggregate?dtype=BF16")
         let zipped = try await client.get("/v1/federations/fed/rounds/1/aggregate?dtype=BF16", headers: [("Accept-Encoding", "gzip")])
