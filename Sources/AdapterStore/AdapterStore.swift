@@ -192,14 +192,17 @@ public final class AdapterStore: Sendable {
                 let source = SQLiteAdapterSource(connection: connection, federation: federation, round: round)
                 let options = AggregationOptions(strategy: strategy, rank: key.rank, dtype: dtype, metadata: ["federation": federation, "round": String(round)])
                 let recorded = try Self.recordedDigest(connection, key)
-                switch recorded.map({ ($0, plan($0)) }) {
-                case let (digest, .digestOnly)?:
-                    handOver(.digestOnly(digest))
+                let planned = recorded.map { ($0, plan($0)) }
+                if case let (digest, .digestOnly)? = planned { return handOver(.digestOnly(digest)) }
+                if let wider = cache.wider(than: key) {
+                    return handOver(.complete(try cut(wider, for: key, recorded: recorded)))
+                }
+                switch planned {
                 case let (digest, .stream)?:
                     let (pieces, continuation) = AsyncThrowingStream<[UInt8], any Error>.makeStream()
                     handOver(.streaming(digest, pieces))
                     try stream(source, options, matching: digest, for: key, into: DigestCheckedStream(continuation))
-                case (_, .compute)?, nil:
+                default:
                     handOver(.complete(try compute(source, options, for: key, recorded: recorded)))
                 }
             }
@@ -211,10 +214,22 @@ public final class AdapterStore: Sendable {
         let digest = BackgroundDigest(sha256: true)
         let result = try AdapterAggregator.aggregate(source, options: options, observer: digest)
         let digests = digest.digests()
-        let aggregate = StoredAggregate(bytes: result.bytes, sha256: digests.sha256!, rank: result.rank, fromCache: false)
+        return remember(result.bytes, sha256: digests.sha256!, crc32: digests.crc32, for: key, recorded: recorded)
+    }
+
+    /// Cuts the aggregate from a cached one of the same round at a higher rank, reading no upload.
+    private func cut(_ wider: StoredAggregate, for key: AggregateCache.Key, recorded: AggregateDigest?) throws -> StoredAggregate {
+        let bytes = try AdapterAggregator.truncate(try SafetensorsFile(bytes: wider.bytes), toRank: key.rank)
+        let crc32 = bytes.withUnsafeBytes { ContentDigest.crc32($0) }
+        return remember(bytes, sha256: ContentDigest.sha256Hex(bytes), crc32: crc32, for: key, recorded: recorded)
+    }
+
+    /// Caches a new aggregate and records its digest unless that is on record already.
+    private func remember(_ bytes: [UInt8], sha256: String, crc32: UInt32, for key: AggregateCache.Key, recorded: AggregateDigest?) -> StoredAggregate {
+        let aggregate = StoredAggregate(bytes: bytes, sha256: sha256, rank: key.rank, fromCache: false)
         cache.insert(aggregate, for: key)
-        let computed = AggregateDigest(sha256: aggregate.sha256, byteCount: result.bytes.count, rank: result.rank, crc32: digests.crc32)
-        if computed != recorded { recordDigest(computed, for: key) }
+        let digest = AggregateDigest(sha256: sha256, byteCount: bytes.count, rank: key.rank, crc32: crc32)
+        if digest != recorded { recordDigest(digest, for: key) }
         return aggregate
     }
 

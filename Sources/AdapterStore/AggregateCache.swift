@@ -37,6 +37,21 @@ final class AggregateCache: Sendable {
         }
     }
 
+    /// A cached aggregate of the same round, strategy and dtype at a higher rank than `key`'s (the
+    /// lowest such rank): the requested one can be cut from it.
+    func wider(than key: Key) -> StoredAggregate? {
+        state.withLock { state in
+            let candidates = state.entries.filter { candidate, _ in
+                candidate.federation == key.federation && candidate.round == key.round && candidate.revision == key.revision
+                    && candidate.strategy == key.strategy && candidate.dtype == key.dtype && candidate.rank > key.rank
+            }
+            guard let (widerKey, entry) = candidates.min(by: { $0.key.rank < $1.key.rank }) else { return nil }
+            state.clock += 1
+            state.entries[widerKey] = (entry.aggregate, state.clock)
+            return entry.aggregate
+        }
+    }
+
     func insert(_ aggregate: StoredAggregate, for key: Key) {
         guard aggregate.bytes.count <= capacityBytes else { return }
         state.withLock { state in

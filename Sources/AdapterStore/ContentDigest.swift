@@ -7,6 +7,11 @@ import LoRAAdapters
 public enum ContentDigest {
     public static func sha256Hex(_ bytes: [UInt8]) -> String { hex(SHA256.hash(data: bytes)) }
 
+    /// zlib's CRC-32, continuing from `crc` (0 to start).
+    static func crc32(_ bytes: UnsafeRawBufferPointer, continuing crc: UInt32 = 0) -> UInt32 {
+        UInt32(truncatingIfNeeded: crc32_z(UInt(crc), bytes.baseAddress?.assumingMemoryBound(to: UInt8.self), bytes.count))
+    }
+
     static func hex(_ digest: SHA256.Digest) -> String {
         let digits = Array("0123456789abcdef".utf8)
         var text: [UInt8] = []
@@ -28,7 +33,7 @@ final class BackgroundDigest: AggregationOutputObserver, @unchecked Sendable {
     // @unchecked: the digests are used only on `queue`, which is serial; regions stay valid until
     // `outputComplete` has drained the queue (the observer contract).
     private var sha256: SHA256?
-    private var crc32: UInt = 0
+    private var crc32: UInt32 = 0
     private let queue = DispatchQueue(label: "lora-aggregator.store.digest")
     private let forward: ((UnsafeRawBufferPointer) -> Void)?
 
@@ -41,7 +46,7 @@ final class BackgroundDigest: AggregationOutputObserver, @unchecked Sendable {
         nonisolated(unsafe) let region = bytes
         queue.async {
             self.sha256?.update(bufferPointer: region)
-            self.crc32 = crc32_z(self.crc32, region.baseAddress?.assumingMemoryBound(to: UInt8.self), region.count)
+            self.crc32 = ContentDigest.crc32(region, continuing: self.crc32)
             self.forward?(region)
         }
     }
@@ -50,7 +55,7 @@ final class BackgroundDigest: AggregationOutputObserver, @unchecked Sendable {
 
     /// The digests of every region so far (the SHA-256 in hex, if asked for); call after `outputComplete`.
     func digests() -> (sha256: String?, crc32: UInt32) {
-        queue.sync { (sha256.map { ContentDigest.hex($0.finalize()) }, UInt32(truncatingIfNeeded: crc32)) }
+        queue.sync { (sha256.map { ContentDigest.hex($0.finalize()) }, crc32) }
     }
 }
 

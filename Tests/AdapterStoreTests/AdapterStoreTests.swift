@@ -128,6 +128,34 @@ func eventually(_ condition: () async throws -> Bool) async throws -> Bool {
         #expect(!after.fromCache && after.bytes != before.bytes)
     }
 
+    /// A lower rank of a cached aggregate is cut from it: equal to the engine's, and without reading
+    /// the uploads (overwritten here behind the store's back, which a recomputation would show).
+    @Test func aLowerRankIsCutFromTheCachedAggregateWithoutReadingTheUploads() async throws {
+        let path = temporaryDatabase()
+        let store = try AdapterStore(path: path)
+        let uploads = try [upload("alice", rank: 2, weight: 3, seed: 4), upload("bob", rank: 8, weight: 1, seed: 5), upload("carol", rank: 4, weight: 2, seed: 6)]
+        for item in uploads { _ = try await store.put(item) }
+        let memory = InMemoryAdapterSource(uploads.map { ClientAdapter(clientID: $0.client, rank: $0.rank, weight: $0.weight, file: $0.file) })
+        func expected(rank: Int, dtype: DType) throws -> [UInt8] {
+            try AdapterAggregator.aggregate(memory, options: .init(strategy: .zeroPadding, rank: rank, dtype: dtype, metadata: ["federation": "fed", "round": "0"])).bytes
+        }
+        _ = try #require(try await store.aggregate(federation: "fed", round: 0, client: nil, strategy: .zeroPadding, rank: nil, dtype: .f16))
+        try SQLiteConnection(path: path).execute("UPDATE tensors SET data = zeroblob(length(data))")
+
+        for (client, rank) in [("alice", 2), ("carol", 4)] {
+            let cut = try #require(try await store.aggregate(federation: "fed", round: 0, client: client, strategy: .zeroPadding, rank: nil, dtype: .f16))
+            let direct = try expected(rank: rank, dtype: .f16)
+            #expect(cut.rank == rank && cut.bytes == direct && cut.sha256 == ContentDigest.sha256Hex(direct))
+        }
+        let byRank = try #require(try await store.aggregate(federation: "fed", round: 0, client: nil, strategy: .zeroPadding, rank: 3, dtype: .f16))
+        let directAtThree = try expected(rank: 3, dtype: .f16)
+        #expect(byRank.bytes == directAtThree)
+        // Another dtype has nothing to cut from: computed, from the overwritten uploads.
+        let computed = try #require(try await store.aggregate(federation: "fed", round: 0, client: "alice", strategy: .zeroPadding, rank: nil, dtype: .f32))
+        let original = try expected(rank: 2, dtype: .f32)
+        #expect(computed.bytes != original)
+    }
+
     /// Once computed, an aggregate's digest is on record in the file: a store without it in memory
     /// (another process, or after a restart) gives the digest without computing, or streams the
     /// same bytes; bytes that disagree with the record lose their last piece and the record.

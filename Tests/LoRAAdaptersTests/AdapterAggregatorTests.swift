@@ -52,6 +52,24 @@ private func expectMatches(
         }
     }
 
+    @Test(arguments: 0..<20)
+    func cuttingAnAggregateToALowerRankEqualsAggregatingAtThatRank(seed: UInt64) throws {
+        let clients = TestRound.random(seed: 2500 + seed)
+        let source = try TestRound.source(clients)
+        let globalRank = clients.map(\.rank).max()!
+        for strategy in AggregationStrategy.allCases {
+            for dtype in DType.outputTypes {
+                let global = try SafetensorsFile(bytes: AdapterAggregator.aggregate(source, options: .init(strategy: strategy, dtype: dtype, metadata: ["round": "7"])).bytes)
+                for rank in 1...globalRank {
+                    let direct = try AdapterAggregator.aggregate(source, options: .init(strategy: strategy, rank: rank, dtype: dtype, metadata: ["round": "7"]))
+                    #expect(try AdapterAggregator.truncate(global, toRank: rank) == direct.bytes, "\(strategy) \(dtype) rank \(rank)")
+                }
+                #expect(throws: AdapterError.self) { try AdapterAggregator.truncate(global, toRank: globalRank + 1) }
+                #expect(throws: AdapterError.self) { try AdapterAggregator.truncate(global, toRank: 0) }
+            }
+        }
+    }
+
     @Test(arguments: 0..<10)
     func equalRanksMakeBothStrategiesPlainFedAvg(seed: UInt64) throws {
         let rank = TestRound.ranks[Int(seed) % TestRound.ranks.count]
