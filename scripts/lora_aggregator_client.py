@@ -183,7 +183,9 @@ def truncate_to_rank(arrays, rank):
 
 def write_adapter_config(directory, base_config, rank):
     """Writes DIRECTORY/adapter_config.json: `base_config` (a dict, a path to a JSON file or a PEFT
-    LoraConfig) with `r` set to `rank`, so PEFT builds LoRA layers that fit the downloaded tensors."""
+    LoraConfig) with `r` set to `rank`, so PEFT builds LoRA layers that fit the downloaded tensors.
+    `lora_alpha` is kept as given, and PEFT scales the update by lora_alpha / r: pass the config of
+    the model that will use the adapter, or set lora_alpha for the new r yourself."""
     if isinstance(base_config, (str, os.PathLike)):
         with open(base_config, encoding="utf-8") as handle:
             config = json.load(handle)
