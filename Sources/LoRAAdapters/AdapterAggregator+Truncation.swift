@@ -16,16 +16,13 @@ extension AdapterAggregator {
         let sources = aggregate.tensors.sorted { $0.name < $1.name }
         let layout = try SafetensorsLayout(
             tensors: sources.map { ($0.name, $0.dtype, TensorRole(tensorName: $0.name).shape($0.shape, withRank: rank)) }, metadata: metadata)
-        return [UInt8](unsafeUninitializedCapacity: layout.fileSize) { output, initializedCount in
-            let base = UnsafeMutableRawPointer(output.baseAddress!)
-            layout.headerBytes.withUnsafeBytes { base.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+        return layout.makeFile { base in
             for (source, target) in zip(sources, layout.tensors) {
                 aggregate.withBytes(of: source) { bytes in
                     copyLeadingSlices(of: bytes, shape: source.shape, rankAxis: TensorRole(tensorName: source.name).factor?.rankAxis,
                                       keeping: rank, byteWidth: source.dtype.byteWidth, to: base + target.byteRange.lowerBound)
                 }
             }
-            initializedCount = layout.fileSize
         }
     }
 

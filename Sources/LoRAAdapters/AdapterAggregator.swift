@@ -34,14 +34,10 @@ public enum AdapterAggregator {
 
         let accumulator = UnsafeMutableBufferPointer<Double>.allocate(capacity: max(1, plans.map(\.outputElementCount).max() ?? 1))
         defer { accumulator.deallocate() }
-        // The header and the tensors tile the file exactly, so every byte is written below and the
-        // buffer needs no zero-filling first.
-        let output = try [UInt8](unsafeUninitializedCapacity: layout.fileSize) { outputBytes, initializedCount in
-            let base = UnsafeMutableRawPointer(outputBytes.baseAddress!)
+        let output = try layout.makeFile { base in
             // Even when aggregation fails half-way, the observer is done with the buffer before it goes.
             defer { observer?.outputComplete() }
             adviseHugePages(base, byteCount: layout.fileSize)
-            layout.headerBytes.withUnsafeBytes { base.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
             observer?.regionFinished(UnsafeRawBufferPointer(start: base, count: layout.headerBytes.count))
             for (plan, info) in zip(plans, layout.tensors) {
                 let sums = UnsafeMutableBufferPointer(rebasing: accumulator[0..<plan.outputElementCount])
@@ -49,7 +45,6 @@ public enum AdapterAggregator {
                 plan.writeMeans(of: sums, as: options.dtype, to: base + info.byteRange.lowerBound)
                 observer?.regionFinished(UnsafeRawBufferPointer(start: base + info.byteRange.lowerBound, count: info.byteRange.count))
             }
-            initializedCount = layout.fileSize
         }
         return AggregatedAdapter(bytes: output, rank: rank, globalRank: globalRank, clientCount: participants.count)
     }

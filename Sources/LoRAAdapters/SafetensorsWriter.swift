@@ -68,6 +68,17 @@ public struct SafetensorsLayout: Sendable {
         fileSize = dataStart + offset
     }
 
+    /// A new file of this layout: its header, then `fillTensors` writes every tensor's bytes at its
+    /// range from the file's start. The tensors tile the rest of the file, so nothing is zero-filled.
+    public func makeFile(fillingTensors fillTensors: (UnsafeMutableRawPointer) throws -> Void) rethrows -> [UInt8] {
+        try [UInt8](unsafeUninitializedCapacity: fileSize) { output, initializedCount in
+            let base = UnsafeMutableRawPointer(output.baseAddress!)
+            headerBytes.withUnsafeBytes { base.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+            try fillTensors(base)
+            initializedCount = fileSize
+        }
+    }
+
     /// JSON string literal for `string`: quotes, backslashes and control characters escaped.
     static func quoted(_ string: String) -> String {
         var result = "\""
