@@ -275,16 +275,16 @@ public final class AdapterStore: Sendable {
     }
 
     private static func recordedDigest(_ connection: SQLiteConnection, _ key: AggregateCache.Key) throws -> AggregateDigest? {
-        let statement = try connection.statement("""
-            SELECT sha256, bytes, crc32 FROM aggregate_digests WHERE federation = ?1 AND round = ?2 AND revision = ?3 AND strategy = ?4
-            AND rank = ?5 AND dtype = ?6 AND engine_version = ?7
-            """)
+        let statement = try connection.statement("SELECT sha256, bytes, crc32 FROM aggregate_digests WHERE \(digestKeyColumns)")
         try statement.bind(digestKey(key))
         guard try statement.step() else { return nil }
         return AggregateDigest(sha256: statement.text(0), byteCount: Int(statement.integer(1)), rank: key.rank, crc32: UInt32(truncatingIfNeeded: statement.integer(2)))
     }
 
-    /// The primary key of `aggregate_digests`, in column order: digests of this engine version only.
+    /// The primary key of `aggregate_digests` (bound as ?1...?7) and its values for `key`, in column
+    /// order: digests of this engine version only.
+    private static let digestKeyColumns =
+        "federation = ?1 AND round = ?2 AND revision = ?3 AND strategy = ?4 AND rank = ?5 AND dtype = ?6 AND engine_version = ?7"
     private static func digestKey(_ key: AggregateCache.Key) -> [SQLiteValue] {
         [.text(key.federation), .integer(key.round), .integer(key.revision), .text(key.strategy.rawValue),
          .integer(Int64(key.rank)), .text(key.dtype.rawValue), .integer(Int64(AdapterAggregator.outputVersion))]
@@ -307,10 +307,7 @@ public final class AdapterStore: Sendable {
     private func forgetDigest(for key: AggregateCache.Key) {
         writer.runDetached(after: 0) { connection in
             try? connection.transaction(immediate: true) {
-                try connection.statement("""
-                    DELETE FROM aggregate_digests WHERE federation = ?1 AND round = ?2 AND revision = ?3 AND strategy = ?4
-                    AND rank = ?5 AND dtype = ?6 AND engine_version = ?7
-                    """).bind(Self.digestKey(key)).run()
+                try connection.statement("DELETE FROM aggregate_digests WHERE \(Self.digestKeyColumns)").bind(Self.digestKey(key)).run()
             }
         }
     }

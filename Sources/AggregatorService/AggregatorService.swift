@@ -211,7 +211,7 @@ public final class AggregatorService: Sendable {
             if !aggregate.fromCache { recordAggregation() }
             return try await download(aggregate.bytes, sha256: aggregate.sha256, for: request)
         case .digestOnly(let digest)?:
-            return Self.bodiless(sha256: digest.sha256, byteCount: digest.byteCount, for: request)
+            return Self.bodiless(sha256: digest.sha256, byteCount: digest.byteCount, gzip: gzip, for: request)
         case .streaming(let digest, let pieces)?:
             return HTTPResponse(status: .ok, headers: Self.downloadHeaders(sha256: digest.sha256, gzip: false), streamLength: digest.byteCount) { writer in
                 do {
@@ -232,7 +232,7 @@ public final class AggregatorService: Sendable {
     private func download(_ bytes: [UInt8], sha256: String, for request: HTTPRequest) async throws -> HTTPResponse {
         let gzip = Self.acceptsGzip(request)
         if request.method == "HEAD" || Self.notModified(request, sha256: sha256, gzip: gzip) {
-            return Self.bodiless(sha256: sha256, byteCount: bytes.count, for: request)
+            return Self.bodiless(sha256: sha256, byteCount: bytes.count, gzip: gzip, for: request)
         }
         var headers = Self.downloadHeaders(sha256: sha256, gzip: gzip)
         guard gzip else { return HTTPResponse(status: .ok, headers: headers, body: bytes) }
@@ -242,8 +242,7 @@ public final class AggregatorService: Sendable {
 
     /// A 304 for a matching If-None-Match, else the answer to a HEAD: the GET's header fields, less
     /// the gzip'd length, which only compressing would tell (RFC 9110 §9.3.2 lets a HEAD omit it).
-    static func bodiless(sha256: String, byteCount: Int, for request: HTTPRequest) -> HTTPResponse {
-        let gzip = acceptsGzip(request)
+    static func bodiless(sha256: String, byteCount: Int, gzip: Bool, for request: HTTPRequest) -> HTTPResponse {
         var headers = downloadHeaders(sha256: sha256, gzip: gzip)
         if notModified(request, sha256: sha256, gzip: gzip) { return HTTPResponse(status: .notModified, headers: headers) }
         if gzip { headers.add("Content-Encoding", "gzip") }
