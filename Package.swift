@@ -63,7 +63,7 @@ let package = Package(
         .testTarget(name: "CZlibTests", dependencies: ["CZlib"], swiftSettings: strictSettings),
         // Shared by the test targets: a raw HTTP client and the literal aggregation reference.
         .target(name: "TestSupport", dependencies: ["LoRAAdapters"], path: "Tests/TestSupport", swiftSettings: strictSettings),
-        .testTarget(name: "AdapterStoreTests", dependencies: ["AdapterStore", "LoRAAdapters"], swiftSettings: strictSettings),
+        .testTarget(name: "AdapterStoreTests", dependencies: ["AdapterStore", "LoRAAdapters", "TestSupport"], swiftSettings: strictSettings),
         .testTarget(name: "AggregatorServiceTests", dependencies: ["AdapterStore", "AggregatorService", "LoRAAdapters", "TestSupport"], swiftSettings: strictSettings),
         .testTarget(name: "HTTPServerTests", dependencies: ["HTTPServer", "TestSupport"], swiftSettings: strictSettings),
         .testTarget(name: "LoRAAdaptersTests", dependencies: ["LoRAAdapters", "TestSupport"], swiftSettings: strictSettings),

@@ -1,6 +1,7 @@
 @testable import AdapterStore
 import Foundation
 import LoRAAdapters
+import TestSupport
 import Testing
 
 /// A PEFT-style adapter of `rank` with two modules and a dense head; values depend on `seed`.
@@ -24,17 +25,6 @@ func temporaryDatabase() -> String {
 func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, seed: Int = 0, file: SafetensorsFile? = nil) throws -> NewUpload {
     let file = try file ?? makeAdapter(rank: rank, seed: seed)
     return NewUpload(federation: "fed", round: round, client: client, rank: rank, weight: weight, file: file, sha256: ContentDigest.sha256Hex(file.bytes))
-}
-
-/// Polls `condition` until it holds, for up to 30 s: for what the store writes after answering.
-@discardableResult
-func eventually(_ condition: () async throws -> Bool) async throws -> Bool {
-    let deadline = ContinuousClock.now + .seconds(30)
-    while ContinuousClock.now < deadline {
-        if try await condition() { return true }
-        try await Task.sleep(for: .milliseconds(10))
-    }
-    return false
 }
 
 @Suite struct AdapterStoreTests {
