@@ -17,7 +17,12 @@ final class EventLoop: @unchecked Sendable {
     // state shared with other threads is `pendingWork`, behind its mutex.
     private let epollDescriptor: Int32
     private let wakeDescriptor: Int32
-    private let pendingWork = Mutex<[@Sendable () -> Void]>([])
+    private let pendingWork = Mutex(PendingWork())
+    private struct PendingWork {
+        var queue: [@Sendable () -> Void] = []
+        /// Set once `run` has returned: work queued after that would never run.
+        var closed = false
+    }
     private var sources: [Int32: any EventSource] = [:]
     private var running = true
     private let tickInterval: Duration = .milliseconds(100)
@@ -38,17 +43,21 @@ final class EventLoop: @unchecked Sendable {
         close(epollDescriptor)
     }
 
-    /// Runs `work` on the loop thread soon. Safe from any thread.
-    func execute(_ work: @escaping @Sendable () -> Void) {
-        let wasEmpty = pendingWork.withLock { queue in
-            queue.append(work)
-            return queue.count == 1
+    /// Runs `work` on the loop thread soon; false, and `work` never runs, once the loop has stopped.
+    /// Safe from any thread.
+    @discardableResult
+    func execute(_ work: @escaping @Sendable () -> Void) -> Bool {
+        let (accepted, wasEmpty) = pendingWork.withLock { pending in
+            guard !pending.closed else { return (false, false) }
+            pending.queue.append(work)
+            return (true, pending.queue.count == 1)
         }
         // One wake-up per batch: later callers find the queue non-empty and the loop already woken.
         if wasEmpty {
             var one: UInt64 = 1
             _ = write(wakeDescriptor, &one, 8)
         }
+        return accepted
     }
 
     func register(_ descriptor: Int32, events: UInt32, source: any EventSource) {
@@ -87,20 +96,22 @@ final class EventLoop: @unchecked Sendable {
                 }
                 sources[descriptor]?.handle(events: events[index].events)
             }
-            runPendingWork()
+            runPendingWork(closingAfter: false)
             if clock.now >= nextTick {
                 nextTick = clock.now.advanced(by: tickInterval)
                 tick?()
             }
         }
-        runPendingWork()
+        runPendingWork(closingAfter: true)
     }
 
-    private func runPendingWork() {
+    /// Runs queued work until the queue is empty; with `closingAfter`, refuses any more from then on.
+    private func runPendingWork(closingAfter closing: Bool) {
         while true {
-            let batch = pendingWork.withLock { queue in
-                defer { queue.removeAll(keepingCapacity: true) }
-                return queue
+            let batch = pendingWork.withLock { pending in
+                if pending.queue.isEmpty && closing { pending.closed = true }
+                defer { pending.queue.removeAll(keepingCapacity: true) }
+                return pending.queue
             }
             if batch.isEmpty { return }
             for work in batch { work() }

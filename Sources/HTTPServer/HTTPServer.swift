@@ -71,6 +71,18 @@ public final class HTTPServer: Sendable {
         }
     }
 
+    /// How many client connections are open, as the event loop sees them (0 once stopped).
+    public func openConnectionCount() async -> Int {
+        let (loop, core) = state.withLock { ($0.loop, $0.core) }
+        guard let loop, let core else { return 0 }
+        return await withCheckedContinuation { continuation in
+            guard loop.execute({ continuation.resume(returning: core.value.connectionCount) }) else {
+                continuation.resume(returning: 0)
+                return
+            }
+        }
+    }
+
     /// Graceful shutdown: stop accepting, close idle connections, let requests in flight finish
     /// within `shutdownGracePeriod`, then stop. Safe from any thread; `run()` returns afterwards.
     public func shutdown() {

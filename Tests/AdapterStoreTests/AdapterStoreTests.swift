@@ -17,7 +17,7 @@ func makeAdapter(rank: Int, seed: Int, width: Int = 6, dtype: DType = .f32) thro
     return try SafetensorsFile(bytes: SafetensorsWriter.write(records, metadata: ["format": "pt"]))
 }
 
-/// Not a cryptographic digest: enough for tests to tell bodies apart.
+/// A database path in the temporary directory that no other test uses.
 func temporaryDatabase() -> String {
     FileManager.default.temporaryDirectory.appendingPathComponent("store-\(UUID().uuidString).sqlite").path
 }
@@ -166,10 +166,10 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
         }
         // Recorded just after the answer, on the writer's queue.
         var recorded: AggregateDigest?
-        try await eventually {
+        #expect(try await eventually {
             if case .digestOnly(let digest)? = try await outcome(store, .digestOnly) { recorded = digest }
             return recorded != nil
-        }
+        })
         #expect(recorded?.sha256 == computed.sha256 && recorded?.byteCount == computed.bytes.count && recorded?.rank == 8)
 
         let restarted = try AdapterStore(path: path)
@@ -218,14 +218,46 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
     }
 
     @Test func aReadOnlyDatabaseIsAClearError() throws {
-        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("readonly-\(UUID().uuidString)")
-        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
-        let path = directory.appendingPathComponent("db.sqlite").path
-        _ = try AdapterStore(path: path)
-        try FileManager.default.setAttributes([.posixPermissions: 0o444], ofItemAtPath: path)
-        try FileManager.default.setAttributes([.posixPermissions: 0o555], ofItemAtPath: directory.path)
-        defer { try? FileManager.default.setAttributes([.posixPermissions: 0o755], ofItemAtPath: directory.path) }
-        guard getuid() != 0 else { return }  // root writes read-only files anyway
-        #expect { _ = try AdapterStore(path: path) } throws: { ($0 as? StoreError)?.code == .readOnly }
+        try withReadOnlyDirectory(prepare: { directory in
+            _ = try AdapterStore(path: directory + "/db.sqlite")
+        }, check: { directory in
+            #expect { _ = try AdapterStore(path: directory + "/db.sqlite") } throws: { ($0 as? StoreError)?.code == .readOnly }
+        })
     }
+}
+
+/// Runs `prepare` in a new directory, makes it and its files read-only, then runs `check`. Root
+/// writes through file permissions, so as root (as CI runs) the directory is a tmpfs that is
+/// remounted read-only instead; a failure to mount fails the test rather than skipping it.
+func withReadOnlyDirectory(prepare: (String) throws -> Void, check: (String) throws -> Void) throws {
+    let manager = FileManager.default
+    let directory = manager.temporaryDirectory.appendingPathComponent("readonly-\(UUID().uuidString)").path
+    try manager.createDirectory(atPath: directory, withIntermediateDirectories: true)
+    defer { try? manager.removeItem(atPath: directory) }
+    if getuid() == 0 {
+        try runTool("/bin/mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", directory)
+        defer { try? runTool("/bin/umount", directory) }
+        try prepare(directory)
+        try runTool("/bin/mount", "-o", "remount,ro", directory)
+        try check(directory)
+    } else {
+        try prepare(directory)
+        for file in try manager.contentsOfDirectory(atPath: directory) {
+            try manager.setAttributes([.posixPermissions: 0o444], ofItemAtPath: directory + "/" + file)
+        }
+        try manager.setAttributes([.posixPermissions: 0o555], ofItemAtPath: directory)
+        defer { try? manager.setAttributes([.posixPermissions: 0o755], ofItemAtPath: directory) }
+        try check(directory)
+    }
+}
+
+private struct ToolFailed: Error { let command: [String]; let status: Int32 }
+
+private func runTool(_ executable: String, _ arguments: String...) throws {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: executable)
+    process.arguments = arguments
+    try process.run()
+    process.waitUntilExit()
+    guard process.terminationStatus == 0 else { throw ToolFailed(command: [executable] + arguments, status: process.terminationStatus) }
 }

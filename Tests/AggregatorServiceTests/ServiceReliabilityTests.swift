@@ -11,7 +11,8 @@ import Testing
         let database = ServiceProcess.temporaryDatabase()
         let service = try await ServiceProcess.start(database: database)
         let files = try (0..<48).map { index in try TestRound.random(seed: UInt64(3000 + index), ranks: [16])[0].safetensors().bytes }
-        // Each upload reports (index, digest) when acknowledged with a 2xx.
+        // Each upload reports (index, digest) when acknowledged with a 2xx; the kill comes as the
+        // fourth is, while the rest are still in flight.
         let acknowledgedNow = try await withThrowingTaskGroup(of: (Int, String)?.self) { group in
             for (index, file) in files.enumerated() {
                 group.addTask {
@@ -20,15 +21,14 @@ import Testing
                     return (index, digest)
                 }
             }
-            group.addTask {
-                try await Task.sleep(for: .milliseconds(150))
-                await service.kill()
-                return nil
-            }
             var acknowledged: [Int: String] = [:]
-            for try await case let (index, digest)? in group { acknowledged[index] = digest }
+            for try await case let (index, digest)? in group {
+                acknowledged[index] = digest
+                if acknowledged.count == 4 { await service.kill() }
+            }
             return acknowledged
         }
+        #expect(acknowledgedNow.count >= 4)
 
         let restarted = try await ServiceProcess.start(database: database)
         let round = try await restarted.client.get("/v1/federations/crash/rounds/0")
@@ -114,10 +114,10 @@ import Testing
         let mismatched = try await ServiceProcess.start(database: database, arguments: ["--aggregate-cache-bytes", "0"])
         await #expect(throws: (any Error).self, "a truncated body") { _ = try await mismatched.client.get(path) }
         var recomputed: RawClient.Response?
-        try await eventually {
+        #expect(try await eventually {
             recomputed = try? await mismatched.client.get(path)
             return recomputed != nil
-        }
+        })
         #expect(recomputed?.body == first.body && recomputed?.header("ETag") == etag)
 
         // A change to the round: the recorded digest no longer applies.
@@ -149,12 +149,22 @@ import Testing
     @Test func sigtermFinishesTheRequestInFlightAndExitsZero() async throws {
         let service = try await ServiceProcess.start()
         let big = try TestRound.random(seed: 5, ranks: [64])[0].safetensors().bytes
-        async let upload = service.client.request("PUT", "/v1/federations/f/rounds/0/uploads/a?rank=64", body: big)
-        try await Task.sleep(for: .milliseconds(30))
-        let status = await service.stop()
-        #expect(status == 0)
-        let response = try await upload
-        #expect([200, 201].contains(response.statusCode) || response.statusCode == 0)
+        // The upload is in flight once the server asks for its body (100 Continue); SIGTERM then,
+        // and only then send the body.
+        let (interim, response) = try await onOwnThread { [port = service.port] in
+            let client = try RawClient(port: port, receiveTimeout: 60)
+            try client.send("PUT /v1/federations/f/rounds/0/uploads/a?rank=64 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: \(big.count)\r\nExpect: 100-continue\r\n\r\n")
+            let interim = try client.readResponse()
+            service.terminate()
+            try client.send(big)
+            return (interim.statusCode, try client.readResponse())
+        }
+        #expect(interim == 100)
+        #expect(response.statusCode == 201 && response.header("Connection") == "close")
+        #expect(await service.stop() == 0)
+        let restarted = try await ServiceProcess.start(database: service.databasePath)
+        #expect(try await restarted.client.get("/v1/federations/f/rounds/0/uploads/a").body == big, "the upload finished during shutdown is stored")
+        #expect(await restarted.stop() == 0)
     }
 }
 

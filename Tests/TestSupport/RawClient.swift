@@ -27,7 +27,12 @@ public final class RawClient {
             Glibc.close(descriptor)
             throw POSIXError(POSIXErrorCode(rawValue: code) ?? .ECONNREFUSED)
         }
-        var timeout = timeval(tv_sec: Int(receiveTimeout), tv_usec: Int((receiveTimeout - receiveTimeout.rounded(.down)) * 1_000_000))
+        setReceiveTimeout(receiveTimeout)
+    }
+
+    /// How long one read waits for bytes before it fails with ETIMEDOUT.
+    public func setReceiveTimeout(_ seconds: Double) {
+        var timeout = timeval(tv_sec: Int(seconds), tv_usec: Int((seconds - seconds.rounded(.down)) * 1_000_000))
         setsockopt(descriptor, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
     }
 
@@ -109,8 +114,16 @@ public final class RawClient {
         return Response(statusCode: code, headers: headers, body: buffer)
     }
 
+    /// True if the server has sent bytes or closed the connection; neither waits nor consumes.
+    public func serverHasAnsweredOrClosed() -> Bool {
+        if !buffer.isEmpty { return true }
+        var byte: UInt8 = 0
+        let count = recv(descriptor, &byte, 1, Int32(MSG_PEEK | MSG_DONTWAIT))
+        return count >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK)
+    }
+
     /// Reads and discards until EOF or reset; returns the byte count, or nil if still open after `timeout`.
-    public func drainUntilClosed(timeout: Double = 5) -> Int? {
+    public func drainUntilClosed(timeout: Double = 30) -> Int? {
         let deadline = Date().addingTimeInterval(timeout)
         var total = buffer.count
         buffer.removeAll()
@@ -125,7 +138,8 @@ public final class RawClient {
     }
 
     /// True once the server has closed the connection (EOF), false if it is still open after `timeout`.
-    public func waitForClose(timeout: Double = 5) -> Bool {
+    /// The default only ends a wait for a close that never comes; a busy machine closes late, not never.
+    public func waitForClose(timeout: Double = 30) -> Bool {
         let deadline = Date().addingTimeInterval(timeout)
         while Date() < deadline {
             var byte: UInt8 = 0

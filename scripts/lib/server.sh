@@ -11,10 +11,22 @@ start_server() {
     ready=$(mktemp)
     "$binary" serve --port 0 --database "$database" --no-access-log "$@" >"$ready" &
     server_pid=$!
-    for _ in $(seq 200); do grep -q listening "$ready" 2>/dev/null && break; sleep 0.1; done
+    wait_for_ready_line "$ready" "$server_pid"
     url="http://$(grep -o '127\.0\.0\.1:[0-9]*' "$ready")"
     rm -f "$ready"
     [ "$url" != "http://" ] || { echo "the server did not start" >&2; return 1; }
+}
+
+# wait_for_ready_line FILE PID: waits until FILE has the server's "listening" line or PID has exited;
+# a busy machine starts late, so only the process's death (or 5 minutes) ends the wait.
+wait_for_ready_line() {
+    local file=$1 pid=$2
+    for _ in $(seq 3000); do
+        grep -q listening "$file" 2>/dev/null && return 0
+        kill -0 "$pid" 2>/dev/null || return 1
+        sleep 0.1
+    done
+    return 1
 }
 
 stop_server() {

@@ -54,11 +54,16 @@ final class ServiceProcess: @unchecked Sendable {
     /// SIGTERM, then waits for the exit; returns the exit status.
     @discardableResult
     func stop() async -> Int32 {
-        Foundation.kill(process.processIdentifier, SIGTERM)
+        terminate()
         return await onOwnThread { [process] in
             process.waitUntilExit()
             return process.terminationStatus
         }
+    }
+
+    /// SIGTERM without waiting: the server finishes what is in flight and exits.
+    func terminate() {
+        Foundation.kill(process.processIdentifier, SIGTERM)
     }
 
     /// SIGKILL: no chance to clean up.
