@@ -3,38 +3,27 @@ import Glibc
 #endif
 import CLinux
 
-/// One request/response exchange on a connection.
-final class Exchange {
-    let request: HTTPRequest
-    let startedAt: ContinuousClock.Instant
-    var framing = BodyFraming.none
-    var body: HTTPRequestBody?
-    var remainingLength = 0
-    var chunkedDecoder: ChunkedDecoder?
-    var bodyComplete = true
-    var bodyPaused = false
-    var expectsContinue = false
-    var sentContinue = false
-    var lastBodyActivity: ContinuousClock.Instant
-    var responded = false
-    var routePattern: String?
-    var receivedBodyBytes = 0
-
-    init(request: HTTPRequest, now: ContinuousClock.Instant) {
-        self.request = request
-        self.startedAt = now
-        self.lastBodyActivity = now
-    }
-}
-
 /// A client connection, confined to the event loop. It parses request heads as bytes arrive (so a
 /// slow client holds no thread), runs each request's handler in a task, feeds it the body on
 /// demand, and writes responses in order; pipelined requests wait in the buffer for their turn.
 final class HTTPConnection: EventSource {
-    private enum Phase {
-        case awaitingRequest
-        case exchanging(Exchange)
+    /// The connection's life, one state at a time.
+    private enum State {
+        /// Waiting for the next request head; `headStartedAt` once its first bytes arrived.
+        case awaitingRequest(headStartedAt: ContinuousClock.Instant?)
+        /// A request in progress; `then` says whether another may follow it.
+        case exchanging(Exchange, then: AfterExchange)
+        /// The last bytes are queued: nothing more is read, and the connection closes once they are written.
+        case draining
         case closed
+    }
+
+    private enum AfterExchange {
+        case nextRequest
+        /// Shutdown or an untrustworthy stream: answer this request, then close.
+        case close
+        /// The client closed its side: answer this request (it may still read), then close.
+        case peerClosed
     }
 
     let descriptor: Int32
@@ -42,22 +31,13 @@ final class HTTPConnection: EventSource {
     private var loop: EventLoop { server.loop }
     private var configuration: HTTPServerConfiguration { server.configuration }
 
-    private var phase = Phase.awaitingRequest
+    private var state = State.awaitingRequest(headStartedAt: nil)
     private var input: [UInt8] = []
     private var inputStart = 0
-    private var headStartedAt: ContinuousClock.Instant?
     private var lastActivity: ContinuousClock.Instant
-    private var peerClosed = false
-    /// Set by shutdown: finish the exchange in progress, then close.
-    var closeWhenIdle = false
-
-    private var pendingWrites: [[UInt8]] = []
-    private var pendingOffset = 0
-    private var flushCompletions: [(Bool) -> Void] = []
+    private var writes = WriteQueue()
     private var lastWriteProgress: ContinuousClock.Instant
     private var registeredEvents: UInt32 = 0
-    /// `registeredEvents` once the descriptor is closed.
-    private static let closedMarker = UInt32.max
 
     init(descriptor: Int32, server: ServerCore) {
         self.descriptor = descriptor
@@ -66,10 +46,7 @@ final class HTTPConnection: EventSource {
         self.lastWriteProgress = server.now
     }
 
-    var isIdle: Bool {
-        if case .awaitingRequest = phase { return inputStart == input.count && pendingWrites.isEmpty }
-        return false
-    }
+    private var isClosed: Bool { if case .closed = state { true } else { false } }
 
     func start() {
         registeredEvents = EPOLLIN.rawValue
@@ -84,7 +61,7 @@ final class HTTPConnection: EventSource {
             return
         }
         if events & EPOLLOUT.rawValue != 0 { flush() }
-        if events & EPOLLIN.rawValue != 0 && registeredEvents != Self.closedMarker { readAvailable() }
+        if events & EPOLLIN.rawValue != 0 && !isClosed { readAvailable() }
     }
 
     private func readAvailable() {
@@ -101,18 +78,33 @@ final class HTTPConnection: EventSource {
     }
 
     private func peerDidClose() {
-        peerClosed = true
-        switch phase {
+        switch state {
         case .awaitingRequest:
             close()
-        case .exchanging(let exchange):
-            if !exchange.bodyComplete {
-                exchange.body?.fail(HTTPServerError(.badRequest, "the client closed the connection before the request body was complete"))
+        case .exchanging(let exchange, _):
+            if !exchange.bodyIsComplete {
+                exchange.failBody(HTTPServerError(.badRequest, "the client closed the connection before the request body was complete"))
                 close()
             } else {
+                state = .exchanging(exchange, then: .peerClosed)
                 updateInterest()  // half-closed: answer, then close
             }
-        case .closed:
+        case .draining, .closed:
+            break
+        }
+    }
+
+    /// Shutdown: an idle connection closes now, one between requests once its writes are done, and
+    /// one with a request in flight after answering it.
+    func beginShutdown() {
+        switch state {
+        case .awaitingRequest(nil) where writes.isEmpty:
+            close()
+        case .awaitingRequest:
+            closeOnceWritten()
+        case .exchanging(let exchange, .nextRequest):
+            state = .exchanging(exchange, then: .close)
+        case .exchanging, .draining, .closed:
             break
         }
     }
@@ -121,16 +113,16 @@ final class HTTPConnection: EventSource {
 
     private func process() {
         while true {
-            switch phase {
-            case .closed:
+            switch state {
+            case .closed, .draining:
                 return
-            case .exchanging(let exchange):
-                if !exchange.bodyComplete { feedBody(exchange) }
+            case .exchanging(let exchange, _):
+                if exchange.isReceiving { feedBody(exchange) }
                 updateInterest()
                 return
-            case .awaitingRequest:
-                guard inputStart < input.count, !closeWhenIdle else { updateInterest(); return }
-                if headStartedAt == nil { headStartedAt = server.now }
+            case .awaitingRequest(let headStartedAt):
+                guard inputStart < input.count else { updateInterest(); return }
+                if headStartedAt == nil { state = .awaitingRequest(headStartedAt: server.now) }
                 let result = input.withUnsafeBytes { bytes in
                     Result { () throws(HTTPServerError) in try HTTPHeadParser.parse(UnsafeRawBufferPointer(rebasing: bytes[inputStart...]), limits: configuration.headLimits) }
                 }
@@ -143,7 +135,6 @@ final class HTTPConnection: EventSource {
                     return
                 case .success(.complete(let request, let length)):
                     inputStart += length
-                    headStartedAt = nil
                     begin(request)
                 }
             }
@@ -152,10 +143,11 @@ final class HTTPConnection: EventSource {
 
     private func begin(_ request: HTTPRequest) {
         let exchange = Exchange(request: request, now: server.now)
-        phase = .exchanging(exchange)
+        state = .exchanging(exchange, then: .nextRequest)
         // Framing and Host errors leave the next request's start in doubt: answer and close.
+        let framing: BodyFraming
         do throws(HTTPServerError) {
-            exchange.framing = try BodyFraming(request)
+            framing = try BodyFraming(request)
             if request.version == .http1_1 && request.headers.values(for: "host").count != 1 {
                 throw HTTPServerError(.badRequest, "an HTTP/1.1 request needs exactly one Host header")
             }
@@ -163,7 +155,6 @@ final class HTTPConnection: EventSource {
             refuseAndClose(error, request: request)
             return
         }
-        exchange.bodyComplete = exchange.framing == .none
 
         let route: Router.Route
         var routedRequest = request
@@ -180,7 +171,7 @@ final class HTTPConnection: EventSource {
             case .badPath(let message):
                 throw HTTPServerError(.badRequest, message)
             }
-            if case .length(let length) = exchange.framing, length > route.maxBodyBytes {
+            if case .length(let length) = framing, length > route.maxBodyBytes {
                 throw HTTPServerError(.contentTooLarge, "the request body of \(length) bytes exceeds the limit of \(route.maxBodyBytes) bytes")
             }
             let expectations = request.headers.tokens(for: "expect")
@@ -188,21 +179,22 @@ final class HTTPConnection: EventSource {
                 guard expectations == ["100-continue"] else {
                     throw HTTPServerError(.expectationFailed, "the only supported expectation is 100-continue")
                 }
-                exchange.expectsContinue = request.version == .http1_1 && exchange.framing != .none
+                if request.version == .http1_1 && framing != .none { exchange.interim = .expected }
             }
         } catch {
             // Answered without reading the body; with one pending the connection closes afterwards.
+            exchange.incoming = framing == .none ? .complete : .failed
             respond(configuration.errorResponder(error), to: exchange)
             return
         }
 
-        switch exchange.framing {
+        switch framing {
         case .none:
             exchange.body = HTTPRequestBody.empty()
         case .length(let length):
-            exchange.remainingLength = length
+            exchange.incoming = .remaining(length)
         case .chunked:
-            exchange.chunkedDecoder = ChunkedDecoder(maxBodyBytes: route.maxBodyBytes, maxTrailerBytes: configuration.headLimits.maxHeaderBytes)
+            exchange.incoming = .chunked(ChunkedDecoder(maxBodyBytes: route.maxBodyBytes, maxTrailerBytes: configuration.headLimits.maxHeaderBytes))
         }
         let target = LoopBound((self, exchange))
         let loop = self.loop
@@ -228,12 +220,12 @@ final class HTTPConnection: EventSource {
     }
 
     private func bodyDemanded(by exchange: Exchange) {
-        guard case .exchanging(let current) = phase, current === exchange else { return }
-        if exchange.expectsContinue && !exchange.sentContinue && !exchange.bodyComplete {
-            exchange.sentContinue = true
-            enqueue([Array("HTTP/1.1 100 Continue\r\n\r\n".utf8)], then: nil)
+        guard case .exchanging(let current, _) = state, current === exchange else { return }
+        if exchange.interim == .expected && exchange.isReceiving {
+            exchange.interim = .sent
+            enqueue([HTTPResponseEncoder.continueResponse], then: nil)
         }
-        exchange.bodyPaused = false
+        exchange.isPaused = false
         exchange.lastBodyActivity = server.now
         process()
     }
@@ -241,34 +233,36 @@ final class HTTPConnection: EventSource {
     /// Moves buffered bytes into the request body, decoding the framing.
     private func feedBody(_ exchange: Exchange) {
         guard let body = exchange.body else { return }
-        while !exchange.bodyComplete && !exchange.bodyPaused && inputStart < input.count {
+        while !exchange.isPaused && inputStart < input.count {
             var chunk: [UInt8] = []
-            do throws(HTTPServerError) {
-                if exchange.chunkedDecoder != nil {
-                    let consumed = try input.withUnsafeBytes { bytes in
-                        Result { () throws(HTTPServerError) in try exchange.chunkedDecoder!.decode(UnsafeRawBufferPointer(rebasing: bytes[inputStart...]), into: &chunk) }
-                    }.get()
-                    inputStart += consumed
-                    exchange.bodyComplete = exchange.chunkedDecoder!.isDone
-                } else {
-                    let take = min(exchange.remainingLength, input.count - inputStart)
-                    chunk = Array(input[inputStart..<(inputStart + take)])
-                    inputStart += take
-                    exchange.remainingLength -= take
-                    exchange.bodyComplete = exchange.remainingLength == 0
-                }
-            } catch {
-                // The framing is broken, so nothing after this point can be trusted: fail the body
-                // (the handler answers with this error) and read no more.
-                body.fail(error)
-                exchange.bodyPaused = true
-                closeWhenIdle = true
+            switch exchange.incoming {
+            case .complete, .failed:
+                compactInput()
                 return
+            case .remaining(let remaining):
+                let take = min(remaining, input.count - inputStart)
+                chunk = Array(input[inputStart..<(inputStart + take)])
+                inputStart += take
+                exchange.incoming = take == remaining ? .complete : .remaining(remaining - take)
+            case .chunked(var decoder):
+                let decoded = input.withUnsafeBytes { bytes in
+                    Result { () throws(HTTPServerError) in try decoder.decode(UnsafeRawBufferPointer(rebasing: bytes[inputStart...]), into: &chunk) }
+                }
+                switch decoded {
+                case .success(let consumed):
+                    inputStart += consumed
+                    exchange.incoming = decoder.isDone ? .complete : .chunked(decoder)
+                case .failure(let error):
+                    // Nothing after this point can be trusted: the handler answers with this error,
+                    // and the connection reads no more.
+                    exchange.failBody(error)
+                    return
+                }
             }
             exchange.lastBodyActivity = server.now
             exchange.receivedBodyBytes += chunk.count
-            if !chunk.isEmpty { exchange.bodyPaused = body.append(chunk) }
-            if exchange.bodyComplete { body.finish() }
+            if !chunk.isEmpty { exchange.isPaused = body.append(chunk) }
+            if exchange.bodyIsComplete { body.finish() }
         }
         compactInput()
     }
@@ -276,58 +270,59 @@ final class HTTPConnection: EventSource {
     // MARK: Responses
 
     private func respond(_ response: HTTPResponse, to exchange: Exchange) {
-        guard case .exchanging(let current) = phase, current === exchange, !exchange.responded else { return }
+        guard case .exchanging(let current, let then) = state, current === exchange, !exchange.responded else { return }
         exchange.responded = true
         let request = exchange.request
         // Keep the connection only if the next request's start is known: the body was read whole.
-        let keepAlive = request.wantsKeepAlive && exchange.bodyComplete && !closeWhenIdle && !server.isShuttingDown && !peerClosed
-        if !exchange.bodyComplete {
-            exchange.body?.fail(HTTPServerError(.badRequest, "the response was sent before the request body was read"))
+        var keepAlive = request.wantsKeepAlive && exchange.bodyIsComplete && then == .nextRequest
+        if !exchange.bodyIsComplete {
+            exchange.failBody(HTTPServerError(.badRequest, "the response was sent before the request body was read"))
         }
-        let sendsBody = request.method != "HEAD" && !response.status.forbidsBody
-        var headers = Self.withoutServerHeaders(response.headers)
-
         switch response.body {
         case .bytes(let bytes):
-            if !response.status.forbidsBody { headers.add("Content-Length", String(bytes.count)) }
-            let head = serializeHead(response.status, headers, version: request.version, keepAlive: keepAlive)
-            enqueue(sendsBody && !bytes.isEmpty ? [head, bytes] : [head], then: nil)
-            finish(exchange, status: response.status, bytesSent: sendsBody ? bytes.count : 0, keepAlive: keepAlive)
+            let framing = OutgoingBodyFraming(status: response.status, bodyLength: bytes.count, requestMethod: request.method, version: request.version)
+            let head = encodeHead(response, framing: framing, version: request.version, keepAlive: keepAlive)
+            let sent = framing == .sized(bytes.count) ? bytes : []
+            enqueue([head, sent], then: nil)
+            finish(exchange, status: response.status, bytesSent: sent.count, keepAlive: keepAlive)
         case .stream(let length, let write):
-            let chunked = length == nil && request.version == .http1_1
-            let streamKeepAlive = keepAlive && (length != nil || chunked)
-            if let length, !response.status.forbidsBody { headers.add("Content-Length", String(length)) }
-            if chunked && sendsBody { headers.add("Transfer-Encoding", "chunked") }
-            enqueue([serializeHead(response.status, headers, version: request.version, keepAlive: streamKeepAlive)], then: nil)
-            guard sendsBody else {
-                finish(exchange, status: response.status, bytesSent: 0, keepAlive: streamKeepAlive)
-                return
+            let framing = OutgoingBodyFraming(status: response.status, bodyLength: length, requestMethod: request.method, version: request.version)
+            keepAlive = keepAlive && framing.allowsKeepAlive
+            enqueue([encodeHead(response, framing: framing, version: request.version, keepAlive: keepAlive)], then: nil)
+            if case .omitted = framing {
+                finish(exchange, status: response.status, bytesSent: 0, keepAlive: keepAlive)
+            } else {
+                streamBody(write, framing: framing, exchange: exchange, status: response.status, keepAlive: keepAlive)
             }
-            streamBody(write, length: length, chunked: chunked, exchange: exchange, status: response.status, keepAlive: streamKeepAlive)
         }
     }
 
+    private func encodeHead(_ response: HTTPResponse, framing: OutgoingBodyFraming, version: HTTPVersion, keepAlive: Bool) -> [UInt8] {
+        HTTPResponseEncoder.head(status: response.status, headers: response.headers, framing: framing, version: version, keepAlive: keepAlive, date: server.httpDate)
+    }
+
     private func streamBody(
-        _ write: @escaping @Sendable (HTTPBodyWriter) async throws -> Void, length: Int?, chunked: Bool,
+        _ write: @escaping @Sendable (HTTPBodyWriter) async throws -> Void, framing: OutgoingBodyFraming,
         exchange: Exchange, status: HTTPStatus, keepAlive: Bool
     ) {
         let target = LoopBound((self, exchange))
         let loop = self.loop
         let progress = StreamProgress()
+        let length: Int? = if case .sized(let length) = framing { length } else { nil }
         let writer = HTTPBodyWriter { bytes in
             try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
-                loop.execute {
+                let scheduled = loop.execute {
                     let connection = target.value.0
                     guard progress.add(bytes.count, limit: length) else {
                         connection.close()
                         continuation.resume(throwing: HTTPServerError(.internalServerError, "the response stream wrote more than its Content-Length"))
                         return
                     }
-                    let framed = chunked ? [Array((String(bytes.count, radix: 16) + "\r\n").utf8), bytes, Array("\r\n".utf8)] : [bytes]
-                    connection.enqueue(framed) { sent in
+                    connection.enqueue(HTTPResponseEncoder.bodyPiece(bytes, framing: framing)) { sent in
                         if sent { continuation.resume() } else { continuation.resume(throwing: HTTPServerError(.badRequest, "the client went away")) }
                     }
                 }
+                if !scheduled { continuation.resume(throwing: HTTPServerError(.serviceUnavailable, "the server has stopped")) }
             }
         }
         Task {
@@ -339,25 +334,23 @@ final class HTTPConnection: EventSource {
                     connection.finish(exchange, status: status, bytesSent: progress.total, keepAlive: false)
                     return
                 }
-                if chunked { connection.enqueue([Array("0\r\n\r\n".utf8)], then: nil) }
+                if framing == .chunked { connection.enqueue([HTTPResponseEncoder.lastChunk], then: nil) }
                 connection.finish(exchange, status: status, bytesSent: progress.total, keepAlive: keepAlive)
             }
         }
     }
 
     private func finish(_ exchange: Exchange, status: HTTPStatus, bytesSent: Int, keepAlive: Bool) {
-        guard case .exchanging(let current) = phase, current === exchange else { return }
+        guard case .exchanging(let current, let then) = state, current === exchange else { return }
         configuration.onRequestCompleted?(CompletedRequest(
             method: exchange.request.method, path: String(exchange.request.path), route: exchange.routePattern, status: status.code,
             requestBodyBytes: exchange.receivedBodyBytes, responseBodyBytes: bytesSent, duration: server.now - exchange.startedAt))
-        phase = .awaitingRequest
         lastActivity = server.now
-        if keepAlive && !closeWhenIdle {
+        if keepAlive && then == .nextRequest {
+            state = .awaitingRequest(headStartedAt: nil)
             process()
         } else {
-            closeWhenIdle = true  // bytes after this exchange are not parsed: its body may be unread
-            updateInterest()
-            enqueue([], then: { [weak self] _ in self?.close() })
+            closeOnceWritten()  // bytes after this exchange are not parsed: its body may be unread
         }
     }
 
@@ -366,34 +359,18 @@ final class HTTPConnection: EventSource {
         let response = configuration.errorResponder(error)
         // A streamed error body is dropped: the connection closes right after this answer.
         let bytes: [UInt8] = if case .bytes(let bytes) = response.body { bytes } else { [] }
-        var headers = Self.withoutServerHeaders(response.headers)
-        headers.add("Content-Length", String(bytes.count))
-        closeWhenIdle = true  // read and parse nothing more
-        updateInterest()
-        enqueue([serializeHead(response.status, headers, version: .http1_1, keepAlive: false), bytes]) { [weak self] _ in self?.close() }
+        enqueue([encodeHead(response, framing: .sized(bytes.count), version: .http1_1, keepAlive: false), bytes], then: nil)
+        closeOnceWritten()
         configuration.onRequestCompleted?(CompletedRequest(
             method: request?.method ?? "-", path: request.map { String($0.path) } ?? "-", route: nil, status: error.status.code,
             requestBodyBytes: 0, responseBodyBytes: bytes.count, duration: .zero))
     }
 
-    /// `headers` without the fields the server sets itself (framing, connection, date).
-    private static func withoutServerHeaders(_ headers: HTTPHeaders) -> HTTPHeaders {
-        var headers = headers
-        for name in ["Content-Length", "Transfer-Encoding", "Connection", "Date"] { headers.remove(name) }
-        return headers
-    }
-
-    private func serializeHead(_ status: HTTPStatus, _ headers: HTTPHeaders, version: HTTPVersion, keepAlive: Bool) -> [UInt8] {
-        var head = "\(version.text) \(status.code) \(status.reasonPhrase)\r\n"
-        for (name, value) in headers { head += "\(name): \(value)\r\n" }
-        head += "Date: \(server.httpDate)\r\n"
-        if !keepAlive {
-            head += "Connection: close\r\n"
-        } else if version == .http1_0 {
-            head += "Connection: keep-alive\r\n"
-        }
-        head += "\r\n"
-        return Array(head.utf8)
+    /// Reads and parses nothing more; closes once everything queued is written.
+    private func closeOnceWritten() {
+        state = .draining
+        updateInterest()
+        enqueue([], then: { [weak self] _ in self?.close() })
     }
 
     // MARK: Writing
@@ -401,17 +378,14 @@ final class HTTPConnection: EventSource {
     /// Queues `buffers` and writes what the socket takes; `completion` runs once everything queued
     /// so far is written (true) or the connection closed first (false).
     private func enqueue(_ buffers: [[UInt8]], then completion: ((Bool) -> Void)?) {
-        if pendingWrites.isEmpty { lastWriteProgress = server.now }
-        pendingWrites.append(contentsOf: buffers.filter { !$0.isEmpty })
-        if let completion { flushCompletions.append(completion) }
+        if writes.isEmpty { lastWriteProgress = server.now }
+        writes.append(buffers, then: completion)
         flush()
     }
 
     private func flush() {
-        while !pendingWrites.isEmpty {
-            let written = withIOVectors(pendingWrites.prefix(64), firstOffset: pendingOffset) { vectors in
-                writev(descriptor, vectors.baseAddress, Int32(vectors.count))
-            }
+        while !writes.isEmpty {
+            let written = writes.withIOVectors { vectors in writev(descriptor, vectors.baseAddress, Int32(vectors.count)) }
             if written < 0 {
                 if errno == EINTR { continue }
                 if errno == EAGAIN { updateInterest(); return }
@@ -419,30 +393,17 @@ final class HTTPConnection: EventSource {
                 return
             }
             lastWriteProgress = server.now
-            var remaining = written
-            while remaining > 0 {
-                let available = pendingWrites[0].count - pendingOffset
-                if remaining >= available {
-                    remaining -= available
-                    pendingWrites.removeFirst()
-                    pendingOffset = 0
-                } else {
-                    pendingOffset += remaining
-                    remaining = 0
-                }
-            }
+            writes.consume(written)
         }
         updateInterest()
-        let completions = flushCompletions
-        flushCompletions.removeAll()
-        for completion in completions { completion(true) }
+        for completion in writes.takeCompletions() { completion(true) }
     }
 
     private func updateInterest() {
-        guard registeredEvents != Self.closedMarker else { return }
+        guard !isClosed else { return }
         var events: UInt32 = 0
         if wantsToRead { events |= EPOLLIN.rawValue }
-        if !pendingWrites.isEmpty { events |= EPOLLOUT.rawValue }
+        if !writes.isEmpty { events |= EPOLLOUT.rawValue }
         if events != registeredEvents {
             registeredEvents = events
             loop.modify(descriptor, events: events)
@@ -450,15 +411,16 @@ final class HTTPConnection: EventSource {
     }
 
     private var wantsToRead: Bool {
-        if peerClosed { return false }
-        switch phase {
-        case .closed: return false
-        case .awaitingRequest: return !closeWhenIdle
-        case .exchanging(let exchange):
+        switch state {
+        case .closed, .draining, .exchanging(_, then: .peerClosed):
+            return false
+        case .awaitingRequest:
+            return true
+        case .exchanging(let exchange, _):
             // While the handler runs, read the body as demanded; pipelined bytes beyond one head's
             // worth wait in the kernel until this response is done.
-            if !exchange.bodyComplete { return !exchange.bodyPaused }
-            return input.count - inputStart < configuration.headLimits.maxHeaderBytes
+            if exchange.isReceiving { return !exchange.isPaused }
+            return exchange.bodyIsComplete && input.count - inputStart < configuration.headLimits.maxHeaderBytes
         }
     }
 
@@ -476,43 +438,37 @@ final class HTTPConnection: EventSource {
 
     /// Enforces the timeouts; called on every loop tick.
     func checkTimeouts(now: ContinuousClock.Instant) {
-        if !pendingWrites.isEmpty && now - lastWriteProgress > configuration.writeTimeout {
+        if !writes.isEmpty && now - lastWriteProgress > configuration.writeTimeout {
             close()
             return
         }
-        switch phase {
-        case .awaitingRequest:
-            if let headStartedAt, now - headStartedAt > configuration.headerTimeout {
+        switch state {
+        case .awaitingRequest(let headStartedAt?):
+            if now - headStartedAt > configuration.headerTimeout {
                 refuseAndClose(HTTPServerError(.requestTimeout, "the request head took longer than \(configuration.headerTimeout)"))
-            } else if headStartedAt == nil && pendingWrites.isEmpty && now - lastActivity > configuration.keepAliveTimeout {
-                close()
             }
-        case .exchanging(let exchange):
-            if !exchange.bodyComplete && !exchange.bodyPaused && exchange.body?.wasDemanded == true
+        case .awaitingRequest(nil):
+            if writes.isEmpty && now - lastActivity > configuration.keepAliveTimeout { close() }
+        case .exchanging(let exchange, _):
+            if exchange.isReceiving && !exchange.isPaused && exchange.body?.wasDemanded == true
                 && now - exchange.lastBodyActivity > configuration.bodyIdleTimeout {
-                exchange.body?.fail(HTTPServerError(.requestTimeout, "no request body bytes arrived for \(configuration.bodyIdleTimeout)"))
-                exchange.bodyPaused = true
-                closeWhenIdle = true
+                exchange.failBody(HTTPServerError(.requestTimeout, "no request body bytes arrived for \(configuration.bodyIdleTimeout)"))
                 updateInterest()
             }
-        case .closed:
+        case .draining, .closed:
             break
         }
     }
 
     func close() {
-        if case .exchanging(let exchange) = phase, !exchange.bodyComplete {
-            exchange.body?.fail(HTTPServerError(.badRequest, "the connection closed before the request body was complete"))
+        if case .exchanging(let exchange, _) = state, !exchange.bodyIsComplete {
+            exchange.failBody(HTTPServerError(.badRequest, "the connection closed before the request body was complete"))
         }
-        guard registeredEvents != Self.closedMarker else { return }
-        registeredEvents = Self.closedMarker
-        phase = .closed
+        guard !isClosed else { return }
+        state = .closed
         loop.unregister(descriptor)
         Glibc.close(descriptor)
-        pendingWrites.removeAll()
-        let completions = flushCompletions
-        flushCompletions.removeAll()
-        for completion in completions { completion(false) }
+        for completion in writes.abandon() { completion(false) }
         server.connectionClosed(self)
     }
 }
@@ -525,19 +481,4 @@ private final class StreamProgress: @unchecked Sendable {
         total += count
         return limit.map { total <= $0 } ?? true
     }
-}
-
-/// Calls `body` with iovecs over `buffers` (the first starting at `firstOffset`).
-private func withIOVectors<Result>(_ buffers: ArraySlice<[UInt8]>, firstOffset: Int, _ body: (UnsafeBufferPointer<iovec>) -> Result) -> Result {
-    var vectors: [iovec] = []
-    vectors.reserveCapacity(buffers.count)
-    func gather(_ index: Int) -> Result {
-        guard index < buffers.endIndex else { return vectors.withUnsafeBufferPointer(body) }
-        return buffers[index].withUnsafeBytes { raw in
-            let offset = index == buffers.startIndex ? firstOffset : 0
-            vectors.append(iovec(iov_base: UnsafeMutableRawPointer(mutating: raw.baseAddress! + offset), iov_len: raw.count - offset))
-            return gather(index + 1)
-        }
-    }
-    return gather(buffers.startIndex)
 }

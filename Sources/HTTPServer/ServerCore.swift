@@ -61,6 +61,8 @@ final class ServerCore: EventSource {
         loop.unregister(listener.descriptor)
     }
 
+    var connectionCount: Int { connections.count }
+
     func connectionClosed(_ connection: HTTPConnection) {
         connections[connection.descriptor] = nil
         if connections.count < configuration.maxConnections { resumeAccepting() }
@@ -103,10 +105,7 @@ final class ServerCore: EventSource {
         isShuttingDown = true
         listener = nil
         shutdownDeadline = now.advanced(by: configuration.shutdownGracePeriod)
-        for connection in Array(connections.values) {
-            connection.closeWhenIdle = true
-            if connection.isIdle { connection.close() }
-        }
+        for connection in Array(connections.values) { connection.beginShutdown() }
         if connections.isEmpty { loop.stop() }
     }
 }
