@@ -135,7 +135,7 @@ def run(arguments):
                "settings": {key: value for key, value in vars(arguments).items() if key not in ("server", "token", "output_dir")}, "strategies": {}}
     for strategy in STRATEGIES:
         federation = f"{run_id}-{strategy.replace('_', '-')}"
-        service.upload(federation, 0, "initial", top_rank, initial)
+        service.upload(initial, federation=federation, round=0, client="initial", rank=top_rank)
         history, diagnostic = [], {}
         for round_ in range(1, arguments.rounds + 1):
             local = {}
@@ -143,16 +143,16 @@ def run(arguments):
                 model = lora_model(base, client["rank"])
                 # Round 1 starts from the initial adapter truncated to the client's rank; later rounds
                 # from the client's own truncation of the last aggregate.
-                lac.load_peft_aggregate(service, federation, round_ - 1, model, client_id=None if round_ == 1 else client["id"], strategy=strategy)
+                lac.load_peft_aggregate(service, model, federation=federation, round=round_ - 1, client=None if round_ == 1 else client["id"], strategy=strategy)
                 x, y = x_train[client["indices"]], y_train[client["indices"]]
                 train(model, x, y, epochs=arguments.local_epochs, learning_rate=arguments.learning_rate, seed=arguments.seed * 1000 + round_ * 100 + int(client["id"][-2:]))
                 local[client["id"]] = accuracy(model, x_test, y_test)
-                lac.upload_peft_model(service, federation, round_, client["id"], model, num_samples=len(client["indices"]))
-            service.seal(federation, round_)
+                lac.upload_peft_model(service, model, federation=federation, round=round_, client=client["id"], num_samples=len(client["indices"]))
+            service.seal(federation=federation, round=round_)
             global_model = lora_model(base, top_rank)
-            lac.load_peft_aggregate(service, federation, round_, global_model, strategy=strategy)
+            lac.load_peft_aggregate(service, global_model, federation=federation, round=round_, strategy=strategy)
             low_model = lora_model(base, arguments.low_rank)
-            lac.load_peft_aggregate(service, federation, round_, low_model, strategy=strategy)
+            lac.load_peft_aggregate(service, low_model, federation=federation, round=round_, strategy=strategy)
             entry = {"round": round_, "global_accuracy": accuracy(global_model, x_test, y_test),
                      "low_rank_truncation_accuracy": accuracy(low_model, x_test, y_test),
                      "mean_local_accuracy": float(np.mean(list(local.values())))}
@@ -160,7 +160,7 @@ def run(arguments):
             if round_ == 1:
                 high = next(client for client in clients if client["rank"] == top_rank)
                 after = lora_model(base, high["rank"])
-                lac.load_peft_aggregate(service, federation, 1, after, client_id=high["id"], strategy=strategy)
+                lac.load_peft_aggregate(service, after, federation=federation, round=1, client=high["id"], strategy=strategy)
                 diagnostic = {"client": high["id"], "rank": high["rank"], "before_aggregation": local[high["id"]],
                               "after_aggregation": accuracy(after, x_test, y_test)}
             print(f"{strategy:>12} round {round_:2d}: global {entry['global_accuracy']:.3f}  rank-{arguments.low_rank} truncation "

@@ -2,6 +2,7 @@
 import contextlib
 import io
 import json
+import socket
 import struct
 import unittest
 from pathlib import Path
@@ -36,27 +37,27 @@ class ClientTests(ServerTestCase):
         peft_directory = Path(self.directory.name) / "peft-adapter"
         peft_directory.mkdir()
         (peft_directory / "adapter_model.safetensors").write_bytes(adapter(2, 1.0))
-        receipt = client.upload_file("fed", 0, "alice", 2, str(peft_directory), weight=3)
+        receipt = client.upload_file(peft_directory, federation="fed", round=0, client="alice", rank=2, weight=3)
         self.assertEqual((receipt["client"], receipt["rank"], receipt["lora_modules"]), ("alice", 2, 1))
-        client.upload("fed", 0, "bob", 4, adapter(4, 2.0), weight=1)
-        status = client.status("fed", 0)
+        client.upload(adapter(4, 2.0), federation="fed", round=0, client="bob", rank=4, weight=1)
+        status = client.status(federation="fed", round=0)
         self.assertEqual([u["client"] for u in status["uploads"]], ["alice", "bob"])
         self.assertEqual(status["max_rank"], 4)
 
         # Replication padding: rows 0-1 are shared (weights 3 and 1), rows 2-3 only bob's.
-        shape, values = read_tensor(client.aggregate("fed", 0), "base_model.model.q.lora_A.weight")
+        shape, values = read_tensor(client.aggregate(federation="fed", round=0), "base_model.model.q.lora_A.weight")
         self.assertEqual(shape, [4, 8])
         self.assertAlmostEqual(values[0], (3 * 1.0 + 1 * 2.0) / 4, places=6)
         self.assertAlmostEqual(values[8 * 3], 2.0, places=6)
         out = Path(self.directory.name) / "out"
         out.mkdir()
-        written = client.download(str(out), "fed", 0, client="alice")
+        written = client.download(out, federation="fed", round=0, client="alice")
         self.assertEqual(Path(written), out / "adapter_model.safetensors")
         self.assertEqual(read_tensor(Path(written).read_bytes(), "base_model.model.q.lora_A.weight")[0], [2, 8])
 
-        self.assertTrue(client.seal("fed", 0)["sealed"])
+        self.assertTrue(client.seal(federation="fed", round=0)["sealed"])
         with self.assertRaises(lac.AggregatorError) as refused:
-            client.upload("fed", 0, "carol", 2, adapter(2, 1.0))
+            client.upload(adapter(2, 1.0), federation="fed", round=0, client="carol", rank=2)
         self.assertEqual(refused.exception.status, 409)
         self.assertIn("sealed", refused.exception.detail)
 
@@ -75,9 +76,24 @@ class ClientTests(ServerTestCase):
         stderr = io.StringIO()
         with contextlib.redirect_stderr(stderr):
             code = lac.main(["--server", self.url, "upload", "--federation", "cli", "--round", "1", "--client", "c2", "--rank", "3", str(path)])
-        self.assertEqual(code, 1)
+        self.assertEqual(code, lac.EXIT_REFUSED)
+        self.assertEqual(stderr.getvalue().count("\n"), 1)
         self.assertIn("422", stderr.getvalue())
         self.assertIn("rank", stderr.getvalue())
+
+    def test_a_refusal_raises_aggregator_error_with_the_problem_details(self):
+        client = lac.Client(self.url)
+        with self.assertRaises(lac.AggregatorError) as missing:
+            client.status(federation="nobody", round=0)
+        self.assertEqual((missing.exception.status, missing.exception.title), (404, "Not Found"))
+        client.upload(adapter(2, 1.0), federation="refusals", round=0, client="a", rank=2)
+        with self.assertRaises(lac.AggregatorClientError) as refused:
+            client.upload(adapter(2, 1.0), federation="refusals", round=0, client="b", rank=3)
+        problem = refused.exception
+        self.assertIsInstance(problem, lac.AggregatorError)
+        self.assertEqual((problem.status, problem.title), (422, "Unprocessable Content"))
+        self.assertTrue(problem.problem_type.startswith("urn:lora-aggregator:problem:"), problem.problem_type)
+        self.assertIn("rank", problem.detail)
 
     def test_safetensors_with_numpy_round_trips_and_the_server_reads_it(self):
         arrays = {"base_model.model.q.lora_B.weight": np.arange(12, dtype=np.float32).reshape(6, 2),
@@ -88,7 +104,7 @@ class ClientTests(ServerTestCase):
         for name, array in arrays.items():
             np.testing.assert_array_equal(decoded[name], array)
             self.assertEqual(decoded[name].dtype, array.dtype)
-        self.assertEqual(lac.Client(self.url).upload("np", 0, "a", 2, data)["tensors"], 2)
+        self.assertEqual(lac.Client(self.url).upload(data, federation="np", round=0, client="a", rank=2)["tensors"], 2)
         with self.assertRaises(ValueError):
             lac.encode_safetensors({"x.lora_A.weight": np.zeros((2, 2), dtype=np.int32)})
 
@@ -103,8 +119,8 @@ class ClientTests(ServerTestCase):
 
     def test_download_with_an_adapter_config_writes_one_whose_r_is_the_rank(self):
         client = lac.Client(self.url)
-        client.upload("cfg", 0, "a", 2, adapter(2, 1.0))
-        client.upload("cfg", 0, "b", 4, adapter(4, 1.0))
+        client.upload(adapter(2, 1.0), federation="cfg", round=0, client="a", rank=2)
+        client.upload(adapter(4, 1.0), federation="cfg", round=0, client="b", rank=4)
         base = Path(self.directory.name) / "base_config.json"
         base.write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q"]}))
         output = Path(self.directory.name) / "cfg-out"
@@ -117,6 +133,46 @@ class ClientTests(ServerTestCase):
         self.assertEqual(read_tensor((output / "adapter_model.safetensors").read_bytes(), "base_model.model.q.lora_A.weight")[0], [2, 8])
         with self.assertRaises(ValueError):
             lac.write_adapter_config(str(output), {"r": 8, "rank_pattern": {"q": 4}}, 2)
+
+
+def unused_port():
+    """A local port with nothing listening: bound so that the kernel picks a free one, then closed."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class WithoutServerTests(unittest.TestCase):
+    """Failures before any answer from the service: nothing listening, nothing answering, no file."""
+
+    def test_nothing_listening_raises_a_transport_error_not_a_refusal(self):
+        url = f"http://127.0.0.1:{unused_port()}"
+        with self.assertRaises(lac.AggregatorClientError) as failed:
+            lac.Client(url).status(federation="fed", round=0)
+        error = failed.exception
+        self.assertIsInstance(error, lac.AggregatorTransportError)
+        self.assertNotIsInstance(error, lac.AggregatorError)
+        self.assertEqual((error.method, error.url), ("GET", url + "/v1/federations/fed/rounds/0"))
+        self.assertIn("refused", error.reason)
+
+    def test_a_server_that_never_answers_times_out_as_a_transport_error(self):
+        with socket.socket() as silent:
+            silent.bind(("127.0.0.1", 0))
+            silent.listen()  # connections complete in the kernel's backlog but are never accepted
+            with self.assertRaises(lac.AggregatorTransportError) as failed:
+                lac.Client(f"http://127.0.0.1:{silent.getsockname()[1]}", timeout=0.2).status(federation="fed", round=0)
+        self.assertIn("timed out", failed.exception.reason)
+
+    def test_command_line_exit_codes_tell_unreachable_from_a_local_problem(self):
+        server = f"http://127.0.0.1:{unused_port()}"
+        for arguments, exit_code, message in (
+                (["status", "--federation", "fed", "--round", "0"], lac.EXIT_UNREACHABLE, "no answer from the service: GET "),
+                (["upload", "--federation", "fed", "--round", "0", "--client", "a", "--rank", "2", "/nonexistent.safetensors"],
+                 lac.EXIT_LOCAL_ERROR, "No such file")):
+            with self.subTest(arguments[0]), contextlib.redirect_stderr(io.StringIO()) as stderr:
+                self.assertEqual(lac.main(["--server", server, *arguments]), exit_code)
+            self.assertEqual(stderr.getvalue().count("\n"), 1)
+            self.assertIn(message, stderr.getvalue())
 
 
 if __name__ == "__main__":

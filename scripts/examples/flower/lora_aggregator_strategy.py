@@ -51,7 +51,7 @@ class LoRAAggregatorStrategy(FedAvg):
             if node not in self.last_uploaders:
                 personalised.append(message)
                 continue
-            data = self.service.aggregate(self.federation, self.last_round, client=self.client_id(node), strategy=self.padding)
+            data = self.service.aggregate(federation=self.federation, round=self.last_round, client=self.client_id(node), strategy=self.padding)
             content = RecordDict({self.arrayrecord_key: self._record(data), self.configrecord_key: message.content[self.configrecord_key]})
             personalised.append(Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN))
         return personalised
@@ -70,14 +70,14 @@ class LoRAAggregatorStrategy(FedAvg):
             if self.rank_key not in metrics:
                 raise ValueError(f"node {reply.metadata.src_node_id} sent no '{self.rank_key}' metric: its LoRA rank")
             data = lac.encode_safetensors({name: array.numpy() for name, array in arrays.items()})
-            self.service.upload(self.federation, server_round, self.client_id(reply.metadata.src_node_id), int(metrics[self.rank_key]), data,
-                                weight=float(metrics[self.weighted_by_key]))
+            self.service.upload(data, federation=self.federation, round=server_round, client=self.client_id(reply.metadata.src_node_id),
+                                rank=int(metrics[self.rank_key]), weight=float(metrics[self.weighted_by_key]))
 
         with ThreadPoolExecutor(self.upload_threads) as pool:
             list(pool.map(upload, valid))
-        self.service.seal(self.federation, server_round)
+        self.service.seal(federation=self.federation, round=server_round)
         self.last_round, self.last_uploaders = server_round, {reply.metadata.src_node_id for reply in valid}
-        arrays = self._record(self.service.aggregate(self.federation, server_round, strategy=self.padding))
+        arrays = self._record(self.service.aggregate(federation=self.federation, round=server_round, strategy=self.padding))
         metrics = self.train_metrics_aggr_fn([reply.content for reply in valid], self.weighted_by_key)
         return arrays, metrics
 

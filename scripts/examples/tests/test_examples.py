@@ -60,7 +60,7 @@ class PeftTests(ServerTestCase):
         service = lac.Client(self.url)
         models = {"alice": (peft_model(2, 1), 30), "bob": (peft_model(8, 2), 10), "carol": (peft_model(4, 3), 20)}
         for client, (model, samples) in models.items():
-            receipt = lac.upload_peft_model(service, "peft", 0, client, model, num_samples=samples)
+            receipt = lac.upload_peft_model(service, model, federation="peft", round=0, client=client, num_samples=samples)
             self.assertEqual((receipt["rank"], receipt["weight"], receipt["lora_modules"]), (model.peft_config["default"].r, samples, 2))
         states = [{name: tensor.detach().numpy() for name, tensor in get_peft_model_state_dict(model).items()} for model, _ in models.values()]
         weights = [samples for _, samples in models.values()]
@@ -68,7 +68,7 @@ class PeftTests(ServerTestCase):
         for client, (model, _) in models.items():
             rank = model.peft_config["default"].r
             fresh = peft_model(rank, seed=99)
-            metadata = lac.load_peft_aggregate(service, "peft", 0, fresh, client_id=client)
+            metadata = lac.load_peft_aggregate(service, fresh, federation="peft", round=0, client=client)
             self.assertEqual((metadata["rank"], metadata["strategy"]), (str(rank), "replication"))
             loaded = get_peft_model_state_dict(fresh)
             for name, expected in replication_reference(states, weights, rank).items():
@@ -77,10 +77,10 @@ class PeftTests(ServerTestCase):
     def test_a_saved_aggregate_loads_with_peft_from_pretrained(self):
         service = lac.Client(self.url)
         low, high = peft_model(2, 4), peft_model(4, 5)
-        lac.upload_peft_model(service, "saved", 0, "low", low, num_samples=1)
-        lac.upload_peft_model(service, "saved", 0, "high", high, num_samples=1)
+        lac.upload_peft_model(service, low, federation="saved", round=0, client="low", num_samples=1)
+        lac.upload_peft_model(service, high, federation="saved", round=0, client="high", num_samples=1)
         directory = Path(self.directory.name) / "saved-adapter"
-        lac.save_peft_aggregate(service, str(directory), "saved", 0, high.peft_config["default"], rank=3)
+        lac.save_peft_aggregate(service, directory, federation="saved", round=0, base_config=high.peft_config["default"], rank=3)
         self.assertEqual(json.loads((directory / "adapter_config.json").read_text())["r"], 3)
         torch.manual_seed(0)
         loaded = PeftModel.from_pretrained(TwoLayers(), str(directory))
@@ -91,9 +91,9 @@ class PeftTests(ServerTestCase):
 
     def test_a_model_whose_rank_differs_from_the_aggregate_is_refused(self):
         service = lac.Client(self.url)
-        lac.upload_peft_model(service, "mismatch", 0, "a", peft_model(2, 6), num_samples=1)
+        lac.upload_peft_model(service, peft_model(2, 6), federation="mismatch", round=0, client="a", num_samples=1)
         with self.assertRaises(ValueError) as refused:
-            lac.load_peft_aggregate(service, "mismatch", 0, peft_model(4, 7), client_id="a")
+            lac.load_peft_aggregate(service, peft_model(4, 7), federation="mismatch", round=0, client="a")
         self.assertIn("r=4", str(refused.exception))
 
 
@@ -106,7 +106,7 @@ class FederatedDemoTests(ServerTestCase):
         for strategy in demo.STRATEGIES:
             federation = results["strategies"][strategy]["federation"]
             for round_ in (1, 2):
-                status = service.status(federation, round_)
+                status = service.status(federation=federation, round=round_)
                 self.assertTrue(status["sealed"])
                 self.assertEqual(sorted(u["rank"] for u in status["uploads"]), [2] * 8 + [16] * 2)
                 self.assertEqual(sum(u["weight"] for u in status["uploads"]), sum(c["samples"] for c in results["clients"]))
@@ -132,14 +132,14 @@ class FlowerStrategyTests(ServerTestCase):
         self.assertEqual([entry["round"] for entry in history], [0, 1, 2])
         service = lac.Client(self.url)
         for round_ in (1, 2):
-            status = service.status("flower", round_)
+            status = service.status(federation="flower", round=round_)
             self.assertTrue(status["sealed"])
             self.assertEqual(sorted(u["rank"] for u in status["uploads"]), [2, 2, 16])
             self.assertTrue(all(u["client"].startswith("node-") for u in status["uploads"]))
         # What Flower evaluated after round 2 is the service's global adapter.
         base, _, _, x_test, y_test = demo.load_task(0)
         model = demo.lora_model(base, 16)
-        lac.load_peft_aggregate(service, "flower", 2, model)
+        lac.load_peft_aggregate(service, model, federation="flower", round=2)
         self.assertAlmostEqual(demo.accuracy(model, x_test, y_test), history[-1]["global_accuracy"], places=6)
         self.assertEqual(LoRAAggregatorStrategy.client_id(7), "node-7")
 
