@@ -1,7 +1,7 @@
 extension AdapterAggregator {
     /// The aggregate at a lower rank, cut from the same round's aggregate at a higher one: LoRA
-    /// A[:r] and B[:, :r] (further axes ride along), dense tensors whole, `rank` in the metadata
-    /// set to r. Equal, byte for byte, to aggregating at rank r, since slice j of a LoRA tensor
+    /// A[:r] and B[:, :r] (further axes ride along; a module of lower rank keeps its own), dense
+    /// tensors whole, `rank` in the metadata set to r. For scale-1 aggregates. Equal, byte for byte, to aggregating at rank r, since slice j of a LoRA tensor
     /// depends only on the slice's owners and weights, never on the output's rank; and it reads only
     /// the aggregate instead of every upload.
     public static func truncate(_ aggregate: SafetensorsFile, toRank rank: Int) throws(AdapterError) -> [UInt8] {
@@ -14,13 +14,15 @@ extension AdapterAggregator {
         var metadata = aggregate.metadata
         metadata["rank"] = String(rank)
         let sources = aggregate.tensors.sorted { $0.name < $1.name }
+        // A module whose global rank is below `rank` keeps its own.
+        let kept = sources.map { min(rank, TensorRole(tensorName: $0.name).rank(of: $0.shape) ?? rank) }
         let layout = try SafetensorsLayout(
-            tensors: sources.map { ($0.name, $0.dtype, TensorRole(tensorName: $0.name).shape($0.shape, withRank: rank)) }, metadata: metadata)
+            tensors: zip(sources, kept).map { ($0.name, $0.dtype, TensorRole(tensorName: $0.name).shape($0.shape, withRank: $1)) }, metadata: metadata)
         return layout.makeFile { base in
-            for (source, target) in zip(sources, layout.tensors) {
+            for ((source, keep), target) in zip(zip(sources, kept), layout.tensors) {
                 aggregate.withBytes(of: source) { bytes in
                     copyLeadingSlices(of: bytes, shape: source.shape, rankAxis: TensorRole(tensorName: source.name).factor?.rankAxis,
-                                      keeping: rank, byteWidth: source.dtype.byteWidth, to: base + target.byteRange.lowerBound)
+                                      keeping: keep, byteWidth: source.dtype.byteWidth, to: base + target.byteRange.lowerBound)
                 }
             }
         }

@@ -18,13 +18,24 @@ public enum AdapterAggregator {
         _ source: some AdapterSource, options: AggregationOptions = .init(), observer: (any AggregationOutputObserver)? = nil
     ) throws -> AggregatedAdapter {
         let participants = try checkedParticipants(try source.participants())
-        let globalRank = participants.values.map(\.rank).max()!
-        let rank = options.rank ?? globalRank
-        guard (1...globalRank).contains(rank) else {
-            throw AdapterError(.rankOutOfRange, "rank \(rank) is outside 1...\(globalRank), the largest rank in the round")
+        let holdings = try source.holdings()
+        let modules = Set(holdings.lazy.compactMap { TensorRole.moduleName(ofTensor: $0.name) })
+        // A module's global rank is the largest any upload gives it, whether or not it holds it.
+        let globalRank = modules.isEmpty
+            ? participants.values.map(\.rank).max()!
+            : modules.map { module in participants.values.map { $0.config.rank(ofModule: module) }.max()! }.max()!
+        var rankLimit: Int?
+        if case .client = options.scaling {} else {
+            let rank = options.rank ?? globalRank
+            guard (1...globalRank).contains(rank) else {
+                throw AdapterError(.rankOutOfRange, "rank \(rank) is outside 1...\(globalRank), the largest rank in the round")
+            }
+            rankLimit = rank
         }
 
-        let plans = try TensorPlan.plans(for: try source.holdings(), participants: participants, rank: rank, strategy: options.strategy)
+        let plans = try TensorPlan.plans(
+            for: holdings, participants: participants, rankLimit: rankLimit, scaling: options.scaling, strategy: options.strategy)
+        let rank = plans.filter(\.isLoRA).map(\.outputRank).max() ?? rankLimit ?? globalRank
         var metadata = options.metadata
         metadata["format"] = "pt"
         metadata["strategy"] = options.strategy.rawValue
@@ -92,7 +103,7 @@ public enum AdapterAggregator {
                 throw AdapterError(.inconsistentSource, "client '\(holder.clientID)' delivered bytes that disagree with its announced dtype and shape", tensor: plan.name)
             }
             if let base = contribution.bytes.baseAddress {
-                plan.add(base, dtype: holder.dtype, clientRank: holder.rank, weight: holder.weight, into: sums)
+                plan.add(base, dtype: holder.dtype, clientRank: holder.rank, weight: holder.foldedWeight, into: sums)
             }
             next += 1
         }

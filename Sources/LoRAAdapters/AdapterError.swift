@@ -30,6 +30,10 @@ public struct AdapterError: Error, Sendable, Equatable, CustomStringConvertible 
         public static let nonFiniteValue = Code("non_finite_value")
         public static let shapeMismatch = Code("shape_mismatch")
 
+        // adapter_config.json: not a JSON object (malformed), or values PEFT would not accept.
+        public static let malformedConfig = Code("malformed_config")
+        public static let invalidConfig = Code("invalid_config")
+
         // Aggregation requests and sources.
         public static let invalidWeight = Code("invalid_weight")
         public static let rankOutOfRange = Code("rank_out_of_range")
@@ -41,7 +45,7 @@ public struct AdapterError: Error, Sendable, Equatable, CustomStringConvertible 
         private static let malformedFileCodes: Set<Code> = [
             .truncatedFile, .headerTooLarge, .headerOutOfBounds, .invalidJSON, .invalidHeader,
             .invalidMetadata, .duplicateTensorName, .unknownDType, .invalidShape, .invalidOffsets,
-            .overlappingOffsets, .dataGap, .trailingBytes, .sizeMismatch,
+            .overlappingOffsets, .dataGap, .trailingBytes, .sizeMismatch, .malformedConfig,
         ]
     }
 

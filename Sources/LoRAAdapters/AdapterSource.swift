@@ -1,15 +1,24 @@
 /// One client's upload in a round, as the aggregation sees it.
-public struct RoundParticipant: Sendable, Hashable {
+public struct RoundParticipant: Sendable, Equatable {
     public let clientID: String
-    public let rank: Int
     /// Positive and finite; typically the client's sample count.
     public let weight: Double
+    /// The ranks and scales of its modules.
+    public let config: AdapterConfig
 
-    public init(clientID: String, rank: Int, weight: Double) {
+    public init(clientID: String, weight: Double, config: AdapterConfig) {
         self.clientID = clientID
-        self.rank = rank
         self.weight = weight
+        self.config = config
     }
+
+    /// An upload tagged with one rank for every module, at scale 1.
+    public init(clientID: String, rank: Int, weight: Double) {
+        self.init(clientID: clientID, weight: weight, config: AdapterConfig(unscaledRank: rank))
+    }
+
+    /// The config's `r`: the rank of every module that no `rank_pattern` key matches.
+    public var rank: Int { config.rank }
 }
 
 /// That `clientID` holds tensor `name` with this dtype and shape; metadata only, no data.
@@ -61,7 +70,11 @@ public struct ClientAdapter: Sendable {
     public let file: SafetensorsFile
 
     public init(clientID: String, rank: Int, weight: Double, file: SafetensorsFile) {
-        self.participant = RoundParticipant(clientID: clientID, rank: rank, weight: weight)
+        self.init(participant: RoundParticipant(clientID: clientID, rank: rank, weight: weight), file: file)
+    }
+
+    public init(participant: RoundParticipant, file: SafetensorsFile) {
+        self.participant = participant
         self.file = file
     }
 }

@@ -8,19 +8,37 @@ public enum AggregationStrategy: String, Sendable, CaseIterable {
     case zeroPadding = "zero_padding"
 }
 
+/// The scale an aggregate is unfolded to (openapi.yaml's aggregation semantics, step 3). The engine
+/// mixes folded factors (`√s·A`, `√s·B`), so the result is at scale 1 until it is divided by `√s_t`.
+public enum TargetScaling: Sendable, Equatable {
+    /// Scale 1: the global adapter as emitted (its config says `lora_alpha = r`).
+    case unit
+    /// One `lora_alpha` for every module, as PEFT applies it: `s_m = lora_alpha / r_m` (`/ √r_m` with
+    /// rsLoRA), `r_m` the module's rank in the answer.
+    case uniform(loraAlpha: Double, useRSLoRA: Bool)
+    /// A client's own adapter: each module cut to its rank in `config` and unfolded with its scale there.
+    case client(AdapterConfig)
+}
+
 /// What to produce from a round.
 public struct AggregationOptions: Sendable {
     public var strategy: AggregationStrategy
-    /// The rank of the LoRA tensors in the result, 1...global rank; nil means the global rank.
+    /// The largest rank of the LoRA tensors in the result, 1...global rank (modules of a lower global
+    /// rank keep theirs); nil means the global rank. Ignored for a `.client` scaling.
     public var rank: Int?
     public var dtype: DType
+    public var scaling: TargetScaling
     /// Extra `__metadata__` entries (the engine sets format, strategy, rank and clients itself).
     public var metadata: [String: String]
 
-    public init(strategy: AggregationStrategy = .replication, rank: Int? = nil, dtype: DType = .f32, metadata: [String: String] = [:]) {
+    public init(
+        strategy: AggregationStrategy = .replication, rank: Int? = nil, dtype: DType = .f32, scaling: TargetScaling = .unit,
+        metadata: [String: String] = [:]
+    ) {
         self.strategy = strategy
         self.rank = rank
         self.dtype = dtype
+        self.scaling = scaling
         self.metadata = metadata
     }
 }
@@ -28,9 +46,9 @@ public struct AggregationOptions: Sendable {
 /// The aggregate: a complete safetensors file.
 public struct AggregatedAdapter: Sendable {
     public let bytes: [UInt8]
-    /// The rank of the LoRA tensors in `bytes`.
+    /// The largest rank of the LoRA tensors in `bytes`.
     public let rank: Int
-    /// The largest rank in the round.
+    /// The largest module rank in the round.
     public let globalRank: Int
     public let clientCount: Int
 }

@@ -12,6 +12,9 @@ struct TensorPlan {
         /// This client's rank for the tensor (1 for dense tensors).
         let rank: Int
         let weight: Double
+        /// What the client's values are multiplied by when summed: `w·√s` for a LoRA factor (folding
+        /// the client's scale into it), `w` for a dense tensor. With `s = 1` this is `w` exactly.
+        let foldedWeight: Double
     }
 
     let name: String
@@ -24,24 +27,32 @@ struct TensorPlan {
     let outputRank: Int
     /// Divisor of each output rank slice; +∞ where no client owns the slice (the slice stays 0).
     let denominators: [Double]
+    /// `√s_t`, what the means are divided by to unfold them to the target scale (1: left as they are).
+    let unfoldingDivisor: Double
 
+    let isLoRA: Bool
+
+    /// - Parameter rankLimit: the largest output rank (nil for a client's own ranks, from `scaling`).
     static func plans(
-        for holdings: [TensorHolding], participants: [String: RoundParticipant], rank: Int, strategy: AggregationStrategy
+        for holdings: [TensorHolding], participants: [String: RoundParticipant], rankLimit: Int?, scaling: TargetScaling,
+        strategy: AggregationStrategy
     ) throws(AdapterError) -> [TensorPlan] {
         let byName = Dictionary(grouping: holdings, by: \.name)
         var plans: [TensorPlan] = []
         plans.reserveCapacity(byName.count)
         for name in byName.keys.sorted() {
             let group = byName[name]!.sorted { $0.clientID < $1.clientID }
-            plans.append(try TensorPlan(name: name, holdings: group, participants: participants, rank: rank, strategy: strategy))
+            plans.append(try TensorPlan(name: name, holdings: group, participants: participants, rankLimit: rankLimit, scaling: scaling, strategy: strategy))
         }
         return plans
     }
 
     private init(
-        name: String, holdings: [TensorHolding], participants: [String: RoundParticipant], rank: Int, strategy: AggregationStrategy
+        name: String, holdings: [TensorHolding], participants: [String: RoundParticipant], rankLimit: Int?, scaling: TargetScaling,
+        strategy: AggregationStrategy
     ) throws(AdapterError) {
         let role = TensorRole(tensorName: name)
+        let module = role.factor != nil ? TensorRole.moduleName(ofTensor: name) : nil
         let reference = holdings[0]
         var holders: [Holder] = []
         for (index, holding) in holdings.enumerated() {
@@ -53,19 +64,42 @@ struct TensorPlan {
             }
             try RoundShapeCheck.check(name: name, shape: holding.shape, against: reference.shape)
             let clientRank: Int
-            if role.factor != nil {
+            var foldedWeight = participant.weight
+            if let module {
                 guard let tensorRank = role.rank(of: holding.shape), tensorRank >= 1 else {
                     throw AdapterError(.invalidRank, "client '\(holding.clientID)' has shape \(holding.shape), with no positive rank axis", tensor: name)
                 }
+                guard tensorRank == participant.config.rank(ofModule: module) else {
+                    throw AdapterError(.inconsistentSource, "client '\(holding.clientID)' has rank \(tensorRank) here but \(participant.config.rank(ofModule: module)) in its config", tensor: name)
+                }
                 clientRank = tensorRank
+                foldedWeight *= participant.config.scale(ofModule: module).squareRoot()
             } else {
                 clientRank = 1
             }
-            holders.append(Holder(clientID: holding.clientID, dtype: holding.dtype, shape: holding.shape, rank: clientRank, weight: participant.weight))
+            holders.append(Holder(
+                clientID: holding.clientID, dtype: holding.dtype, shape: holding.shape, rank: clientRank, weight: participant.weight, foldedWeight: foldedWeight))
+        }
+        var rank = 1
+        var unfoldingDivisor = 1.0
+        if let module {
+            let moduleGlobalRank = participants.values.map { $0.config.rank(ofModule: module) }.max()!
+            switch scaling {
+            case .unit:
+                rank = min(rankLimit ?? moduleGlobalRank, moduleGlobalRank)
+            case .uniform(let loraAlpha, let useRSLoRA):
+                rank = min(rankLimit ?? moduleGlobalRank, moduleGlobalRank)
+                unfoldingDivisor = AdapterConfig.scale(alpha: loraAlpha, rank: rank, useRSLoRA: useRSLoRA).squareRoot()
+            case .client(let config):
+                rank = min(config.rank(ofModule: module), moduleGlobalRank)
+                unfoldingDivisor = AdapterConfig.scale(alpha: config.alpha(ofModule: module), rank: rank, useRSLoRA: config.useRSLoRA).squareRoot()
+            }
         }
 
         self.name = name
         self.holders = holders
+        self.unfoldingDivisor = unfoldingDivisor
+        isLoRA = module != nil
         switch role.factor {
         case .a:
             outer = 1
@@ -152,7 +186,17 @@ struct TensorPlan {
                 let blockOffset = block &* outputRank &* inner
                 let blockSums = base + blockOffset
                 let blockDestination = destination + blockOffset &* Codec.dtype.byteWidth
-                if inner == 1 {
+                if unfoldingDivisor != 1 {
+                    // Unfolding: the mean first, then `/ √s_t`, so a cut from a scale-1 Float64
+                    // aggregate rounds the same values.
+                    for slice in 0..<outputRank {
+                        let runStart = slice &* inner
+                        let divisor = divisors[slice]
+                        for index in runStart..<(runStart &+ inner) {
+                            Codec.store(blockSums[index] / divisor / unfoldingDivisor, to: blockDestination, at: index)
+                        }
+                    }
+                } else if inner == 1 {
                     // B tensors: one element per slice, so each block is divided by the divisor vector.
                     for slice in 0..<outputRank {
                         Codec.store(blockSums[slice] / divisors[slice], to: blockDestination, at: slice)

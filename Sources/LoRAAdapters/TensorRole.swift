@@ -32,6 +32,20 @@ public enum TensorRole: Sendable, Hashable {
         self = .dense
     }
 
+    /// The module a LoRA tensor belongs to, as PEFT's patterns match it: the name without the
+    /// factor's suffix (and its dot) and without a leading `base_model.model.`; nil for a dense tensor.
+    public static func moduleName(ofTensor name: String) -> String? {
+        for (aSuffix, bSuffix) in suffixes {
+            for suffix in [aSuffix, bSuffix] where name.hasSuffix(suffix) {
+                var module = name.dropLast(suffix.count)
+                if module.hasSuffix(".") { module = module.dropLast() }
+                if module.hasPrefix("base_model.model.") { module = module.dropFirst("base_model.model.".count) }
+                return String(module)
+            }
+        }
+        return nil
+    }
+
     public var factor: LoRAFactor? {
         if case .lora(let factor, _) = self { return factor }
         return nil

@@ -26,17 +26,51 @@ public struct TestTensor {
 
 public struct TestClient {
     public let id: String
+    /// The config's `r`: the rank of every module no `rankPattern` key names.
     public let rank: Int
     public let weight: Double
     public let dtype: DType
     public let tensors: [String: TestTensor]
+    /// nil: tagged with its rank alone (scale 1).
+    public let loraAlpha: Double?
+    public let useRSLoRA: Bool
+    /// Plain module-name keys (no regular-expression syntax), in the order PEFT would try them.
+    public let rankPattern: [(String, Int)]
+    public let alphaPattern: [(String, Double)]
 
-    public init(id: String, rank: Int, weight: Double, dtype: DType, tensors: [String: TestTensor]) {
+    public init(
+        id: String, rank: Int, weight: Double, dtype: DType, tensors: [String: TestTensor], loraAlpha: Double? = nil, useRSLoRA: Bool = false,
+        rankPattern: [(String, Int)] = [], alphaPattern: [(String, Double)] = []
+    ) {
         self.id = id
         self.rank = rank
         self.weight = weight
         self.dtype = dtype
         self.tensors = tensors
+        self.loraAlpha = loraAlpha
+        self.useRSLoRA = useRSLoRA
+        self.rankPattern = rankPattern
+        self.alphaPattern = alphaPattern
+    }
+
+    /// A plain key names a module when it is the module's name or a dotted tail of it.
+    private static func key(_ key: String, names module: String) -> Bool { module == key || module.hasSuffix("." + key) }
+
+    public func rank(ofModule module: String) -> Int { rankPattern.first { Self.key($0.0, names: module) }?.1 ?? rank }
+
+    /// The factor PEFT multiplies this client's `B·A` of `module` by.
+    public func scale(ofModule module: String) -> Double {
+        let alpha = alphaPattern.first { Self.key($0.0, names: module) }?.1 ?? loraAlpha ?? Double(rank)
+        let r = Double(rank(ofModule: module))
+        return useRSLoRA ? alpha / r.squareRoot() : alpha / r
+    }
+
+    /// The engine's view of this client: its `adapter_config.json` as PEFT writes it.
+    public func participant() throws -> RoundParticipant {
+        let config = try AdapterConfig(
+            rank: rank, loraAlpha: loraAlpha, useRSLoRA: useRSLoRA,
+            rankPattern: rankPattern.map { PatternEntry(key: $0.0, value: $0.1) }, alphaPattern: alphaPattern.map { PatternEntry(key: $0.0, value: $0.1) })
+        return RoundParticipant(clientID: id, weight: weight, config: config)
     }
 
     public func safetensors() throws -> SafetensorsFile {
@@ -99,8 +133,56 @@ public enum TestRound {
         }
     }
 
+    /// A random round of PEFT-style clients: 2–7 clients with `lora_alpha` from {8, 16, 32} and ranks
+    /// from {2, 4, 8, 16}, some with rsLoRA, some with a `rank_pattern` or `alpha_pattern` for one module.
+    public static func randomScaled(seed: UInt64, dtypes: [DType] = DType.allCases) -> [TestClient] {
+        var random = SeededGenerator(seed: seed)
+        let clientCount = Int.random(in: 2...7, using: &random)
+        let patternKeys = ["q_proj", "layers.1.attn.v_proj", "conv", "embed_tokens"]
+        return (0..<clientCount).map { index in
+            let rank = [2, 4, 8, 16].randomElement(using: &random)!
+            let dtype = dtypes.randomElement(using: &random)!
+            let rankPattern = Bool.random(using: &random) ? [(patternKeys.randomElement(using: &random)!, [1, 2, 3, 8].randomElement(using: &random)!)] : []
+            let alphaPattern = Bool.random(using: &random) ? [(patternKeys.randomElement(using: &random)!, [4.0, 64].randomElement(using: &random)!)] : []
+            let client = TestClient(
+                id: "client-\(index)", rank: rank, weight: Double.random(in: 0.1...100, using: &random), dtype: dtype, tensors: [:],
+                loraAlpha: [8.0, 16, 32].randomElement(using: &random)!, useRSLoRA: Bool.random(using: &random),
+                rankPattern: rankPattern, alphaPattern: alphaPattern)
+            var modules = TestModule.allCases.filter { _ in Bool.random(using: &random) || Bool.random(using: &random) }
+            if !modules.contains(where: { ![.classifierWeight, .classifierBias].contains($0) }) { modules.append(.query) }
+            var tensors: [String: TestTensor] = [:]
+            for module in modules {
+                let moduleRank = module.name.map { client.rank(ofModule: $0) } ?? 1
+                for (name, shape) in module.tensors(rank: moduleRank) {
+                    tensors[name] = TestTensor(shape: shape, values: (0..<shape.reduce(1, *)).map { _ in randomValue(for: dtype, using: &random) })
+                }
+            }
+            return TestClient(
+                id: client.id, rank: rank, weight: client.weight, dtype: dtype, tensors: tensors, loraAlpha: client.loraAlpha,
+                useRSLoRA: client.useRSLoRA, rankPattern: rankPattern, alphaPattern: alphaPattern)
+        }
+    }
+
     public static func source(_ clients: [TestClient]) throws -> InMemoryAdapterSource {
-        InMemoryAdapterSource(try clients.map { ClientAdapter(clientID: $0.id, rank: $0.rank, weight: $0.weight, file: try $0.safetensors()) })
+        InMemoryAdapterSource(try clients.map { ClientAdapter(participant: try $0.participant(), file: try $0.safetensors()) })
+    }
+}
+
+extension TestModule {
+    /// The module's name as PEFT's patterns see it (nil for the dense tensors).
+    public var name: String? {
+        switch self {
+        case .query: "layers.0.attn.q_proj"
+        case .value: "layers.1.attn.v_proj"
+        case .conv: "stem.conv"
+        case .embedding: "embed_tokens"
+        case .classifierWeight, .classifierBias: nil
+        }
+    }
+
+    /// The module a tensor name belongs to, by this table (not by the engine's parsing).
+    static func name(ofTensor tensor: String) -> String? {
+        allCases.first { module in module.tensors(rank: 1).contains { $0.0 == tensor } }?.name
     }
 }
 
@@ -109,14 +191,30 @@ public enum TestRound {
 public enum LiteralReference {
     public enum Padding { case replication, zeros }
 
+    /// What the reference is asked for: ranks and the scale to unfold to.
+    public enum Target {
+        /// The global adapter at scale 1, each module at min(rank, its global rank).
+        case global(rank: Int)
+        /// The global adapter, each module at min(rank, its global rank), unfolded to one `lora_alpha`.
+        case uniform(rank: Int, loraAlpha: Double, useRSLoRA: Bool)
+        /// A client's own adapter: its module ranks and scales.
+        case client(TestClient)
+    }
+
     public static func aggregate(_ clients: [TestClient], padding: Padding, rank: Int) -> [String: TestTensor] {
-        let globalRank = clients.map(\.rank).max()!
+        aggregate(clients, padding: padding, target: .global(rank: rank))
+    }
+
+    /// Folds each client's factors by `√s`, pads every client literally up to the module's global
+    /// rank (with the owners' aggregate or zeros), averages over the holders, cuts to the target rank
+    /// and divides by `√s_t`.
+    public static func aggregate(_ clients: [TestClient], padding: Padding, target: Target) -> [String: TestTensor] {
         let names = Set(clients.flatMap(\.tensors.keys))
         var result: [String: TestTensor] = [:]
         for name in names {
             let holders = clients.filter { $0.tensors[name] != nil }
             let totalWeight = holders.map(\.weight).reduce(0, +)
-            guard let axis = rankAxis(of: name) else {
+            guard let axis = rankAxis(of: name), let module = TestModule.name(ofTensor: name) else {
                 let count = holders[0].tensors[name]!.values.count
                 var mean = [Double](repeating: 0, count: count)
                 for client in holders {
@@ -125,13 +223,16 @@ public enum LiteralReference {
                 result[name] = TestTensor(shape: holders[0].tensors[name]!.shape, values: mean)
                 continue
             }
-            // Every client's own slices along the rank axis, then each padded up to the global rank.
+            let globalRank = clients.map { $0.rank(ofModule: module) }.max()!
+            // Every client's own slices along the rank axis, folded, then each padded up to the global rank.
             let ownSlices = holders.map { client in
-                (0..<client.rank).map { slice(client.tensors[name]!, axis: axis, index: $0) }
+                (0..<client.rank(ofModule: module)).map { index in
+                    slice(client.tensors[name]!, axis: axis, index: index).map { $0 * client.scale(ofModule: module).squareRoot() }
+                }
             }
             let sliceSize = ownSlices[0][0].count
             let ownerAggregate: [[Double]] = (0..<globalRank).map { j in
-                let owners = holders.indices.filter { holders[$0].rank > j }
+                let owners = holders.indices.filter { ownSlices[$0].count > j }
                 let ownerWeight = owners.map { holders[$0].weight }.reduce(0, +)
                 var aggregate = [Double](repeating: 0, count: sliceSize)
                 for owner in owners {
@@ -142,13 +243,20 @@ public enum LiteralReference {
             var globalSlices = [[Double]](repeating: [Double](repeating: 0, count: sliceSize), count: globalRank)
             for (client, own) in zip(holders, ownSlices) {
                 for j in 0..<globalRank {
-                    let padded: [Double] = j < client.rank ? own[j] : (padding == .replication ? ownerAggregate[j] : [Double](repeating: 0, count: sliceSize))
+                    let padded: [Double] = j < own.count ? own[j] : (padding == .replication ? ownerAggregate[j] : [Double](repeating: 0, count: sliceSize))
                     for index in 0..<sliceSize { globalSlices[j][index] += client.weight * padded[index] / totalWeight }
                 }
             }
+            let (targetRank, targetScale): (Int, Double) = switch target {
+            case .global(let rank): (min(rank, globalRank), 1)
+            case .uniform(let rank, let alpha, let rsLoRA):
+                (min(rank, globalRank), rsLoRA ? alpha / Double(min(rank, globalRank)).squareRoot() : alpha / Double(min(rank, globalRank)))
+            case .client(let client): (client.rank(ofModule: module), client.scale(ofModule: module))
+            }
             var shape = holders[0].tensors[name]!.shape
-            shape[axis] = rank
-            result[name] = TestTensor(shape: shape, values: assemble(Array(globalSlices.prefix(rank)), shape: shape, axis: axis))
+            shape[axis] = targetRank
+            let unfolded = globalSlices.prefix(targetRank).map { $0.map { $0 / targetScale.squareRoot() } }
+            result[name] = TestTensor(shape: shape, values: assemble(unfolded, shape: shape, axis: axis))
         }
         return result
     }
