@@ -11,11 +11,7 @@ struct SQLiteAdapterSource: AdapterSource {
     func participants() throws -> [RoundParticipant] {
         let statement = try connection.statement("SELECT client, rank, weight FROM uploads WHERE federation = ?1 AND round = ?2")
         try statement.bind(.text(federation), .integer(round))
-        var participants: [RoundParticipant] = []
-        while try statement.step() {
-            participants.append(RoundParticipant(clientID: statement.text(0), rank: Int(statement.integer(1)), weight: statement.real(2)))
-        }
-        return participants
+        return try statement.rows { RoundParticipant(clientID: $0.text(0), rank: Int($0.integer(1)), weight: $0.real(2)) }
     }
 
     func holdings() throws -> [TensorHolding] {
@@ -24,11 +20,7 @@ struct SQLiteAdapterSource: AdapterSource {
             WHERE u.federation = ?1 AND u.round = ?2
             """)
         try statement.bind(.text(federation), .integer(round))
-        var holdings: [TensorHolding] = []
-        while try statement.step() {
-            holdings.append(TensorHolding(name: statement.text(1), clientID: statement.text(0), dtype: try Self.dtype(statement.text(2)), shape: Self.shape(statement.text(3))))
-        }
-        return holdings
+        return try statement.rows { TensorHolding(name: $0.text(1), clientID: $0.text(0), dtype: try Self.dtype($0.text(2)), shape: Self.shape($0.text(3))) }
     }
 
     func forEachContribution(toTensor tensorName: String, _ body: (TensorContribution) throws -> Void) throws {

@@ -145,6 +145,13 @@ final class SQLiteStatement {
     /// Steps a statement that returns no rows.
     func run() throws(StoreError) { _ = try step() }
 
+    /// Steps through every row, each decoded by `decode`.
+    func rows<Row>(_ decode: (SQLiteStatement) throws -> Row) throws -> [Row] {
+        var rows: [Row] = []
+        while try step() { rows.append(try decode(self)) }
+        return rows
+    }
+
     func integer(_ column: Int32) -> Int64 { sqlite3_column_int64(raw, column) }
     func real(_ column: Int32) -> Double { sqlite3_column_double(raw, column) }
     func text(_ column: Int32) -> String { sqlite3_column_text(raw, column).map { String(cString: $0) } ?? "" }
