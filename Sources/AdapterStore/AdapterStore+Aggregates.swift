@@ -1,3 +1,4 @@
+import Digests
 import LoRAAdapters
 
 extension AdapterStore {

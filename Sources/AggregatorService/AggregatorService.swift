@@ -1,4 +1,5 @@
 import AdapterStore
+import Digests
 import Dispatch
 import Foundation
 import HTTPServer

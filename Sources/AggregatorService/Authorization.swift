@@ -1,4 +1,5 @@
 import AdapterStore
+import Digests
 import Foundation
 import HTTPServer
 

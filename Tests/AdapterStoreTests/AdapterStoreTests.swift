@@ -1,4 +1,5 @@
 @testable import AdapterStore
+import Digests
 import Foundation
 import LoRAAdapters
 import TestSupport
