@@ -6,7 +6,7 @@ extension AdapterStore {
     /// cache when the round has not changed since it was computed. Nil when the round has no
     /// uploads, or `client` has none in it. Throws `rankOutOfRange` for a rank past the global one.
     public func aggregate(
-        federation: String, round: Int64, client: String?, strategy: AggregationStrategy, rank: Int?, dtype: DType
+        federation: FederationID, round: RoundNumber, client: ClientID?, strategy: AggregationStrategy, rank: Int?, dtype: DType
     ) async throws -> StoredAggregate? {
         let outcome = try await aggregate(federation: federation, round: round, client: client, strategy: strategy, rank: rank, dtype: dtype) { _ in .compute }
         guard case .complete(let aggregate)? = outcome else { return nil }
@@ -17,7 +17,7 @@ extension AdapterStore {
     /// process or another on the same file) for the round as it is now: then its digest is on
     /// record and `plan` decides whether to compute it at all, and whether to stream it.
     public func aggregate(
-        federation: String, round: Int64, client: String?, strategy: AggregationStrategy, rank requestedRank: Int?, dtype: DType,
+        federation: FederationID, round: RoundNumber, client: ClientID?, strategy: AggregationStrategy, rank requestedRank: Int?, dtype: DType,
         whenDigestKnown plan: @escaping @Sendable (AggregateDigest) -> KnownDigestPlan
     ) async throws -> AggregateOutcome? {
         try await reader.read { [self] (connection, handOver: (AggregateOutcome?) -> Void) in
@@ -26,7 +26,7 @@ extension AdapterStore {
                 return handOver(.complete(StoredAggregate(bytes: cached.bytes, sha256: cached.sha256, rank: cached.rank, fromCache: true)))
             }
             let source = SQLiteAdapterSource(connection: connection, federation: federation, round: round)
-            let options = AggregationOptions(strategy: strategy, rank: key.rank, dtype: dtype, metadata: ["federation": federation, "round": String(round)])
+            let options = AggregationOptions(strategy: strategy, rank: key.rank, dtype: dtype, metadata: ["federation": federation.rawValue, "round": round.description])
             let recorded = try Self.recordedDigest(connection, key)
             let planned = recorded.map { ($0, plan($0)) }
             if case let (digest, .digestOnly)? = planned { return handOver(.digestOnly(digest)) }
@@ -92,18 +92,18 @@ extension AdapterStore {
     /// The cache key of a request against the round as it is now; nil when the round has no
     /// uploads or `client` has none in it.
     private static func aggregateKey(
-        _ connection: SQLiteConnection, _ federation: String, _ round: Int64, _ client: String?,
+        _ connection: SQLiteConnection, _ federation: FederationID, _ round: RoundNumber, _ client: ClientID?,
         _ strategy: AggregationStrategy, _ requestedRank: Int?, _ dtype: DType
     ) throws -> AggregateCache.Key? {
         let participants = try SQLiteAdapterSource(connection: connection, federation: federation, round: round).participants()
         guard !participants.isEmpty else { return nil }
         var rank = requestedRank
         if let client {
-            guard let participant = participants.first(where: { $0.clientID == client }) else { return nil }
+            guard let participant = participants.first(where: { $0.clientID == client.rawValue }) else { return nil }
             rank = participant.rank
         }
         let revision = try connection.statement("SELECT revision FROM rounds WHERE federation = ?1 AND round = ?2")
-        try revision.bind(.text(federation), .integer(round))
+        try revision.bind(.id(federation), .round(round))
         _ = try revision.step()
         return AggregateCache.Key(federation: federation, round: round, revision: revision.integer(0), strategy: strategy,
                                   rank: rank ?? participants.map(\.rank).max()!, dtype: dtype)
@@ -121,7 +121,7 @@ extension AdapterStore {
     private static let digestKeyColumns =
         "federation = ?1 AND round = ?2 AND revision = ?3 AND strategy = ?4 AND rank = ?5 AND dtype = ?6 AND engine_version = ?7"
     private static func digestKey(_ key: AggregateCache.Key) -> [SQLiteValue] {
-        [.text(key.federation), .integer(key.round), .integer(key.revision), .text(key.strategy.rawValue),
+        [.id(key.federation), .round(key.round), .integer(key.revision), .text(key.strategy.rawValue),
          .integer(Int64(key.rank)), .text(key.dtype.rawValue), .integer(Int64(AdapterAggregator.outputVersion))]
     }
 

@@ -10,14 +10,14 @@ extension AdapterStore {
             try Self.ensureRoundOpen(connection, upload.federation, upload.round)
             try Self.checkShapes(of: upload, against: connection)
             let existing = try connection.statement("DELETE FROM uploads WHERE federation = ?1 AND round = ?2 AND client = ?3")
-            try existing.bind(.text(upload.federation), .integer(upload.round), .text(upload.client)).run()
+            try existing.bind(.id(upload.federation), .round(upload.round), .id(upload.client)).run()
             let replaced = connection.changes > 0
 
             let headerLength = 8 + Int(upload.file.bytes.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) })
             try connection.statement("""
                 INSERT INTO uploads (federation, round, client, rank, weight, bytes, sha256, uploaded_at, header)
                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), ?8)
-                """).bind(.text(upload.federation), .integer(upload.round), .text(upload.client), .integer(Int64(upload.rank)),
+                """).bind(.id(upload.federation), .round(upload.round), .id(upload.client), .integer(Int64(upload.rank)),
                           .real(upload.weight), .integer(Int64(upload.file.bytes.count)), .text(upload.sha256),
                           .blob(Array(upload.file.bytes[0..<headerLength]))).run()
             let uploadID = connection.lastInsertedRowID
@@ -36,11 +36,11 @@ extension AdapterStore {
     }
 
     /// The client's stored file, byte for byte as uploaded (decompressed), with its record.
-    public func upload(federation: String, round: Int64, client: String) async throws -> (record: UploadRecord, file: [UInt8])? {
+    public func upload(federation: FederationID, round: RoundNumber, client: ClientID) async throws -> (record: UploadRecord, file: [UInt8])? {
         try await reader.read { connection in
             guard let record = try Self.uploadRecords(connection, federation, round, client: client).first else { return nil }
             let header = try connection.statement("SELECT id, header FROM uploads WHERE federation = ?1 AND round = ?2 AND client = ?3")
-            try header.bind(.text(federation), .integer(round), .text(client))
+            try header.bind(.id(federation), .round(round), .id(client))
             guard try header.step() else { return nil }
             var file = header.blob(1)
             file.reserveCapacity(record.bytes)
@@ -52,12 +52,12 @@ extension AdapterStore {
     }
 
     /// Deletes the client's upload; false when there was none. Throws `roundSealed`.
-    public func deleteUpload(federation: String, round: Int64, client: String) async throws -> Bool {
+    public func deleteUpload(federation: FederationID, round: RoundNumber, client: ClientID) async throws -> Bool {
         defer { scheduleCheckpoint() }
         return try await writer.write { connection in
             try Self.ensureRoundOpen(connection, federation, round)
             try connection.statement("DELETE FROM uploads WHERE federation = ?1 AND round = ?2 AND client = ?3")
-                .bind(.text(federation), .integer(round), .text(client)).run()
+                .bind(.id(federation), .round(round), .id(client)).run()
             guard connection.changes > 0 else { return false }
             try Self.roundChanged(connection, federation, round)
             return true
@@ -65,20 +65,20 @@ extension AdapterStore {
     }
 
     /// The round's upload records (or only `client`'s), sorted by client id.
-    static func uploadRecords(_ connection: SQLiteConnection, _ federation: String, _ round: Int64, client: String? = nil) throws -> [UploadRecord] {
+    static func uploadRecords(_ connection: SQLiteConnection, _ federation: FederationID, _ round: RoundNumber, client: ClientID? = nil) throws -> [UploadRecord] {
         let statement = try connection.statement("""
             SELECT \(UploadRecord.columns) FROM uploads
             WHERE federation = ?1 AND round = ?2 AND (?3 IS NULL OR client = ?3) ORDER BY client
             """)
-        try statement.bind(.text(federation), .integer(round), client.map { .text($0) } ?? .null)
+        try statement.bind(.id(federation), .round(round), client.map { .id($0) } ?? .null)
         return try statement.rows(UploadRecord.init(row:))
     }
 
-    private static func ensureRoundOpen(_ connection: SQLiteConnection, _ federation: String, _ round: Int64) throws {
+    private static func ensureRoundOpen(_ connection: SQLiteConnection, _ federation: FederationID, _ round: RoundNumber) throws {
         try connection.statement("INSERT INTO rounds (federation, round) VALUES (?1, ?2) ON CONFLICT DO NOTHING")
-            .bind(.text(federation), .integer(round)).run()
+            .bind(.id(federation), .round(round)).run()
         let sealed = try connection.statement("SELECT sealed FROM rounds WHERE federation = ?1 AND round = ?2")
-        try sealed.bind(.text(federation), .integer(round))
+        try sealed.bind(.id(federation), .round(round))
         if try sealed.step(), sealed.integer(0) != 0 {
             throw StoreError(.roundSealed, "round \(round) of federation '\(federation)' is sealed")
         }
@@ -90,7 +90,7 @@ extension AdapterStore {
             SELECT t.name, t.shape FROM uploads u JOIN tensors t ON t.upload_id = u.id
             WHERE u.federation = ?1 AND u.round = ?2 AND u.client != ?3 GROUP BY t.name
             """)
-        try statement.bind(.text(upload.federation), .integer(upload.round), .text(upload.client))
+        try statement.bind(.id(upload.federation), .round(upload.round), .id(upload.client))
         while try statement.step() {
             guard let tensor = upload.file.tensor(named: statement.text(0)) else { continue }
             try RoundShapeCheck.check(name: tensor.name, shape: tensor.shape, against: SQLiteAdapterSource.shape(statement.text(1)))
@@ -99,10 +99,10 @@ extension AdapterStore {
 
     /// A change to a round's uploads: a new revision, so no cached aggregate or recorded digest of
     /// it matches any more (and the recorded ones can go).
-    private static func roundChanged(_ connection: SQLiteConnection, _ federation: String, _ round: Int64) throws {
+    private static func roundChanged(_ connection: SQLiteConnection, _ federation: FederationID, _ round: RoundNumber) throws {
         try connection.statement("UPDATE rounds SET revision = revision + 1 WHERE federation = ?1 AND round = ?2")
-            .bind(.text(federation), .integer(round)).run()
+            .bind(.id(federation), .round(round)).run()
         try connection.statement("DELETE FROM aggregate_digests WHERE federation = ?1 AND round = ?2")
-            .bind(.text(federation), .integer(round)).run()
+            .bind(.id(federation), .round(round)).run()
     }
 }

@@ -173,6 +173,10 @@ enum SQLiteValue {
     case blob([UInt8])
     case borrowedBlob(UnsafeRawBufferPointer)
     case null
+
+    /// A federation or client id, as its text.
+    static func id<Kind>(_ id: Identifier<Kind>) -> SQLiteValue { .text(id.rawValue) }
+    static func round(_ round: RoundNumber) -> SQLiteValue { .integer(round.rawValue) }
 }
 
 /// Reads whole blobs through SQLite's incremental I/O into one buffer it reuses, instead of the

@@ -3,7 +3,7 @@ extension UploadRecord {
     static let columns = "client, rank, weight, bytes, sha256, uploaded_at"
 
     init(row: SQLiteStatement) {
-        self.init(client: row.text(0), rank: Int(row.integer(1)), weight: row.real(2),
+        self.init(client: ClientID(stored: row.text(0)), rank: Int(row.integer(1)), weight: row.real(2),
                   bytes: Int(row.integer(3)), sha256: row.text(4), uploadedAt: row.text(5))
     }
 }
@@ -11,7 +11,7 @@ extension UploadRecord {
 extension RoundSummary {
     /// Reads (round, sealed, upload count, highest rank).
     init(row: SQLiteStatement) {
-        self.init(round: row.integer(0), sealed: row.integer(1) != 0, uploads: Int(row.integer(2)), maxRank: Int(row.integer(3)))
+        self.init(round: RoundNumber(stored: row.integer(0)), sealed: row.integer(1) != 0, uploads: Int(row.integer(2)), maxRank: Int(row.integer(3)))
     }
 }
 
