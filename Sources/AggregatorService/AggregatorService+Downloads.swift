@@ -1,4 +1,3 @@
-import Foundation
 import HTTPServer
 
 /// Downloads of safetensors files (an upload as stored, an aggregate): the same headers, ETag,
@@ -32,32 +31,19 @@ extension AggregatorService {
             "Content-Disposition": "attachment; filename=\"adapter_model.safetensors\"",
             "Vary": "Accept-Encoding",
         ]
-        headers.add("ETag", etag(sha256: sha256, gzip: gzip))
+        headers.add("ETag", etag(sha256: sha256, gzip: gzip).description)
         return headers
     }
 
     /// The ETag names the representation: gzip'd bytes are a different one.
-    static func etag(sha256: String, gzip: Bool) -> String { gzip ? "\"\(sha256)-gzip\"" : "\"\(sha256)\"" }
+    static func etag(sha256: String, gzip: Bool) -> EntityTag { EntityTag(gzip ? "\(sha256)-gzip" : sha256) }
 
+    /// True when If-None-Match matches the download's ETag: the answer is 304.
     static func notModified(_ request: HTTPRequest, sha256: String, gzip: Bool) -> Bool {
-        guard let ifNoneMatch = request.headers["if-none-match"] else { return false }
-        return matches(ifNoneMatch, etag(sha256: sha256, gzip: gzip))
+        request.ifNoneMatch.matches(etag(sha256: sha256, gzip: gzip))
     }
 
-    static func matches(_ ifNoneMatch: String, _ etag: String) -> Bool {
-        ifNoneMatch.split(separator: ",").contains { candidate in
-            let trimmed = candidate.trimmingCharacters(in: .whitespaces)
-            return trimmed == "*" || trimmed == etag || trimmed == "W/" + etag
-        }
-    }
-
-    static func acceptsGzip(_ request: HTTPRequest) -> Bool {
-        request.headers.tokens(for: "accept-encoding").contains { token in
-            let parts = token.split(separator: ";").map { $0.trimmingCharacters(in: .whitespaces) }
-            guard parts.first == "gzip" || parts.first == "x-gzip" else { return false }
-            // "q=0" means "not acceptable" (RFC 9110 §12.4.2); no q means 1.
-            let quality = parts.dropFirst().first { $0.hasPrefix("q=") }.flatMap { Double($0.dropFirst(2)) } ?? 1
-            return quality > 0
-        }
-    }
+    /// gzip only for clients that name it with a weight above 0: without Accept-Encoding, or with
+    /// only `*`, the answer stays the file itself, which scripts saving the bytes expect.
+    static func acceptsGzip(_ request: HTTPRequest) -> Bool { request.acceptEncoding.names("gzip") }
 }
