@@ -1,6 +1,6 @@
 import Foundation
 
-/// The aggregation engine: API.md's aggregation semantics, streamed tensor by tensor.
+/// The aggregation engine: the aggregation semantics of openapi.yaml, streamed tensor by tensor.
 ///
 /// For each tensor name (in name order) it pulls every holder's bytes in ascending client-id order,
 /// accumulates `w·x` in Float64 into one reusable buffer, divides each rank slice by its strategy's

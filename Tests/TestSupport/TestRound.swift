@@ -104,7 +104,7 @@ public enum TestRound {
     }
 }
 
-/// The independent reference: padding materialised literally, as the paper and API.md describe it,
+/// The independent reference: padding materialised literally, as the paper and openapi.yaml describe it,
 /// with none of the engine's code. A LoRA tensor is sliced along its rank axis by plain index maths.
 public enum LiteralReference {
     public enum Padding { case replication, zeros }
