@@ -12,6 +12,7 @@ let package = Package(
         .library(name: "LoRAAdapters", targets: ["LoRAAdapters"]),
         .library(name: "HTTPServer", targets: ["HTTPServer"]),
         .library(name: "AdapterStore", targets: ["AdapterStore"]),
+        .library(name: "Digests", targets: ["Digests"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-crypto.git", from: "3.12.3"),
@@ -27,8 +28,11 @@ let package = Package(
         // The numeric/format core: safetensors codec, PEFT naming, validation, aggregation. No HTTP.
         .target(name: "LoRAAdapters", swiftSettings: strictSettings),
 
+        // SHA-256 (hex) and CRC-32 of byte strings, for the store and the service alike.
+        .target(name: "Digests", dependencies: ["CZlib", .product(name: "Crypto", package: "swift-crypto")], swiftSettings: strictSettings),
+
         // SQLite storage of uploads, rounds and cached aggregates; the engine's streaming source.
-        .target(name: "AdapterStore", dependencies: ["CSQLite3", "CZlib", "LoRAAdapters", .product(name: "Crypto", package: "swift-crypto")], swiftSettings: strictSettings),
+        .target(name: "AdapterStore", dependencies: ["CSQLite3", "Digests", "LoRAAdapters", .product(name: "Crypto", package: "swift-crypto")], swiftSettings: strictSettings),
 
         // HTTP/1.1 on POSIX sockets and epoll; knows nothing of LoRA.
         .target(name: "HTTPServer", dependencies: ["CLinux"], swiftSettings: strictSettings),
@@ -39,7 +43,7 @@ let package = Package(
         // API v1: routes, handlers, content coding, problem+json, metrics, configuration.
         .target(
             name: "AggregatorService",
-            dependencies: ["AdapterStore", "HTTPServer", "LoRAAdapters", "CZlib"],
+            dependencies: ["AdapterStore", "Digests", "HTTPServer", "LoRAAdapters", "CZlib"],
             resources: [.embedInCode("Resources/openapi.yaml")],
             swiftSettings: strictSettings
         ),
@@ -63,8 +67,9 @@ let package = Package(
         .testTarget(name: "CZlibTests", dependencies: ["CZlib"], swiftSettings: strictSettings),
         // Shared by the test targets: a raw HTTP client and the literal aggregation reference.
         .target(name: "TestSupport", dependencies: ["LoRAAdapters"], path: "Tests/TestSupport", swiftSettings: strictSettings),
-        .testTarget(name: "AdapterStoreTests", dependencies: ["AdapterStore", "LoRAAdapters", "TestSupport"], swiftSettings: strictSettings),
-        .testTarget(name: "AggregatorServiceTests", dependencies: ["AdapterStore", "AggregatorService", "LoRAAdapters", "TestSupport"], swiftSettings: strictSettings),
+        .testTarget(name: "DigestsTests", dependencies: ["Digests"], swiftSettings: strictSettings),
+        .testTarget(name: "AdapterStoreTests", dependencies: ["AdapterStore", "Digests", "LoRAAdapters", "TestSupport"], swiftSettings: strictSettings),
+        .testTarget(name: "AggregatorServiceTests", dependencies: ["AdapterStore", "AggregatorService", "Digests", "LoRAAdapters", "TestSupport"], swiftSettings: strictSettings),
         .testTarget(name: "HTTPServerTests", dependencies: ["HTTPServer", "TestSupport"], swiftSettings: strictSettings),
         .testTarget(name: "LoRAAdaptersTests", dependencies: ["LoRAAdapters", "TestSupport"], swiftSettings: strictSettings),
     ],

@@ -8,8 +8,8 @@ import Synchronization
 /// than computing it again: docs/benchmarks.md.)
 final class AggregateCache: Sendable {
     struct Key: Hashable {
-        let federation: String
-        let round: Int64
+        let federation: FederationID
+        let round: RoundNumber
         let revision: Int64
         let strategy: AggregationStrategy
         let rank: Int

@@ -5,17 +5,13 @@ import LoRAAdapters
 /// reused buffer. Used inside a read transaction, so the round cannot change underneath.
 struct SQLiteAdapterSource: AdapterSource {
     let connection: SQLiteConnection
-    let federation: String
-    let round: Int64
+    let federation: FederationID
+    let round: RoundNumber
 
     func participants() throws -> [RoundParticipant] {
         let statement = try connection.statement("SELECT client, rank, weight FROM uploads WHERE federation = ?1 AND round = ?2")
-        try statement.bind(.text(federation), .integer(round))
-        var participants: [RoundParticipant] = []
-        while try statement.step() {
-            participants.append(RoundParticipant(clientID: statement.text(0), rank: Int(statement.integer(1)), weight: statement.real(2)))
-        }
-        return participants
+        try statement.bind(.id(federation), .round(round))
+        return try statement.rows { RoundParticipant(clientID: $0.text(0), rank: Int($0.integer(1)), weight: $0.real(2)) }
     }
 
     func holdings() throws -> [TensorHolding] {
@@ -23,12 +19,8 @@ struct SQLiteAdapterSource: AdapterSource {
             SELECT u.client, t.name, t.dtype, t.shape FROM uploads u JOIN tensors t ON t.upload_id = u.id
             WHERE u.federation = ?1 AND u.round = ?2
             """)
-        try statement.bind(.text(federation), .integer(round))
-        var holdings: [TensorHolding] = []
-        while try statement.step() {
-            holdings.append(TensorHolding(name: statement.text(1), clientID: statement.text(0), dtype: try Self.dtype(statement.text(2)), shape: Self.shape(statement.text(3))))
-        }
-        return holdings
+        try statement.bind(.id(federation), .round(round))
+        return try statement.rows { TensorHolding(name: $0.text(1), clientID: $0.text(0), dtype: try Self.dtype($0.text(2)), shape: Self.shape($0.text(3))) }
     }
 
     func forEachContribution(toTensor tensorName: String, _ body: (TensorContribution) throws -> Void) throws {
@@ -36,7 +28,7 @@ struct SQLiteAdapterSource: AdapterSource {
             SELECT u.client, t.dtype, t.shape, t.rowid FROM uploads u JOIN tensors t ON t.upload_id = u.id AND t.name = ?3
             WHERE u.federation = ?1 AND u.round = ?2 ORDER BY u.client
             """)
-        try statement.bind(.text(federation), .integer(round), .text(tensorName))
+        try statement.bind(.id(federation), .round(round), .text(tensorName))
         try connection.withBlobReader(table: "tensors", column: "data") { blobs in
             while try statement.step() {
                 let contribution = (client: statement.text(0), dtype: try Self.dtype(statement.text(1)), shape: Self.shape(statement.text(2)))

@@ -145,6 +145,13 @@ final class SQLiteStatement {
     /// Steps a statement that returns no rows.
     func run() throws(StoreError) { _ = try step() }
 
+    /// Steps through every row, each decoded by `decode`.
+    func rows<Row>(_ decode: (SQLiteStatement) throws -> Row) throws -> [Row] {
+        var rows: [Row] = []
+        while try step() { rows.append(try decode(self)) }
+        return rows
+    }
+
     func integer(_ column: Int32) -> Int64 { sqlite3_column_int64(raw, column) }
     func real(_ column: Int32) -> Double { sqlite3_column_double(raw, column) }
     func text(_ column: Int32) -> String { sqlite3_column_text(raw, column).map { String(cString: $0) } ?? "" }
@@ -166,6 +173,10 @@ enum SQLiteValue {
     case blob([UInt8])
     case borrowedBlob(UnsafeRawBufferPointer)
     case null
+
+    /// A federation or client id, as its text.
+    static func id<Kind>(_ id: Identifier<Kind>) -> SQLiteValue { .text(id.rawValue) }
+    static func round(_ round: RoundNumber) -> SQLiteValue { .integer(round.rawValue) }
 }
 
 /// Reads whole blobs through SQLite's incremental I/O into one buffer it reuses, instead of the

@@ -2,7 +2,7 @@ import LoRAAdapters
 
 /// A client's stored upload, as listed in a round.
 public struct UploadRecord: Sendable, Equatable {
-    public let client: String
+    public let client: ClientID
     public let rank: Int
     public let weight: Double
     /// Size of the decompressed safetensors file.
@@ -13,8 +13,8 @@ public struct UploadRecord: Sendable, Equatable {
 }
 
 public struct RoundRecord: Sendable, Equatable {
-    public let federation: String
-    public let round: Int64
+    public let federation: FederationID
+    public let round: RoundNumber
     public let sealed: Bool
     /// Sorted by client id.
     public let uploads: [UploadRecord]
@@ -23,7 +23,7 @@ public struct RoundRecord: Sendable, Equatable {
 }
 
 public struct RoundSummary: Sendable, Equatable {
-    public let round: Int64
+    public let round: RoundNumber
     public let sealed: Bool
     public let uploads: Int
     public let maxRank: Int
@@ -31,15 +31,15 @@ public struct RoundSummary: Sendable, Equatable {
 
 /// An upload to store: already parsed and validated on its own by `AdapterValidator`.
 public struct NewUpload: Sendable {
-    public let federation: String
-    public let round: Int64
-    public let client: String
+    public let federation: FederationID
+    public let round: RoundNumber
+    public let client: ClientID
     public let rank: Int
     public let weight: Double
     public let file: SafetensorsFile
     public let sha256: String
 
-    public init(federation: String, round: Int64, client: String, rank: Int, weight: Double, file: SafetensorsFile, sha256: String) {
+    public init(federation: FederationID, round: RoundNumber, client: ClientID, rank: Int, weight: Double, file: SafetensorsFile, sha256: String) {
         self.federation = federation
         self.round = round
         self.client = client

@@ -1,10 +1,11 @@
 import AdapterStore
+import HTTPServer
 
 /// Response bodies of API v1 (keys become snake_case when encoded).
 struct UploadAccepted: Encodable {
-    let federation: String
-    let round: Int64
-    let client: String
+    let federation: FederationID
+    let round: RoundNumber
+    let client: ClientID
     let rank: Int
     let weight: Double
     let tensors: Int
@@ -15,7 +16,7 @@ struct UploadAccepted: Encodable {
 
 struct RoundBody: Encodable {
     struct Upload: Encodable {
-        let client: String
+        let client: ClientID
         let rank: Int
         let weight: Double
         let bytes: Int
@@ -23,8 +24,8 @@ struct RoundBody: Encodable {
         let uploadedAt: String
     }
 
-    let federation: String
-    let round: Int64
+    let federation: FederationID
+    let round: RoundNumber
     let sealed: Bool
     let maxRank: Int
     let totalWeight: Double
@@ -42,13 +43,13 @@ struct RoundBody: Encodable {
 
 struct RoundList: Encodable {
     struct Entry: Encodable {
-        let round: Int64
+        let round: RoundNumber
         let sealed: Bool
         let uploads: Int
         let maxRank: Int
     }
 
-    let federation: String
+    let federation: FederationID
     let rounds: [Entry]
 }
 
@@ -59,4 +60,11 @@ struct Health: Encodable {
 /// A client token, shown once.
 struct IssuedToken: Encodable {
     let token: String
+}
+
+extension HTTPResponse {
+    /// A JSON body (`JSON.encode`: sorted keys, snake_case).
+    static func json(_ status: HTTPStatus, _ value: some Encodable) -> HTTPResponse {
+        HTTPResponse(status: status, headers: ["Content-Type": "application/json"], body: JSON.encode(value))
+    }
 }

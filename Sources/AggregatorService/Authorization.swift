@@ -1,8 +1,9 @@
 import AdapterStore
+import Digests
 import Foundation
 import HTTPServer
 
-/// Bearer-token access control for `/v1` (API.md, "Authentication"). With no admin token configured
+/// Bearer-token access control for `/v1` (openapi.yaml, the `bearer` security scheme). With no admin token configured
 /// everything is open (and the service refuses to listen beyond loopback unless told
 /// `--insecure-no-auth`). Tokens are only ever kept as SHA-256 hashes.
 struct Authorization: Sendable {
@@ -19,7 +20,7 @@ struct Authorization: Sendable {
     enum Principal: Equatable {
         case anyone
         case admin
-        case client(federation: String, client: String)
+        case client(federation: FederationID, client: ClientID)
     }
 
     let adminTokenHash: [UInt8]?
@@ -37,8 +38,8 @@ struct Authorization: Sendable {
         let allowed: Bool = switch (principal, requirement) {
         case (.anyone, _), (.admin, _): true
         case (.client, .admin): false
-        case let (.client(ownFederation, ownClient), .ownUpload): ownFederation == federation && ownClient == client
-        case let (.client(ownFederation, _), .federationMember): ownFederation == federation
+        case let (.client(ownFederation, ownClient), .ownUpload): ownFederation.rawValue == federation && ownClient.rawValue == client
+        case let (.client(ownFederation, _), .federationMember): ownFederation.rawValue == federation
         }
         guard allowed else {
             throw ServiceError(.forbidden, requirement == .admin ? "this needs the admin token" : "this token does not give access to that federation or client")
@@ -62,7 +63,7 @@ struct Authorization: Sendable {
     }
 
     /// A new client token (256 random bits, hex); the store keeps only its hash.
-    func issueToken(federation: String, client: String) async throws -> String {
+    func issueToken(federation: FederationID, client: ClientID) async throws -> String {
         var generator = SystemRandomNumberGenerator()
         let token = (0..<4).map { _ in String(generator.next() as UInt64, radix: 16).leftPadded(to: 16) }.joined()
         try await store.addClientToken(hash: ContentDigest.sha256Hex(Array(token.utf8)), federation: federation, client: client)

@@ -1,3 +1,4 @@
+import AdapterStore
 import HTTPServer
 import LoRAAdapters
 
@@ -20,27 +21,27 @@ struct RequestParameters {
         self.query = query
     }
 
-    /// A federation or client id: `[A-Za-z0-9._-]{1,64}`.
-    func identifier(_ name: String) throws(ServiceError) -> String {
-        let value = request.pathParameters[name] ?? ""
-        let allowed = value.utf8.allSatisfy { byte in
-            (byte >= 0x30 && byte <= 0x39) || (byte >= 0x41 && byte <= 0x5A) || (byte >= 0x61 && byte <= 0x7A)
-                || byte == UInt8(ascii: ".") || byte == UInt8(ascii: "_") || byte == UInt8(ascii: "-")
+    /// The federation in the path.
+    var federation: FederationID { get throws(ServiceError) { try identifier() } }
+
+    /// The client in the path.
+    var client: ClientID { get throws(ServiceError) { try identifier() } }
+
+    /// The path parameter named for the id's kind.
+    private func identifier<Kind>() throws(ServiceError) -> Identifier<Kind> {
+        guard let id = Identifier<Kind>(rawValue: request.pathParameters[Kind.name] ?? "") else {
+            throw ServiceError(.badRequest, "\(Kind.name) ids are 1 to 64 characters from A-Z, a-z, 0-9, '.', '_' and '-'")
         }
-        guard allowed, (1...64).contains(value.utf8.count) else {
-            throw ServiceError(.badRequest, "\(name) ids are 1 to 64 characters from A-Z, a-z, 0-9, '.', '_' and '-'")
-        }
-        return value
+        return id
     }
 
-    /// The round: a decimal integer, 0 ≤ round < 2^53.
-    var round: Int64 {
+    /// The round in the path.
+    var round: RoundNumber {
         get throws(ServiceError) {
-            let text = request.pathParameters["round"] ?? ""
-            guard !text.isEmpty, text.utf8.count <= 16, text.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }),
-                  let value = Int64(text), value < (1 << 53)
-            else { throw ServiceError(.badRequest, "the round must be a whole number from 0 to 2^53 - 1") }
-            return value
+            guard let round = RoundNumber(request.pathParameters["round"] ?? "") else {
+                throw ServiceError(.badRequest, "the round must be a whole number from 0 to 2^53 - 1")
+            }
+            return round
         }
     }
 

@@ -1,4 +1,5 @@
 @testable import AdapterStore
+import Digests
 import Foundation
 import LoRAAdapters
 import TestSupport
@@ -24,7 +25,7 @@ func temporaryDatabase() -> String {
 
 func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, seed: Int = 0, file: SafetensorsFile? = nil) throws -> NewUpload {
     let file = try file ?? makeAdapter(rank: rank, seed: seed)
-    return NewUpload(federation: "fed", round: round, client: client, rank: rank, weight: weight, file: file, sha256: ContentDigest.sha256Hex(file.bytes))
+    return NewUpload(federation: "fed", round: RoundNumber(rawValue: round)!, client: ClientID(rawValue: client)!, rank: rank, weight: weight, file: file, sha256: ContentDigest.sha256Hex(file.bytes))
 }
 
 @Suite struct AdapterStoreTests {
@@ -92,7 +93,7 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
         let store = try AdapterStore(path: temporaryDatabase())
         let uploads = try [upload("carol", rank: 8, weight: 2, seed: 1), upload("alice", rank: 2, weight: 5, seed: 2), upload("bob", rank: 4, weight: 1, seed: 3)]
         for item in uploads { _ = try await store.put(item) }
-        let memory = InMemoryAdapterSource(uploads.map { ClientAdapter(clientID: $0.client, rank: $0.rank, weight: $0.weight, file: $0.file) })
+        let memory = InMemoryAdapterSource(uploads.map { ClientAdapter(clientID: $0.client.rawValue, rank: $0.rank, weight: $0.weight, file: $0.file) })
 
         for strategy in AggregationStrategy.allCases {
             let expected = try AdapterAggregator.aggregate(memory, options: .init(strategy: strategy, rank: 8, metadata: ["federation": "fed", "round": "0"]))
@@ -125,14 +126,14 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
         let store = try AdapterStore(path: path)
         let uploads = try [upload("alice", rank: 2, weight: 3, seed: 4), upload("bob", rank: 8, weight: 1, seed: 5), upload("carol", rank: 4, weight: 2, seed: 6)]
         for item in uploads { _ = try await store.put(item) }
-        let memory = InMemoryAdapterSource(uploads.map { ClientAdapter(clientID: $0.client, rank: $0.rank, weight: $0.weight, file: $0.file) })
+        let memory = InMemoryAdapterSource(uploads.map { ClientAdapter(clientID: $0.client.rawValue, rank: $0.rank, weight: $0.weight, file: $0.file) })
         func expected(rank: Int, dtype: DType) throws -> [UInt8] {
             try AdapterAggregator.aggregate(memory, options: .init(strategy: .zeroPadding, rank: rank, dtype: dtype, metadata: ["federation": "fed", "round": "0"])).bytes
         }
         _ = try #require(try await store.aggregate(federation: "fed", round: 0, client: nil, strategy: .zeroPadding, rank: nil, dtype: .f16))
         try SQLiteConnection(path: path).execute("UPDATE tensors SET data = zeroblob(length(data))")
 
-        for (client, rank) in [("alice", 2), ("carol", 4)] {
+        for (client, rank) in [("alice", 2), ("carol", 4)] as [(ClientID, Int)] {
             let cut = try #require(try await store.aggregate(federation: "fed", round: 0, client: client, strategy: .zeroPadding, rank: nil, dtype: .f16))
             let direct = try expected(rank: rank, dtype: .f16)
             #expect(cut.rank == rank && cut.bytes == direct && cut.sha256 == ContentDigest.sha256Hex(direct))
@@ -210,7 +211,7 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
             try await group.waitForAll()
         }
         let round = try #require(try await first.round(federation: "fed", round: 0))
-        #expect(round.uploads.map(\.client) == (0..<10).map { "client-\($0)" })
+        #expect(round.uploads.map(\.client.rawValue) == (0..<10).map { "client-\($0)" })
         for record in round.uploads {
             let stored = try #require(try await second.upload(federation: "fed", round: 0, client: record.client))
             #expect(ContentDigest.sha256Hex(stored.file) == record.sha256, "every stored file is whole and matches its digest")

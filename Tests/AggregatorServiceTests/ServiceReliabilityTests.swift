@@ -1,5 +1,5 @@
-import AdapterStore
 @testable import AggregatorService
+import Digests
 import Foundation
 import TestSupport
 import Testing

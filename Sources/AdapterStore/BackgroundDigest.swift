@@ -1,28 +1,7 @@
-import CZlib
 import Crypto
+import Digests
 import Dispatch
 import LoRAAdapters
-
-/// SHA-256 in lowercase hex: an upload's `sha256` and a download's ETag.
-public enum ContentDigest {
-    public static func sha256Hex(_ bytes: [UInt8]) -> String { hex(SHA256.hash(data: bytes)) }
-
-    /// zlib's CRC-32, continuing from `crc` (0 to start).
-    static func crc32(_ bytes: UnsafeRawBufferPointer, continuing crc: UInt32 = 0) -> UInt32 {
-        UInt32(truncatingIfNeeded: crc32_z(UInt(crc), bytes.baseAddress?.assumingMemoryBound(to: UInt8.self), bytes.count))
-    }
-
-    static func hex(_ digest: SHA256.Digest) -> String {
-        let digits = Array("0123456789abcdef".utf8)
-        var text: [UInt8] = []
-        text.reserveCapacity(2 * SHA256.byteCount)
-        for byte in digest {
-            text.append(digits[Int(byte >> 4)])
-            text.append(digits[Int(byte & 0x0F)])
-        }
-        return String(decoding: text, as: UTF8.self)
-    }
-}
 
 /// The digests of an aggregate, computed on another core while the engine is still writing it, so
 /// a cold aggregate costs the engine's time rather than the engine's plus the hashing. The SHA-256

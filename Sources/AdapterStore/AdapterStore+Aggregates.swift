@@ -1,0 +1,145 @@
+import Digests
+import LoRAAdapters
+
+extension AdapterStore {
+    /// The aggregate of the round (or, with `client`, truncated to that client's rank), from the
+    /// cache when the round has not changed since it was computed. Nil when the round has no
+    /// uploads, or `client` has none in it. Throws `rankOutOfRange` for a rank past the global one.
+    public func aggregate(
+        federation: FederationID, round: RoundNumber, client: ClientID?, strategy: AggregationStrategy, rank: Int?, dtype: DType
+    ) async throws -> StoredAggregate? {
+        let outcome = try await aggregate(federation: federation, round: round, client: client, strategy: strategy, rank: rank, dtype: dtype) { _ in .compute }
+        guard case .complete(let aggregate)? = outcome else { return nil }
+        return aggregate
+    }
+
+    /// The same, except when the aggregate is not in memory but was computed before (in this
+    /// process or another on the same file) for the round as it is now: then its digest is on
+    /// record and `plan` decides whether to compute it at all, and whether to stream it.
+    public func aggregate(
+        federation: FederationID, round: RoundNumber, client: ClientID?, strategy: AggregationStrategy, rank requestedRank: Int?, dtype: DType,
+        whenDigestKnown plan: @escaping @Sendable (AggregateDigest) -> KnownDigestPlan
+    ) async throws -> AggregateOutcome? {
+        try await reader.read { [self] (connection, handOver: (AggregateOutcome?) -> Void) in
+            guard let key = try Self.aggregateKey(connection, federation, round, client, strategy, requestedRank, dtype) else { return handOver(nil) }
+            if let cached = cache.value(for: key) {
+                return handOver(.complete(StoredAggregate(bytes: cached.bytes, sha256: cached.sha256, rank: cached.rank, fromCache: true)))
+            }
+            let source = SQLiteAdapterSource(connection: connection, federation: federation, round: round)
+            let options = AggregationOptions(strategy: strategy, rank: key.rank, dtype: dtype, metadata: ["federation": federation.rawValue, "round": round.description])
+            let recorded = try Self.recordedDigest(connection, key)
+            let planned = recorded.map { ($0, plan($0)) }
+            if case let (digest, .digestOnly)? = planned { return handOver(.digestOnly(digest)) }
+            if let wider = cache.wider(than: key) {
+                return handOver(.complete(try cut(wider, for: key, recorded: recorded)))
+            }
+            switch planned {
+            case let (digest, .stream)?:
+                let (pieces, continuation) = AsyncThrowingStream<[UInt8], any Error>.makeStream()
+                handOver(.streaming(digest, pieces))
+                try stream(source, options, matching: digest, for: key, into: DigestCheckedStream(continuation))
+            default:
+                handOver(.complete(try compute(source, options, for: key, recorded: recorded)))
+            }
+        }
+    }
+
+    /// Computes and hashes the aggregate, caches it, and records its digest unless it is on record.
+    private func compute(_ source: SQLiteAdapterSource, _ options: AggregationOptions, for key: AggregateCache.Key, recorded: AggregateDigest?) throws -> StoredAggregate {
+        let digest = BackgroundDigest(sha256: true)
+        let result = try AdapterAggregator.aggregate(source, options: options, observer: digest)
+        let digests = digest.digests()
+        return remember(result.bytes, sha256: digests.sha256!, crc32: digests.crc32, for: key, recorded: recorded)
+    }
+
+    /// Cuts the aggregate from a cached one of the same round at a higher rank, reading no upload.
+    private func cut(_ wider: StoredAggregate, for key: AggregateCache.Key, recorded: AggregateDigest?) throws -> StoredAggregate {
+        let bytes = try AdapterAggregator.truncate(try SafetensorsFile(bytes: wider.bytes), toRank: key.rank)
+        let crc32 = bytes.withUnsafeBytes { ContentDigest.crc32($0) }
+        return remember(bytes, sha256: ContentDigest.sha256Hex(bytes), crc32: crc32, for: key, recorded: recorded)
+    }
+
+    /// Caches a new aggregate and records its digest unless that is on record already.
+    private func remember(_ bytes: [UInt8], sha256: String, crc32: UInt32, for key: AggregateCache.Key, recorded: AggregateDigest?) -> StoredAggregate {
+        let aggregate = StoredAggregate(bytes: bytes, sha256: sha256, rank: key.rank, fromCache: false)
+        cache.insert(aggregate, for: key)
+        let digest = AggregateDigest(sha256: sha256, byteCount: bytes.count, rank: key.rank, crc32: crc32)
+        if digest != recorded { recordDigest(digest, for: key) }
+        return aggregate
+    }
+
+    /// Computes the aggregate into `stream` as it goes, checked against the digest on record: a
+    /// match is cached, a mismatch fails the stream and drops the record. The pieces are copies,
+    /// so a slow client holds them (at most one aggregate) but not the store's reader.
+    private func stream(_ source: SQLiteAdapterSource, _ options: AggregationOptions, matching recorded: AggregateDigest,
+                        for key: AggregateCache.Key, into stream: DigestCheckedStream) throws {
+        let digest = BackgroundDigest(sha256: false, forward: stream.forward)
+        do {
+            let result = try AdapterAggregator.aggregate(source, options: options, observer: digest)
+            let crc32 = digest.digests().crc32
+            stream.finish(crc32: crc32, expected: recorded.crc32)
+            if crc32 == recorded.crc32 {
+                cache.insert(StoredAggregate(bytes: result.bytes, sha256: recorded.sha256, rank: result.rank, fromCache: false), for: key)
+            } else {
+                forgetDigest(for: key)
+            }
+        } catch {
+            stream.fail(error)
+            throw error
+        }
+    }
+
+    /// The cache key of a request against the round as it is now; nil when the round has no
+    /// uploads or `client` has none in it.
+    private static func aggregateKey(
+        _ connection: SQLiteConnection, _ federation: FederationID, _ round: RoundNumber, _ client: ClientID?,
+        _ strategy: AggregationStrategy, _ requestedRank: Int?, _ dtype: DType
+    ) throws -> AggregateCache.Key? {
+        let participants = try SQLiteAdapterSource(connection: connection, federation: federation, round: round).participants()
+        guard !participants.isEmpty else { return nil }
+        var rank = requestedRank
+        if let client {
+            guard let participant = participants.first(where: { $0.clientID == client.rawValue }) else { return nil }
+            rank = participant.rank
+        }
+        let revision = try connection.statement("SELECT revision FROM rounds WHERE federation = ?1 AND round = ?2")
+        try revision.bind(.id(federation), .round(round))
+        _ = try revision.step()
+        return AggregateCache.Key(federation: federation, round: round, revision: revision.integer(0), strategy: strategy,
+                                  rank: rank ?? participants.map(\.rank).max()!, dtype: dtype)
+    }
+
+    private static func recordedDigest(_ connection: SQLiteConnection, _ key: AggregateCache.Key) throws -> AggregateDigest? {
+        let statement = try connection.statement("SELECT \(AggregateDigest.columns) FROM aggregate_digests WHERE \(digestKeyColumns)")
+        try statement.bind(digestKey(key))
+        guard try statement.step() else { return nil }
+        return AggregateDigest(row: statement, rank: key.rank)
+    }
+
+    /// The primary key of `aggregate_digests` (bound as ?1...?7) and its values for `key`, in column
+    /// order: digests of this engine version only.
+    private static let digestKeyColumns =
+        "federation = ?1 AND round = ?2 AND revision = ?3 AND strategy = ?4 AND rank = ?5 AND dtype = ?6 AND engine_version = ?7"
+    private static func digestKey(_ key: AggregateCache.Key) -> [SQLiteValue] {
+        [.id(key.federation), .round(key.round), .integer(key.revision), .text(key.strategy.rawValue),
+         .integer(Int64(key.rank)), .text(key.dtype.rawValue), .integer(Int64(AdapterAggregator.outputVersion))]
+    }
+
+    /// Records an aggregate's digest after the request is answered: losing it costs only a
+    /// streamed answer later. A row for a revision that has moved on meanwhile is never matched.
+    private func recordDigest(_ digest: AggregateDigest, for key: AggregateCache.Key) {
+        writer.writeDetached { connection in
+            try connection.statement("""
+                INSERT OR REPLACE INTO aggregate_digests (federation, round, revision, strategy, rank, dtype, engine_version, sha256, crc32, bytes)
+                VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                """).bind(Self.digestKey(key) + [.text(digest.sha256), .integer(Int64(digest.crc32)), .integer(Int64(digest.byteCount))]).run()
+        }
+    }
+
+    /// Drops a recorded digest the bytes no longer match, so the next request computes afresh.
+    private func forgetDigest(for key: AggregateCache.Key) {
+        writer.writeDetached { connection in
+            try connection.statement("DELETE FROM aggregate_digests WHERE \(Self.digestKeyColumns)").bind(Self.digestKey(key)).run()
+        }
+    }
+}

@@ -1,0 +1,108 @@
+import LoRAAdapters
+
+extension AdapterStore {
+    /// Stores `upload` in one transaction, replacing the client's earlier upload; returns its record
+    /// and whether it is new. Throws `roundSealed`, or `shapeMismatch` when a tensor disagrees with
+    /// the round's other uploads apart from the rank axis; nothing is written then.
+    public func put(_ upload: NewUpload) async throws -> (record: UploadRecord, created: Bool) {
+        defer { scheduleCheckpoint() }
+        return try await writer.write { connection in
+            try Self.ensureRoundOpen(connection, upload.federation, upload.round)
+            try Self.checkShapes(of: upload, against: connection)
+            let existing = try connection.statement("DELETE FROM uploads WHERE federation = ?1 AND round = ?2 AND client = ?3")
+            try existing.bind(.id(upload.federation), .round(upload.round), .id(upload.client)).run()
+            let replaced = connection.changes > 0
+
+            let headerLength = 8 + Int(upload.file.bytes.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) })
+            try connection.statement("""
+                INSERT INTO uploads (federation, round, client, rank, weight, bytes, sha256, uploaded_at, header)
+                VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), ?8)
+                """).bind(.id(upload.federation), .round(upload.round), .id(upload.client), .integer(Int64(upload.rank)),
+                          .real(upload.weight), .integer(Int64(upload.file.bytes.count)), .text(upload.sha256),
+                          .blob(Array(upload.file.bytes[0..<headerLength]))).run()
+            let uploadID = connection.lastInsertedRowID
+            let insertTensor = try connection.statement("INSERT INTO tensors (upload_id, name, dtype, shape, data_offset, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
+            for tensor in upload.file.tensors {
+                try upload.file.withBytes(of: tensor) { data in
+                    insertTensor.reset()
+                    try insertTensor.bind(.integer(uploadID), .text(tensor.name), .text(tensor.dtype.rawValue), .text(SQLiteAdapterSource.shapeText(tensor.shape)),
+                                          .integer(Int64(tensor.byteRange.lowerBound)), .borrowedBlob(data)).run()
+                }
+            }
+            try Self.roundChanged(connection, upload.federation, upload.round)
+            let record = try Self.uploadRecords(connection, upload.federation, upload.round, client: upload.client)[0]
+            return (record, !replaced)
+        }
+    }
+
+    /// The client's stored file, byte for byte as uploaded (decompressed), with its record.
+    public func upload(federation: FederationID, round: RoundNumber, client: ClientID) async throws -> (record: UploadRecord, file: [UInt8])? {
+        try await reader.read { connection in
+            guard let record = try Self.uploadRecords(connection, federation, round, client: client).first else { return nil }
+            let header = try connection.statement("SELECT id, header FROM uploads WHERE federation = ?1 AND round = ?2 AND client = ?3")
+            try header.bind(.id(federation), .round(round), .id(client))
+            guard try header.step() else { return nil }
+            var file = header.blob(1)
+            file.reserveCapacity(record.bytes)
+            let tensors = try connection.statement("SELECT data FROM tensors WHERE upload_id = ?1 ORDER BY data_offset")
+            try tensors.bind(.integer(header.integer(0)))
+            while try tensors.step() { tensors.withBlob(0) { file.append(contentsOf: $0) } }
+            return (record, file)
+        }
+    }
+
+    /// Deletes the client's upload; false when there was none. Throws `roundSealed`.
+    public func deleteUpload(federation: FederationID, round: RoundNumber, client: ClientID) async throws -> Bool {
+        defer { scheduleCheckpoint() }
+        return try await writer.write { connection in
+            try Self.ensureRoundOpen(connection, federation, round)
+            try connection.statement("DELETE FROM uploads WHERE federation = ?1 AND round = ?2 AND client = ?3")
+                .bind(.id(federation), .round(round), .id(client)).run()
+            guard connection.changes > 0 else { return false }
+            try Self.roundChanged(connection, federation, round)
+            return true
+        }
+    }
+
+    /// The round's upload records (or only `client`'s), sorted by client id.
+    static func uploadRecords(_ connection: SQLiteConnection, _ federation: FederationID, _ round: RoundNumber, client: ClientID? = nil) throws -> [UploadRecord] {
+        let statement = try connection.statement("""
+            SELECT \(UploadRecord.columns) FROM uploads
+            WHERE federation = ?1 AND round = ?2 AND (?3 IS NULL OR client = ?3) ORDER BY client
+            """)
+        try statement.bind(.id(federation), .round(round), client.map { .id($0) } ?? .null)
+        return try statement.rows(UploadRecord.init(row:))
+    }
+
+    private static func ensureRoundOpen(_ connection: SQLiteConnection, _ federation: FederationID, _ round: RoundNumber) throws {
+        try connection.statement("INSERT INTO rounds (federation, round) VALUES (?1, ?2) ON CONFLICT DO NOTHING")
+            .bind(.id(federation), .round(round)).run()
+        let sealed = try connection.statement("SELECT sealed FROM rounds WHERE federation = ?1 AND round = ?2")
+        try sealed.bind(.id(federation), .round(round))
+        if try sealed.step(), sealed.integer(0) != 0 {
+            throw StoreError(.roundSealed, "round \(round) of federation '\(federation)' is sealed")
+        }
+    }
+
+    /// Every tensor of `upload` against the same name in the round's other uploads.
+    private static func checkShapes(of upload: NewUpload, against connection: SQLiteConnection) throws {
+        let statement = try connection.statement("""
+            SELECT t.name, t.shape FROM uploads u JOIN tensors t ON t.upload_id = u.id
+            WHERE u.federation = ?1 AND u.round = ?2 AND u.client != ?3 GROUP BY t.name
+            """)
+        try statement.bind(.id(upload.federation), .round(upload.round), .id(upload.client))
+        while try statement.step() {
+            guard let tensor = upload.file.tensor(named: statement.text(0)) else { continue }
+            try RoundShapeCheck.check(name: tensor.name, shape: tensor.shape, against: SQLiteAdapterSource.shape(statement.text(1)))
+        }
+    }
+
+    /// A change to a round's uploads: a new revision, so no cached aggregate or recorded digest of
+    /// it matches any more (and the recorded ones can go).
+    private static func roundChanged(_ connection: SQLiteConnection, _ federation: FederationID, _ round: RoundNumber) throws {
+        try connection.statement("UPDATE rounds SET revision = revision + 1 WHERE federation = ?1 AND round = ?2")
+            .bind(.id(federation), .round(round)).run()
+        try connection.statement("DELETE FROM aggregate_digests WHERE federation = ?1 AND round = ?2")
+            .bind(.id(federation), .round(round)).run()
+    }
+}

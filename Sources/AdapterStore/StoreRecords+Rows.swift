@@ -1,0 +1,25 @@
+/// Records decode their own rows: each names the columns it reads, in the order it reads them.
+extension UploadRecord {
+    static let columns = "client, rank, weight, bytes, sha256, uploaded_at"
+
+    init(row: SQLiteStatement) {
+        self.init(client: ClientID(stored: row.text(0)), rank: Int(row.integer(1)), weight: row.real(2),
+                  bytes: Int(row.integer(3)), sha256: row.text(4), uploadedAt: row.text(5))
+    }
+}
+
+extension RoundSummary {
+    /// Reads (round, sealed, upload count, highest rank).
+    init(row: SQLiteStatement) {
+        self.init(round: RoundNumber(stored: row.integer(0)), sealed: row.integer(1) != 0, uploads: Int(row.integer(2)), maxRank: Int(row.integer(3)))
+    }
+}
+
+extension AggregateDigest {
+    static let columns = "sha256, bytes, crc32"
+
+    /// The rank is part of the row's key, not of its columns.
+    init(row: SQLiteStatement, rank: Int) {
+        self.init(sha256: row.text(0), byteCount: Int(row.integer(1)), rank: rank, crc32: UInt32(truncatingIfNeeded: row.integer(2)))
+    }
+}

@@ -1,0 +1,48 @@
+import AdapterStore
+import HTTPServer
+
+extension AggregatorService {
+    func registerAggregateRoutes(on routes: inout AuthorizedRoutes) {
+        routes.add("GET", Self.roundPath + "/aggregate", .federationMember) { [self] request, _ in try await getAggregate(request, perClient: false) }
+        routes.add("GET", Self.roundPath + "/aggregate/{client}", .federationMember) { [self] request, _ in try await getAggregate(request, perClient: true) }
+    }
+
+    private func getAggregate(_ request: HTTPRequest, perClient: Bool) async throws -> HTTPResponse {
+        let parameters = try RequestParameters(request)
+        try parameters.allowOnly(perClient ? ["strategy", "dtype"] : ["strategy", "rank", "dtype"])
+        let federation = try parameters.federation, round = try parameters.round
+        let client = perClient ? try parameters.client : nil
+        let gzip = Self.acceptsGzip(request)
+        let started = ContinuousClock.now
+        // An aggregate computed before has its ETag on record: a matching If-None-Match or a HEAD
+        // needs no computing, and a GET streams the body while it is computed. A gzip'd answer
+        // needs the whole file first.
+        let outcome = try await store.aggregate(federation: federation, round: round, client: client, strategy: try parameters.strategy,
+                                                rank: try parameters.integer("rank"), dtype: try parameters.outputDType) { digest in
+            if request.method == "HEAD" || Self.notModified(request, sha256: digest.sha256, gzip: gzip) { return .digestOnly }
+            return gzip ? .compute : .stream
+        }
+        let metrics = self.metrics
+        let recordAggregation = { @Sendable in metrics.aggregationFinished(seconds: Double((ContinuousClock.now - started) / .microseconds(1)) / 1e6) }
+        switch outcome {
+        case nil:
+            throw ServiceError(.notFound, client.map { "client '\($0)' has no upload in round \(round)" } ?? "round \(round) of federation '\(federation)' has no uploads")
+        case .complete(let aggregate)?:
+            if !aggregate.fromCache { recordAggregation() }
+            return try await download(aggregate.bytes, sha256: aggregate.sha256, for: request)
+        case .digestOnly(let digest)?:
+            return Self.bodiless(sha256: digest.sha256, byteCount: digest.byteCount, gzip: gzip, for: request)
+        case .streaming(let digest, let pieces)?:
+            return HTTPResponse(status: .ok, headers: Self.downloadHeaders(sha256: digest.sha256, gzip: false), streamLength: digest.byteCount) { writer in
+                do {
+                    for try await piece in pieces { try await writer.write(piece) }
+                } catch {
+                    // The head is out, so no problem+json can follow: the connection closes short.
+                    if !(error is HTTPServerError) { Problem.log("an aggregate stream failed after its head was sent: \(error)") }
+                    throw error
+                }
+                recordAggregation()
+            }
+        }
+    }
+}

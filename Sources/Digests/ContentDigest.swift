@@ -1,0 +1,25 @@
+import CZlib
+import Crypto
+
+/// SHA-256 in lowercase hex (an upload's `sha256`, a download's ETag, a token's stored hash) and
+/// zlib's CRC-32. A module of its own so that whoever only needs to hash does not need the store.
+public enum ContentDigest {
+    public static func sha256Hex(_ bytes: [UInt8]) -> String { hex(SHA256.hash(data: bytes)) }
+
+    /// zlib's CRC-32, continuing from `crc` (0 to start).
+    public static func crc32(_ bytes: UnsafeRawBufferPointer, continuing crc: UInt32 = 0) -> UInt32 {
+        UInt32(truncatingIfNeeded: crc32_z(UInt(crc), bytes.baseAddress?.assumingMemoryBound(to: UInt8.self), bytes.count))
+    }
+
+    /// Bytes (a digest) in lowercase hex.
+    public static func hex(_ bytes: some Sequence<UInt8>) -> String {
+        let digits = Array("0123456789abcdef".utf8)
+        var text: [UInt8] = []
+        text.reserveCapacity(2 * bytes.underestimatedCount)
+        for byte in bytes {
+            text.append(digits[Int(byte >> 4)])
+            text.append(digits[Int(byte & 0x0F)])
+        }
+        return String(decoding: text, as: UTF8.self)
+    }
+}
