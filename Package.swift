@@ -2,7 +2,7 @@
 import PackageDescription
 
 let strictSettings: [SwiftSetting] = [
-    .enableUpcomingFeature("ExistentialAny"),
+    .enableUpcomingFeature("ExistentialAny")
 ]
 
 let package = Package(
@@ -32,7 +32,9 @@ let package = Package(
         .target(name: "Digests", dependencies: ["CZlib", .product(name: "Crypto", package: "swift-crypto")], swiftSettings: strictSettings),
 
         // SQLite storage of uploads, rounds and cached aggregates; the engine's streaming source.
-        .target(name: "AdapterStore", dependencies: ["CSQLite3", "Digests", "LoRAAdapters", .product(name: "Crypto", package: "swift-crypto")], swiftSettings: strictSettings),
+        .target(
+            name: "AdapterStore", dependencies: ["CSQLite3", "Digests", "LoRAAdapters", .product(name: "Crypto", package: "swift-crypto")],
+            swiftSettings: strictSettings),
 
         // HTTP/1.1 on POSIX sockets and epoll; knows nothing of LoRA.
         .target(name: "HTTPServer", dependencies: ["CLinux"], swiftSettings: strictSettings),
@@ -69,7 +71,9 @@ let package = Package(
         .target(name: "TestSupport", dependencies: ["LoRAAdapters"], path: "Tests/TestSupport", swiftSettings: strictSettings),
         .testTarget(name: "DigestsTests", dependencies: ["Digests"], swiftSettings: strictSettings),
         .testTarget(name: "AdapterStoreTests", dependencies: ["AdapterStore", "Digests", "LoRAAdapters", "TestSupport"], swiftSettings: strictSettings),
-        .testTarget(name: "AggregatorServiceTests", dependencies: ["AdapterStore", "AggregatorService", "Digests", "LoRAAdapters", "TestSupport"], swiftSettings: strictSettings),
+        .testTarget(
+            name: "AggregatorServiceTests", dependencies: ["AdapterStore", "AggregatorService", "Digests", "LoRAAdapters", "TestSupport"],
+            swiftSettings: strictSettings),
         .testTarget(name: "HTTPServerTests", dependencies: ["HTTPServer", "TestSupport"], swiftSettings: strictSettings),
         .testTarget(name: "LoRAAdaptersTests", dependencies: ["LoRAAdapters", "TestSupport"], swiftSettings: strictSettings),
     ],

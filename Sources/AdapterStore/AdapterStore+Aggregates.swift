@@ -26,15 +26,16 @@ extension AdapterStore {
                 return handOver(.complete(StoredAggregate(bytes: cached.bytes, sha256: cached.sha256, rank: cached.rank, fromCache: true)))
             }
             let source = SQLiteAdapterSource(connection: connection, federation: federation, round: round)
-            let options = AggregationOptions(strategy: strategy, rank: key.rank, dtype: dtype, metadata: ["federation": federation.rawValue, "round": round.description])
+            let options = AggregationOptions(
+                strategy: strategy, rank: key.rank, dtype: dtype, metadata: ["federation": federation.rawValue, "round": round.description])
             let recorded = try Self.recordedDigest(connection, key)
             let planned = recorded.map { ($0, plan($0)) }
-            if case let (digest, .digestOnly)? = planned { return handOver(.digestOnly(digest)) }
+            if case (let digest, .digestOnly)? = planned { return handOver(.digestOnly(digest)) }
             if let wider = cache.wider(than: key) {
                 return handOver(.complete(try cut(wider, for: key, recorded: recorded)))
             }
             switch planned {
-            case let (digest, .stream)?:
+            case (let digest, .stream)?:
                 let (pieces, continuation) = AsyncThrowingStream<[UInt8], any Error>.makeStream()
                 handOver(.streaming(digest, pieces))
                 try stream(source, options, matching: digest, for: key, into: DigestCheckedStream(continuation))
@@ -45,7 +46,9 @@ extension AdapterStore {
     }
 
     /// Computes and hashes the aggregate, caches it, and records its digest unless it is on record.
-    private func compute(_ source: SQLiteAdapterSource, _ options: AggregationOptions, for key: AggregateCache.Key, recorded: AggregateDigest?) throws -> StoredAggregate {
+    private func compute(_ source: SQLiteAdapterSource, _ options: AggregationOptions, for key: AggregateCache.Key, recorded: AggregateDigest?) throws
+        -> StoredAggregate
+    {
         let digest = BackgroundDigest(sha256: true)
         let result = try AdapterAggregator.aggregate(source, options: options, observer: digest)
         let digests = digest.digests()
@@ -71,8 +74,10 @@ extension AdapterStore {
     /// Computes the aggregate into `stream` as it goes, checked against the digest on record: a
     /// match is cached, a mismatch fails the stream and drops the record. The pieces are copies,
     /// so a slow client holds them (at most one aggregate) but not the store's reader.
-    private func stream(_ source: SQLiteAdapterSource, _ options: AggregationOptions, matching recorded: AggregateDigest,
-                        for key: AggregateCache.Key, into stream: DigestCheckedStream) throws {
+    private func stream(
+        _ source: SQLiteAdapterSource, _ options: AggregationOptions, matching recorded: AggregateDigest,
+        for key: AggregateCache.Key, into stream: DigestCheckedStream
+    ) throws {
         let digest = BackgroundDigest(sha256: false, forward: stream.forward)
         do {
             let result = try AdapterAggregator.aggregate(source, options: options, observer: digest)
@@ -105,8 +110,9 @@ extension AdapterStore {
         let revision = try connection.statement("SELECT revision FROM rounds WHERE federation = ?1 AND round = ?2")
         try revision.bind(.id(federation), .round(round))
         _ = try revision.step()
-        return AggregateCache.Key(federation: federation, round: round, revision: revision.integer(0), strategy: strategy,
-                                  rank: rank ?? participants.map(\.rank).max()!, dtype: dtype)
+        return AggregateCache.Key(
+            federation: federation, round: round, revision: revision.integer(0), strategy: strategy,
+            rank: rank ?? participants.map(\.rank).max()!, dtype: dtype)
     }
 
     private static func recordedDigest(_ connection: SQLiteConnection, _ key: AggregateCache.Key) throws -> AggregateDigest? {
@@ -121,18 +127,22 @@ extension AdapterStore {
     private static let digestKeyColumns =
         "federation = ?1 AND round = ?2 AND revision = ?3 AND strategy = ?4 AND rank = ?5 AND dtype = ?6 AND engine_version = ?7"
     private static func digestKey(_ key: AggregateCache.Key) -> [SQLiteValue] {
-        [.id(key.federation), .round(key.round), .integer(key.revision), .text(key.strategy.rawValue),
-         .integer(Int64(key.rank)), .text(key.dtype.rawValue), .integer(Int64(AdapterAggregator.outputVersion))]
+        [
+            .id(key.federation), .round(key.round), .integer(key.revision), .text(key.strategy.rawValue),
+            .integer(Int64(key.rank)), .text(key.dtype.rawValue), .integer(Int64(AdapterAggregator.outputVersion)),
+        ]
     }
 
     /// Records an aggregate's digest after the request is answered: losing it costs only a
     /// streamed answer later. A row for a revision that has moved on meanwhile is never matched.
     private func recordDigest(_ digest: AggregateDigest, for key: AggregateCache.Key) {
         writer.writeDetached { connection in
-            try connection.statement("""
+            try connection.statement(
+                """
                 INSERT OR REPLACE INTO aggregate_digests (federation, round, revision, strategy, rank, dtype, engine_version, sha256, crc32, bytes)
                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
-                """).bind(Self.digestKey(key) + [.text(digest.sha256), .integer(Int64(digest.crc32)), .integer(Int64(digest.byteCount))]).run()
+                """
+            ).bind(Self.digestKey(key) + [.text(digest.sha256), .integer(Int64(digest.crc32)), .integer(Int64(digest.byteCount))]).run()
         }
     }
 

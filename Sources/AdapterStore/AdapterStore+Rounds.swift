@@ -6,7 +6,8 @@ extension AdapterStore {
 
     public func rounds(federation: FederationID) async throws -> [RoundSummary] {
         try await reader.read { connection in
-            let statement = try connection.statement("""
+            let statement = try connection.statement(
+                """
                 SELECT r.round, r.sealed, count(u.id), coalesce(max(u.rank), 0) FROM rounds r
                 LEFT JOIN uploads u ON u.federation = r.federation AND u.round = r.round
                 WHERE r.federation = ?1 GROUP BY r.round HAVING count(u.id) > 0 OR r.sealed ORDER BY r.round

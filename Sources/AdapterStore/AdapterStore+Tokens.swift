@@ -2,8 +2,10 @@ extension AdapterStore {
     /// Records a token for the client, by its hash only.
     public func addClientToken(hash: String, federation: FederationID, client: ClientID) async throws {
         try await writer.write { connection in
-            try connection.statement("INSERT INTO client_tokens (token_hash, federation, client, created_at) VALUES (?1, ?2, ?3, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))")
-                .bind(.text(hash), .id(federation), .id(client)).run()
+            try connection.statement(
+                "INSERT INTO client_tokens (token_hash, federation, client, created_at) VALUES (?1, ?2, ?3, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))"
+            )
+            .bind(.text(hash), .id(federation), .id(client)).run()
         }
     }
 

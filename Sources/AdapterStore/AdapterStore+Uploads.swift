@@ -14,19 +14,26 @@ extension AdapterStore {
             let replaced = connection.changes > 0
 
             let headerLength = 8 + Int(upload.file.bytes.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) })
-            try connection.statement("""
+            try connection.statement(
+                """
                 INSERT INTO uploads (federation, round, client, rank, weight, bytes, sha256, uploaded_at, header)
                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), ?8)
-                """).bind(.id(upload.federation), .round(upload.round), .id(upload.client), .integer(Int64(upload.rank)),
-                          .real(upload.weight), .integer(Int64(upload.file.bytes.count)), .text(upload.sha256),
-                          .blob(Array(upload.file.bytes[0..<headerLength]))).run()
+                """
+            ).bind(
+                .id(upload.federation), .round(upload.round), .id(upload.client), .integer(Int64(upload.rank)),
+                .real(upload.weight), .integer(Int64(upload.file.bytes.count)), .text(upload.sha256),
+                .blob(Array(upload.file.bytes[0..<headerLength]))
+            ).run()
             let uploadID = connection.lastInsertedRowID
-            let insertTensor = try connection.statement("INSERT INTO tensors (upload_id, name, dtype, shape, data_offset, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
+            let insertTensor = try connection.statement(
+                "INSERT INTO tensors (upload_id, name, dtype, shape, data_offset, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
             for tensor in upload.file.tensors {
                 try upload.file.withBytes(of: tensor) { data in
                     insertTensor.reset()
-                    try insertTensor.bind(.integer(uploadID), .text(tensor.name), .text(tensor.dtype.rawValue), .text(SQLiteAdapterSource.shapeText(tensor.shape)),
-                                          .integer(Int64(tensor.byteRange.lowerBound)), .borrowedBlob(data)).run()
+                    try insertTensor.bind(
+                        .integer(uploadID), .text(tensor.name), .text(tensor.dtype.rawValue), .text(SQLiteAdapterSource.shapeText(tensor.shape)),
+                        .integer(Int64(tensor.byteRange.lowerBound)), .borrowedBlob(data)
+                    ).run()
                 }
             }
             try Self.roundChanged(connection, upload.federation, upload.round)
@@ -65,8 +72,11 @@ extension AdapterStore {
     }
 
     /// The round's upload records (or only `client`'s), sorted by client id.
-    static func uploadRecords(_ connection: SQLiteConnection, _ federation: FederationID, _ round: RoundNumber, client: ClientID? = nil) throws -> [UploadRecord] {
-        let statement = try connection.statement("""
+    static func uploadRecords(_ connection: SQLiteConnection, _ federation: FederationID, _ round: RoundNumber, client: ClientID? = nil) throws
+        -> [UploadRecord]
+    {
+        let statement = try connection.statement(
+            """
             SELECT \(UploadRecord.columns) FROM uploads
             WHERE federation = ?1 AND round = ?2 AND (?3 IS NULL OR client = ?3) ORDER BY client
             """)
@@ -86,7 +96,8 @@ extension AdapterStore {
 
     /// Every tensor of `upload` against the same name in the round's other uploads.
     private static func checkShapes(of upload: NewUpload, against connection: SQLiteConnection) throws {
-        let statement = try connection.statement("""
+        let statement = try connection.statement(
+            """
             SELECT t.name, t.shape FROM uploads u JOIN tensors t ON t.upload_id = u.id
             WHERE u.federation = ?1 AND u.round = ?2 AND u.client != ?3 GROUP BY t.name
             """)

@@ -24,7 +24,8 @@ public final class AdapterStore: Sendable {
         // Checkpoints (copying the WAL into the database) are not needed for durability, since each
         // commit syncs the WAL, so they run from their own connection after writes instead of
         // inside whichever upload's commit crosses the threshold (which halved ingest).
-        try writerConnection.execute("PRAGMA page_size = 65536; PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA wal_autocheckpoint = 0;")
+        try writerConnection.execute(
+            "PRAGMA page_size = 65536; PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA wal_autocheckpoint = 0;")
         try writerConnection.execute(Self.readTuning)
         try Schema.migrate(writerConnection)
         let readerConnection = try SQLiteConnection(path: path)
@@ -43,7 +44,12 @@ public final class AdapterStore: Sendable {
     /// reads come from the memory-mapped file again instead of WAL frames. If readers hold the WAL,
     /// it tries again a second later.
     func scheduleCheckpoint(after delay: Double = 0, attempts: Int = 30) {
-        guard checkpointQueued.withLock({ queued in defer { queued = true }; return !queued }) else { return }
+        guard
+            checkpointQueued.withLock({ queued in
+                defer { queued = true }
+                return !queued
+            })
+        else { return }
         checkpointer.runDetached(after: delay) { [self] connection in
             checkpointQueued.withLock { $0 = false }
             try? connection.execute("PRAGMA wal_checkpoint(PASSIVE)")

@@ -57,7 +57,8 @@ final class DigestCheckedStream: @unchecked Sendable {
     /// Sends the last region and ends the stream when the checksums agree; fails it otherwise.
     func finish(crc32: UInt32, expected: UInt32) {
         guard crc32 == expected else {
-            return continuation.finish(throwing: StoreError(.database, "an aggregate did not match its recorded digest", detail: "CRC-32 recorded \(expected), computed \(crc32)"))
+            return continuation.finish(
+                throwing: StoreError(.database, "an aggregate did not match its recorded digest", detail: "CRC-32 recorded \(expected), computed \(crc32)"))
         }
         if let held { continuation.yield(held) }
         continuation.finish()

@@ -15,7 +15,8 @@ struct SQLiteAdapterSource: AdapterSource {
     }
 
     func holdings() throws -> [TensorHolding] {
-        let statement = try connection.statement("""
+        let statement = try connection.statement(
+            """
             SELECT u.client, t.name, t.dtype, t.shape FROM uploads u JOIN tensors t ON t.upload_id = u.id
             WHERE u.federation = ?1 AND u.round = ?2
             """)
@@ -24,7 +25,8 @@ struct SQLiteAdapterSource: AdapterSource {
     }
 
     func forEachContribution(toTensor tensorName: String, _ body: (TensorContribution) throws -> Void) throws {
-        let statement = try connection.statement("""
+        let statement = try connection.statement(
+            """
             SELECT u.client, t.dtype, t.shape, t.rowid FROM uploads u JOIN tensors t ON t.upload_id = u.id AND t.name = ?3
             WHERE u.federation = ?1 AND u.round = ?2 ORDER BY u.client
             """)

@@ -118,15 +118,16 @@ final class SQLiteStatement {
     func bind(_ values: [SQLiteValue]) throws(StoreError) -> SQLiteStatement {
         for (offset, value) in values.enumerated() {
             let index = Int32(offset + 1)
-            let status: Int32 = switch value {
-            case .integer(let integer): sqlite3_bind_int64(raw, index, integer)
-            case .real(let real): sqlite3_bind_double(raw, index, real)
-            case .text(let text): sqlite3_bind_text(raw, index, text, -1, csqlite3_transient())
-            case .blob(let bytes): bytes.withUnsafeBytes { sqlite3_bind_blob64(raw, index, $0.baseAddress, sqlite3_uint64($0.count), csqlite3_transient()) }
-            // Bound without a copy: the caller keeps the memory alive until the statement has stepped.
-            case .borrowedBlob(let bytes): sqlite3_bind_blob64(raw, index, bytes.baseAddress, sqlite3_uint64(bytes.count), csqlite3_static())
-            case .null: sqlite3_bind_null(raw, index)
-            }
+            let status: Int32 =
+                switch value {
+                case .integer(let integer): sqlite3_bind_int64(raw, index, integer)
+                case .real(let real): sqlite3_bind_double(raw, index, real)
+                case .text(let text): sqlite3_bind_text(raw, index, text, -1, csqlite3_transient())
+                case .blob(let bytes): bytes.withUnsafeBytes { sqlite3_bind_blob64(raw, index, $0.baseAddress, sqlite3_uint64($0.count), csqlite3_transient()) }
+                // Bound without a copy: the caller keeps the memory alive until the statement has stepped.
+                case .borrowedBlob(let bytes): sqlite3_bind_blob64(raw, index, bytes.baseAddress, sqlite3_uint64(bytes.count), csqlite3_static())
+                case .null: sqlite3_bind_null(raw, index)
+                }
             guard status == SQLITE_OK else { throw connection.failure(status) }
         }
         return self

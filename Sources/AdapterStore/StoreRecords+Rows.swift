@@ -3,8 +3,9 @@ extension UploadRecord {
     static let columns = "client, rank, weight, bytes, sha256, uploaded_at"
 
     init(row: SQLiteStatement) {
-        self.init(client: ClientID(stored: row.text(0)), rank: Int(row.integer(1)), weight: row.real(2),
-                  bytes: Int(row.integer(3)), sha256: row.text(4), uploadedAt: row.text(5))
+        self.init(
+            client: ClientID(stored: row.text(0)), rank: Int(row.integer(1)), weight: row.real(2),
+            bytes: Int(row.integer(3)), sha256: row.text(4), uploadedAt: row.text(5))
     }
 }
 

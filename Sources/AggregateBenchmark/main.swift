@@ -46,7 +46,9 @@ enum Scenario: String {
 struct ValueGenerator {
     var state: UInt64
     mutating func next() -> Float {
-        state ^= state >> 12; state ^= state << 25; state ^= state >> 27
+        state ^= state >> 12
+        state ^= state << 25
+        state ^= state >> 27
         return Float(Int32(truncatingIfNeeded: (state &* 0x2545_F491_4F6C_DD1D) >> 32)) * 0x1p-31
     }
 }
@@ -68,9 +70,10 @@ func generate(scenario: Scenario, dtype: DType, directory: URL) throws {
         let name = String(format: "client-%02d", index)
         try Data(bytes).write(to: directory.appendingPathComponent("\(name).safetensors"))
         let parsed = try SafetensorsFile(bytes: bytes)
-        let tensorIndex = Dictionary(uniqueKeysWithValues: parsed.tensors.map {
-            ($0.name, RoundFile.IndexedTensor(dtype: $0.dtype.rawValue, shape: $0.shape, begin: $0.byteRange.lowerBound, end: $0.byteRange.upperBound))
-        })
+        let tensorIndex = Dictionary(
+            uniqueKeysWithValues: parsed.tensors.map {
+                ($0.name, RoundFile.IndexedTensor(dtype: $0.dtype.rawValue, shape: $0.shape, begin: $0.byteRange.lowerBound, end: $0.byteRange.upperBound))
+            })
         clients.append(.init(client: name, rank: rank, weight: Double(100 + 37 * index), file: "\(name).safetensors", tensors: tensorIndex))
     }
     let round = RoundFile(scenario: scenario.rawValue, clients: clients)
@@ -91,8 +94,9 @@ func seconds(_ duration: Duration) -> Double {
 func benchmarkEngine(directory: URL, repeats: Int) throws {
     let round = try loadRound(directory)
     let adapters = try round.clients.map {
-        ClientAdapter(clientID: $0.client, rank: $0.rank, weight: $0.weight,
-                      file: try SafetensorsFile(bytes: [UInt8](Data(contentsOf: directory.appendingPathComponent($0.file)))))
+        ClientAdapter(
+            clientID: $0.client, rank: $0.rank, weight: $0.weight,
+            file: try SafetensorsFile(bytes: [UInt8](Data(contentsOf: directory.appendingPathComponent($0.file)))))
     }
     let source = InMemoryAdapterSource(adapters)
     let inputBytes = adapters.reduce(0) { total, adapter in total + adapter.file.tensors.reduce(0) { $0 + $1.byteRange.count } }
@@ -125,7 +129,9 @@ func benchmarkEngine(directory: URL, repeats: Int) throws {
         }
         copyTimes.append(seconds(clock.now - start))
     }
-    print(#"{"input_bytes":\#(inputBytes),"output_bytes":\#(output!.bytes.count),"engine_seconds":\#(median(engineTimes)),"memcpy_seconds":\#(median(copyTimes))}"#)
+    print(
+        #"{"input_bytes":\#(inputBytes),"output_bytes":\#(output!.bytes.count),"engine_seconds":\#(median(engineTimes)),"memcpy_seconds":\#(median(copyTimes))}"#
+    )
 }
 
 /// Reads one tensor at a time from the client files with pread into one reusable buffer, as a store
@@ -142,7 +148,7 @@ final class FileBackedSource: AdapterSource {
         self.descriptors = descriptors
     }
 
-    deinit { descriptors.values.forEach { close($0) } }
+    deinit { for descriptor in descriptors.values { close(descriptor) } }
 
     func participants() -> [RoundParticipant] {
         round.clients.map { RoundParticipant(clientID: $0.client, rank: $0.rank, weight: $0.weight) }
@@ -163,8 +169,10 @@ final class FileBackedSource: AdapterSource {
                 guard pread(descriptors[client.client]!, raw.baseAddress!, count, off_t(tensor.begin)) == count else {
                     throw CocoaError(.fileReadUnknown)
                 }
-                try body(TensorContribution(clientID: client.client, dtype: DType(rawValue: tensor.dtype)!, shape: tensor.shape,
-                                            bytes: UnsafeRawBufferPointer(rebasing: raw[0..<count])))
+                try body(
+                    TensorContribution(
+                        clientID: client.client, dtype: DType(rawValue: tensor.dtype)!, shape: tensor.shape,
+                        bytes: UnsafeRawBufferPointer(rebasing: raw[0..<count])))
             }
         }
     }
@@ -184,7 +192,9 @@ func measureStreamingMemory(directory: URL) throws {
     let baseline = peakResidentBytes()
     let output = try AdapterAggregator.aggregate(source, options: .init(strategy: .replication, dtype: .f32))
     let peak = peakResidentBytes()
-    print(#"{"baseline_rss_bytes":\#(baseline),"peak_rss_bytes":\#(peak),"output_bytes":\#(output.bytes.count),"largest_input_tensor_bytes":\#(largestInputTensor)}"#)
+    print(
+        #"{"baseline_rss_bytes":\#(baseline),"peak_rss_bytes":\#(peak),"output_bytes":\#(output.bytes.count),"largest_input_tensor_bytes":\#(largestInputTensor)}"#
+    )
 }
 
 let arguments = CommandLine.arguments.dropFirst()
@@ -200,7 +210,8 @@ do {
     case ("rss", 2):
         try measureStreamingMemory(directory: URL(fileURLWithPath: Array(arguments)[1]))
     default:
-        FileHandle.standardError.write(Data("usage: AggregateBenchmark generate {distilbert|llama|llama16} {F32|BF16} DIR | engine DIR REPEATS | rss DIR\n".utf8))
+        FileHandle.standardError.write(
+            Data("usage: AggregateBenchmark generate {distilbert|llama|llama16} {F32|BF16} DIR | engine DIR REPEATS | rss DIR\n".utf8))
         exit(2)
     }
 } catch {

@@ -37,7 +37,9 @@ struct RoundBody: Encodable {
         sealed = record.sealed
         maxRank = record.maxRank
         totalWeight = record.totalWeight
-        uploads = record.uploads.map { Upload(client: $0.client, rank: $0.rank, weight: $0.weight, bytes: $0.bytes, sha256: $0.sha256, uploadedAt: $0.uploadedAt) }
+        uploads = record.uploads.map {
+            Upload(client: $0.client, rank: $0.rank, weight: $0.weight, bytes: $0.bytes, sha256: $0.sha256, uploadedAt: $0.uploadedAt)
+        }
     }
 }
 

@@ -10,15 +10,18 @@ extension AggregatorService {
     private func getAggregate(_ request: HTTPRequest, perClient: Bool) async throws -> HTTPResponse {
         let parameters = try RequestParameters(request)
         try parameters.allowOnly(perClient ? ["strategy", "dtype"] : ["strategy", "rank", "dtype"])
-        let federation = try parameters.federation, round = try parameters.round
+        let federation = try parameters.federation
+        let round = try parameters.round
         let client = perClient ? try parameters.client : nil
         let gzip = Self.acceptsGzip(request)
         let started = ContinuousClock.now
         // An aggregate computed before has its ETag on record: a matching If-None-Match or a HEAD
         // needs no computing, and a GET streams the body while it is computed. A gzip'd answer
         // needs the whole file first.
-        let outcome = try await store.aggregate(federation: federation, round: round, client: client, strategy: try parameters.strategy,
-                                                rank: try parameters.integer("rank"), dtype: try parameters.outputDType) { digest in
+        let outcome = try await store.aggregate(
+            federation: federation, round: round, client: client, strategy: try parameters.strategy,
+            rank: try parameters.integer("rank"), dtype: try parameters.outputDType
+        ) { digest in
             if request.method == "HEAD" || Self.notModified(request, sha256: digest.sha256, gzip: gzip) { return .digestOnly }
             return gzip ? .compute : .stream
         }
@@ -26,7 +29,8 @@ extension AggregatorService {
         let recordAggregation = { @Sendable in metrics.aggregationFinished(seconds: Double((ContinuousClock.now - started) / .microseconds(1)) / 1e6) }
         switch outcome {
         case nil:
-            throw ServiceError(.notFound, client.map { "client '\($0)' has no upload in round \(round)" } ?? "round \(round) of federation '\(federation)' has no uploads")
+            throw ServiceError(
+                .notFound, client.map { "client '\($0)' has no upload in round \(round)" } ?? "round \(round) of federation '\(federation)' has no uploads")
         case .complete(let aggregate)?:
             if !aggregate.fromCache { recordAggregation() }
             return try await download(aggregate.bytes, sha256: aggregate.sha256, for: request)

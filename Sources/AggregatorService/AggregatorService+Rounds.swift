@@ -10,7 +10,8 @@ extension AggregatorService {
     private func getRound(_ request: HTTPRequest) async throws -> HTTPResponse {
         let parameters = try RequestParameters(request)
         try parameters.allowOnly([])
-        let federation = try parameters.federation, round = try parameters.round
+        let federation = try parameters.federation
+        let round = try parameters.round
         guard let record = try await store.round(federation: federation, round: round) else {
             throw ServiceError(.notFound, "round \(round) of federation '\(federation)' has no uploads and is not sealed")
         }
@@ -29,6 +30,7 @@ extension AggregatorService {
         try parameters.allowOnly([])
         let federation = try parameters.federation
         let rounds = try await store.rounds(federation: federation)
-        return .json(.ok, RoundList(federation: federation, rounds: rounds.map { .init(round: $0.round, sealed: $0.sealed, uploads: $0.uploads, maxRank: $0.maxRank) }))
+        return .json(
+            .ok, RoundList(federation: federation, rounds: rounds.map { .init(round: $0.round, sealed: $0.sealed, uploads: $0.uploads, maxRank: $0.maxRank) }))
     }
 }

@@ -15,7 +15,8 @@ extension AggregatorService {
     private func putUpload(_ request: HTTPRequest, _ body: HTTPRequestBody) async throws -> HTTPResponse {
         let parameters = try RequestParameters(request)
         try parameters.allowOnly(["rank", "weight"])
-        let federation = try parameters.federation, client = try parameters.client
+        let federation = try parameters.federation
+        let client = try parameters.client
         let round = try parameters.round
         guard let rank = try parameters.positiveInteger("rank") else {
             throw ServiceError(.badRequest, "query parameter 'rank' is required: the rank of every LoRA tensor in the upload")
@@ -25,7 +26,8 @@ extension AggregatorService {
         // `curl --data-binary` labels bodies as form data unless told otherwise; the bytes are
         // checked as safetensors either way, so only types that promise something else are refused.
         if let type = request.headers["content-type"]?.split(separator: ";").first?.trimmingCharacters(in: .whitespaces).lowercased(),
-           !["application/octet-stream", "application/x-www-form-urlencoded"].contains(type) {
+            !["application/octet-stream", "application/x-www-form-urlencoded"].contains(type)
+        {
             throw ServiceError(.unsupportedMediaType, "uploads are application/octet-stream (a safetensors file), not \(type)")
         }
 
@@ -36,11 +38,14 @@ extension AggregatorService {
             let summary = try AdapterValidator.validate(file, declaredRank: rank)
             return (file, summary, ContentDigest.sha256Hex(bytes))
         }
-        let (record, created) = try await store.put(NewUpload(federation: federation, round: round, client: client, rank: rank, weight: weight, file: file, sha256: digest))
+        let (record, created) = try await store.put(
+            NewUpload(federation: federation, round: round, client: client, rank: rank, weight: weight, file: file, sha256: digest))
         metrics.uploadStored()
-        return .json(created ? .created : .ok, UploadAccepted(
-            federation: federation, round: round, client: client, rank: rank, weight: weight,
-            tensors: summary.tensorCount, loraModules: summary.loraModuleCount, bytes: record.bytes, sha256: record.sha256))
+        return .json(
+            created ? .created : .ok,
+            UploadAccepted(
+                federation: federation, round: round, client: client, rank: rank, weight: weight,
+                tensors: summary.tensorCount, loraModules: summary.loraModuleCount, bytes: record.bytes, sha256: record.sha256))
     }
 
     /// The decompressed body, capped at `maxUploadBytes`; inflated chunk by chunk as it arrives.
@@ -56,7 +61,8 @@ extension AggregatorService {
     private func getUpload(_ request: HTTPRequest) async throws -> HTTPResponse {
         let parameters = try RequestParameters(request)
         try parameters.allowOnly([])
-        let federation = try parameters.federation, client = try parameters.client
+        let federation = try parameters.federation
+        let client = try parameters.client
         guard let (record, file) = try await store.upload(federation: federation, round: try parameters.round, client: client) else {
             throw ServiceError(.notFound, "client '\(client)' has no upload in this round")
         }
@@ -66,7 +72,8 @@ extension AggregatorService {
     private func deleteUpload(_ request: HTTPRequest) async throws -> HTTPResponse {
         let parameters = try RequestParameters(request)
         try parameters.allowOnly([])
-        let federation = try parameters.federation, client = try parameters.client
+        let federation = try parameters.federation
+        let client = try parameters.client
         guard try await store.deleteUpload(federation: federation, round: try parameters.round, client: client) else {
             throw ServiceError(.notFound, "client '\(client)' has no upload in this round")
         }
@@ -80,7 +87,8 @@ extension AggregatorService {
         }
         guard let name = codings.first else { return .identity }
         guard let coding = ContentCoding(rawValue: name) else {
-            throw ServiceError(.unsupportedMediaType, "content coding '\(name)' is not supported", headers: ["Accept-Encoding": ContentCoding.acceptEncodingValue])
+            throw ServiceError(
+                .unsupportedMediaType, "content coding '\(name)' is not supported", headers: ["Accept-Encoding": ContentCoding.acceptEncodingValue])
         }
         return coding
     }

@@ -19,7 +19,10 @@ public final class AggregatorService: Sendable {
     /// an admin token (unless `insecureNoAuth`).
     public init(configuration: ServiceConfiguration) throws {
         if configuration.adminToken == nil && !configuration.insecureNoAuth && !Authorization.isLoopback(configuration.http.host) {
-            throw ServiceError(.badRequest, "refusing to serve \(configuration.http.host) without authentication: give an admin token (--admin-token-file or LORA_AGGREGATOR_ADMIN_TOKEN), listen on a loopback address, or pass --insecure-no-auth")
+            throw ServiceError(
+                .badRequest,
+                "refusing to serve \(configuration.http.host) without authentication: give an admin token (--admin-token-file or LORA_AGGREGATOR_ADMIN_TOKEN), listen on a loopback address, or pass --insecure-no-auth"
+            )
         }
         if let token = configuration.adminToken, token.count < 16 {
             throw ServiceError(.badRequest, "the admin token must be at least 16 characters")
@@ -61,7 +64,9 @@ public final class AggregatorService: Sendable {
         private(set) var router: Router
         let authorization: Authorization
 
-        mutating func add(_ method: String, _ pattern: String, _ requirement: Authorization.Requirement, maxBodyBytes: Int? = nil, _ handler: @escaping HTTPHandler) {
+        mutating func add(
+            _ method: String, _ pattern: String, _ requirement: Authorization.Requirement, maxBodyBytes: Int? = nil, _ handler: @escaping HTTPHandler
+        ) {
             let authorization = self.authorization
             router.add(method, pattern, maxBodyBytes: maxBodyBytes) { request, body in
                 try await authorization.check(request, requirement)

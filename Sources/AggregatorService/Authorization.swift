@@ -34,15 +34,18 @@ struct Authorization: Sendable {
     /// Throws 401 (no or unknown token) or 403 (known but not allowed).
     func check(_ request: HTTPRequest, _ requirement: Requirement) async throws {
         let principal = try await principal(of: request)
-        let federation = request.pathParameters["federation"], client = request.pathParameters["client"]
-        let allowed: Bool = switch (principal, requirement) {
-        case (.anyone, _), (.admin, _): true
-        case (.client, .admin): false
-        case let (.client(ownFederation, ownClient), .ownUpload): ownFederation.rawValue == federation && ownClient.rawValue == client
-        case let (.client(ownFederation, _), .federationMember): ownFederation.rawValue == federation
-        }
+        let federation = request.pathParameters["federation"]
+        let client = request.pathParameters["client"]
+        let allowed: Bool =
+            switch (principal, requirement) {
+            case (.anyone, _), (.admin, _): true
+            case (.client, .admin): false
+            case (.client(let ownFederation, let ownClient), .ownUpload): ownFederation.rawValue == federation && ownClient.rawValue == client
+            case (.client(let ownFederation, _), .federationMember): ownFederation.rawValue == federation
+            }
         guard allowed else {
-            throw ServiceError(.forbidden, requirement == .admin ? "this needs the admin token" : "this token does not give access to that federation or client")
+            throw ServiceError(
+                .forbidden, requirement == .admin ? "this needs the admin token" : "this token does not give access to that federation or client")
         }
     }
 
@@ -89,6 +92,6 @@ struct Authorization: Sendable {
     }
 }
 
-private extension String {
-    func leftPadded(to width: Int) -> String { String(repeating: "0", count: max(0, width - count)) + self }
+extension String {
+    fileprivate func leftPadded(to width: Int) -> String { String(repeating: "0", count: max(0, width - count)) + self }
 }

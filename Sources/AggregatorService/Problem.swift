@@ -34,21 +34,23 @@ enum Problem {
             return (error.status, code, error.message, error.headers)
         case let error as AdapterError:
             let detail = error.tensor.map { "tensor '\($0)': \(error.message)" } ?? error.message
-            let status: HTTPStatus = switch error.code {
-            case _ where error.code.isMalformedFile: .badRequest
-            case .emptyRound: .notFound
-            case .inconsistentSource: .internalServerError
-            default: .unprocessableContent
-            }
+            let status: HTTPStatus =
+                switch error.code {
+                case _ where error.code.isMalformedFile: .badRequest
+                case .emptyRound: .notFound
+                case .inconsistentSource: .internalServerError
+                default: .unprocessableContent
+                }
             if status == .internalServerError { log("internal error: \(error)") }
             return (status, error.code.rawValue, detail, [:])
         case let error as StoreError:
-            let status: HTTPStatus = switch error.code {
-            case .roundSealed: .conflict
-            case .storageFull: .insufficientStorage
-            case .readOnly, .busy: .serviceUnavailable
-            default: .internalServerError
-            }
+            let status: HTTPStatus =
+                switch error.code {
+                case .roundSealed: .conflict
+                case .storageFull: .insufficientStorage
+                case .readOnly, .busy: .serviceUnavailable
+                default: .internalServerError
+                }
             if !error.detail.isEmpty { log("store error: \(error)") }
             return (status, error.code.rawValue, error.message, status == .serviceUnavailable ? ["Retry-After": "1"] : [:])
         default:

@@ -13,8 +13,9 @@ public struct CompletedRequest: Sendable {
 
     /// `METHOD PATH STATUS BYTES DURATIONms`.
     public var accessLogLine: String {
-        AccessLogLine.format(method: method, path: path[...], status: status, bytes: responseBodyBytes,
-                             milliseconds: Double(duration / .microseconds(1)) / 1000)
+        AccessLogLine.format(
+            method: method, path: path[...], status: status, bytes: responseBodyBytes,
+            milliseconds: Double(duration / .microseconds(1)) / 1000)
     }
 }
 

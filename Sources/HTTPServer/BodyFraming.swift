@@ -21,11 +21,14 @@ enum BodyFraming: Equatable {
             self = .chunked
             return
         }
-        guard !lengths.isEmpty else { self = .none; return }
+        guard !lengths.isEmpty else {
+            self = .none
+            return
+        }
         // Repeated fields or list members are tolerated only when every value is the same number.
         let values = Set(lengths.flatMap { $0.split(separator: ",", omittingEmptySubsequences: false) }.map { $0.trimmingASCIIWhitespace() })
         guard values.count == 1, let text = values.first, !text.isEmpty, text.utf8.count <= 18,
-              text.utf8.allSatisfy(HTTPHeadParser.isDigit), let length = Int(text)
+            text.utf8.allSatisfy(HTTPHeadParser.isDigit), let length = Int(text)
         else {
             throw HTTPServerError(.badRequest, "Content-Length must be one non-negative decimal number")
         }

@@ -1,7 +1,8 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import CLinux
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// A client connection, confined to the event loop. It parses request heads as bytes arrive (so a
 /// slow client holds no thread), runs each request's handler in a task, feeds it the body on
@@ -121,10 +122,15 @@ final class HTTPConnection: EventSource {
                 updateInterest()
                 return
             case .awaitingRequest(let headStartedAt):
-                guard inputStart < input.count else { updateInterest(); return }
+                guard inputStart < input.count else {
+                    updateInterest()
+                    return
+                }
                 if headStartedAt == nil { state = .awaitingRequest(headStartedAt: server.now) }
                 let result = input.withUnsafeBytes { bytes in
-                    Result { () throws(HTTPServerError) in try HTTPHeadParser.parse(UnsafeRawBufferPointer(rebasing: bytes[inputStart...]), limits: configuration.headLimits) }
+                    Result { () throws(HTTPServerError) in
+                        try HTTPHeadParser.parse(UnsafeRawBufferPointer(rebasing: bytes[inputStart...]), limits: configuration.headLimits)
+                    }
                 }
                 switch result {
                 case .failure(let error):
@@ -298,7 +304,8 @@ final class HTTPConnection: EventSource {
     }
 
     private func encodeHead(_ response: HTTPResponse, framing: OutgoingBodyFraming, version: HTTPVersion, keepAlive: Bool) -> [UInt8] {
-        HTTPResponseEncoder.head(status: response.status, headers: response.headers, framing: framing, version: version, keepAlive: keepAlive, date: server.httpDate)
+        HTTPResponseEncoder.head(
+            status: response.status, headers: response.headers, framing: framing, version: version, keepAlive: keepAlive, date: server.httpDate)
     }
 
     private func streamBody(
@@ -342,9 +349,10 @@ final class HTTPConnection: EventSource {
 
     private func finish(_ exchange: Exchange, status: HTTPStatus, bytesSent: Int, keepAlive: Bool) {
         guard case .exchanging(let current, let then) = state, current === exchange else { return }
-        configuration.onRequestCompleted?(CompletedRequest(
-            method: exchange.request.method, path: String(exchange.request.path), route: exchange.routePattern, status: status.code,
-            requestBodyBytes: exchange.receivedBodyBytes, responseBodyBytes: bytesSent, duration: server.now - exchange.startedAt))
+        configuration.onRequestCompleted?(
+            CompletedRequest(
+                method: exchange.request.method, path: String(exchange.request.path), route: exchange.routePattern, status: status.code,
+                requestBodyBytes: exchange.receivedBodyBytes, responseBodyBytes: bytesSent, duration: server.now - exchange.startedAt))
         lastActivity = server.now
         if keepAlive && then == .nextRequest {
             state = .awaitingRequest(headStartedAt: nil)
@@ -361,9 +369,10 @@ final class HTTPConnection: EventSource {
         let bytes: [UInt8] = if case .bytes(let bytes) = response.body { bytes } else { [] }
         enqueue([encodeHead(response, framing: .sized(bytes.count), version: .http1_1, keepAlive: false), bytes], then: nil)
         closeOnceWritten()
-        configuration.onRequestCompleted?(CompletedRequest(
-            method: request?.method ?? "-", path: request.map { String($0.path) } ?? "-", route: nil, status: error.status.code,
-            requestBodyBytes: 0, responseBodyBytes: bytes.count, duration: .zero))
+        configuration.onRequestCompleted?(
+            CompletedRequest(
+                method: request?.method ?? "-", path: request.map { String($0.path) } ?? "-", route: nil, status: error.status.code,
+                requestBodyBytes: 0, responseBodyBytes: bytes.count, duration: .zero))
     }
 
     /// Reads and parses nothing more; closes once everything queued is written.
@@ -388,7 +397,10 @@ final class HTTPConnection: EventSource {
             let written = writes.withIOVectors { vectors in writev(descriptor, vectors.baseAddress, Int32(vectors.count)) }
             if written < 0 {
                 if errno == EINTR { continue }
-                if errno == EAGAIN { updateInterest(); return }
+                if errno == EAGAIN {
+                    updateInterest()
+                    return
+                }
                 close()
                 return
             }
@@ -451,7 +463,8 @@ final class HTTPConnection: EventSource {
             if writes.isEmpty && now - lastActivity > configuration.keepAliveTimeout { close() }
         case .exchanging(let exchange, _):
             if exchange.isReceiving && !exchange.isPaused && exchange.body?.wasDemanded == true
-                && now - exchange.lastBodyActivity > configuration.bodyIdleTimeout {
+                && now - exchange.lastBodyActivity > configuration.bodyIdleTimeout
+            {
                 exchange.failBody(HTTPServerError(.requestTimeout, "no request body bytes arrived for \(configuration.bodyIdleTimeout)"))
                 updateInterest()
             }

@@ -1,5 +1,5 @@
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Limits on a request head; exceeding them gets 414 or 431.
@@ -35,10 +35,16 @@ public enum HTTPHeadParser {
 
         var requestLine: Range<Int>?
         for _ in 0...maxLeadingEmptyLines {
-            guard let line = try reader.nextLine(limit: limits.maxRequestLineBytes, overLimit: HTTPServerError(.uriTooLong, "the request line exceeds \(limits.maxRequestLineBytes) bytes")) else {
+            guard
+                let line = try reader.nextLine(
+                    limit: limits.maxRequestLineBytes, overLimit: HTTPServerError(.uriTooLong, "the request line exceeds \(limits.maxRequestLineBytes) bytes"))
+            else {
                 return .incomplete
             }
-            if !line.isEmpty { requestLine = line; break }
+            if !line.isEmpty {
+                requestLine = line
+                break
+            }
         }
         guard let requestLine else { throw HTTPServerError(.badRequest, "too many empty lines before the request line") }
         let (method, target, version) = try parseRequestLine(bytes, requestLine)
@@ -76,7 +82,8 @@ public enum HTTPHeadParser {
         switch Array(parts[2]) {
         case Array("HTTP/1.1".utf8): version = .http1_1
         case Array("HTTP/1.0".utf8): version = .http1_0
-        case let other where other.count == 8 && other.starts(with: Array("HTTP/".utf8)) && isDigit(other[5]) && other[6] == UInt8(ascii: ".") && isDigit(other[7]):
+        case let other
+        where other.count == 8 && other.starts(with: Array("HTTP/".utf8)) && isDigit(other[5]) && other[6] == UInt8(ascii: ".") && isDigit(other[7]):
             throw HTTPServerError(.httpVersionNotSupported, "only HTTP/1.0 and HTTP/1.1 are supported")
         default:
             throw HTTPServerError(.badRequest, "the request line does not end in an HTTP version")
@@ -96,7 +103,8 @@ public enum HTTPHeadParser {
         guard !name.isEmpty, name.allSatisfy(isTokenCharacter) else {
             throw HTTPServerError(.badRequest, "a header field name is empty, holds whitespace before the colon, or is not a token")
         }
-        var valueStart = colon + 1, valueEnd = line.upperBound
+        var valueStart = colon + 1
+        var valueEnd = line.upperBound
         while valueStart < valueEnd, isWhitespace(bytes[valueStart]) { valueStart += 1 }
         while valueEnd > valueStart, isWhitespace(bytes[valueEnd - 1]) { valueEnd -= 1 }
         let value = bytes[valueStart..<valueEnd]
@@ -110,8 +118,9 @@ public enum HTTPHeadParser {
         switch byte {
         case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "0")...UInt8(ascii: "9"): true
         case UInt8(ascii: "!"), UInt8(ascii: "#"), UInt8(ascii: "$"), UInt8(ascii: "%"), UInt8(ascii: "&"), UInt8(ascii: "'"),
-             UInt8(ascii: "*"), UInt8(ascii: "+"), UInt8(ascii: "-"), UInt8(ascii: "."), UInt8(ascii: "^"), UInt8(ascii: "_"),
-             UInt8(ascii: "`"), UInt8(ascii: "|"), UInt8(ascii: "~"): true
+            UInt8(ascii: "*"), UInt8(ascii: "+"), UInt8(ascii: "-"), UInt8(ascii: "."), UInt8(ascii: "^"), UInt8(ascii: "_"),
+            UInt8(ascii: "`"), UInt8(ascii: "|"), UInt8(ascii: "~"):
+            true
         default: false
         }
     }
@@ -133,7 +142,8 @@ struct LineReader {
         guard let found = memchr(base + position, Int32(UInt8(ascii: "\n")), searchLength) else {
             if available > limit { throw overLimit }
             if let carriageReturn = memchr(base + position, 0x0D, searchLength),
-               carriageReturn - UnsafeMutableRawPointer(mutating: base) < count - 1 {
+                carriageReturn - UnsafeMutableRawPointer(mutating: base) < count - 1
+            {
                 throw HTTPServerError(.badRequest, "a bare CR in the request head")
             }
             return nil

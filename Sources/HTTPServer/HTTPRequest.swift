@@ -1,5 +1,8 @@
 public enum HTTPVersion: Sendable, Hashable {
+    // swift-format-ignore: AlwaysUseLowerCamelCase
+    // The protocol's own spelling, as SwiftNIO's HTTPVersion has it.
     case http1_0
+    // swift-format-ignore: AlwaysUseLowerCamelCase
     case http1_1
 
     var text: String { self == .http1_0 ? "HTTP/1.0" : "HTTP/1.1" }
@@ -45,7 +48,7 @@ public struct HTTPRequest: Sendable {
         for pair in query.split(separator: "&", omittingEmptySubsequences: true) {
             let parts = pair.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
             guard let name = PercentDecoding.decode(parts[0], plusAsSpace: true),
-                  let value = PercentDecoding.decode(parts.count > 1 ? parts[1] : "", plusAsSpace: true)
+                let value = PercentDecoding.decode(parts.count > 1 ? parts[1] : "", plusAsSpace: true)
             else { return nil }
             parameters.append((name, value))
         }

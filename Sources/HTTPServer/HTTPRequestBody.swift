@@ -62,18 +62,30 @@ public final class HTTPRequestBody: AsyncSequence, Sendable {
         try await withCheckedThrowingContinuation { continuation in
             var wake = false
             let ready: Result<[UInt8]?, any Error>? = state.withLock { state in
-                if !state.demanded { state.demanded = true; wake = true }
+                if !state.demanded {
+                    state.demanded = true
+                    wake = true
+                }
                 if state.nextChunk < state.chunks.count {
                     let chunk = state.chunks[state.nextChunk]
                     state.nextChunk += 1
                     state.bufferedBytes -= chunk.count
-                    if state.nextChunk == state.chunks.count { state.chunks.removeAll(keepingCapacity: true); state.nextChunk = 0 }
-                    if state.producerPaused && state.bufferedBytes < Self.highWatermark / 2 { state.producerPaused = false; wake = true }
+                    if state.nextChunk == state.chunks.count {
+                        state.chunks.removeAll(keepingCapacity: true)
+                        state.nextChunk = 0
+                    }
+                    if state.producerPaused && state.bufferedBytes < Self.highWatermark / 2 {
+                        state.producerPaused = false
+                        wake = true
+                    }
                     return .success(chunk)
                 }
                 if let failure = state.failure { return .failure(failure) }
                 if state.finished { return .success(nil) }
-                if state.producerPaused { state.producerPaused = false; wake = true }
+                if state.producerPaused {
+                    state.producerPaused = false
+                    wake = true
+                }
                 state.waiter = continuation
                 return nil
             }

@@ -31,7 +31,8 @@ public struct HTTPServerConfiguration: Sendable {
 
     public static func plainTextError(_ error: any Error) -> HTTPResponse {
         guard let error = error as? HTTPServerError else {
-            return HTTPResponse(status: .internalServerError, headers: ["Content-Type": "text/plain; charset=utf-8"], body: Array("internal server error\n".utf8))
+            return HTTPResponse(
+                status: .internalServerError, headers: ["Content-Type": "text/plain; charset=utf-8"], body: Array("internal server error\n".utf8))
         }
         var headers: HTTPHeaders = ["Content-Type": "text/plain; charset=utf-8"]
         for (name, value) in error.headers.sorted(by: { $0.key < $1.key }) { headers.add(name, value) }

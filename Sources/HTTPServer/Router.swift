@@ -52,7 +52,10 @@ public struct Router: Sendable {
                 case .literal(let literal):
                     matches = part == literal
                 case .parameter(let name):
-                    guard !part.isEmpty else { matches = false; break }
+                    guard !part.isEmpty else {
+                        matches = false
+                        break
+                    }
                     guard let decoded = PercentDecoding.decode(part, plusAsSpace: false) else {
                         decodeFailure = "the path segment '\(part)' is not valid percent-encoded UTF-8"
                         matches = false
@@ -64,7 +67,9 @@ public struct Router: Sendable {
             }
             guard matches else { continue }
             // HEAD is served by the GET route when there is no HEAD route of its own.
-            if route.method == method || (method == "HEAD" && route.method == "GET" && !routes.contains { $0.method == "HEAD" && $0.segments == route.segments }) {
+            if route.method == method
+                || (method == "HEAD" && route.method == "GET" && !routes.contains { $0.method == "HEAD" && $0.segments == route.segments })
+            {
                 return .matched(route, parameters: parameters)
             }
             allowed.append(route.method)

@@ -1,5 +1,5 @@
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// The bytes a connection has queued for its socket, in order, and the callbacks waiting for them

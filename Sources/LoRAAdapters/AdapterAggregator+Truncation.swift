@@ -21,8 +21,9 @@ extension AdapterAggregator {
         return layout.makeFile { base in
             for ((source, keep), target) in zip(zip(sources, kept), layout.tensors) {
                 aggregate.withBytes(of: source) { bytes in
-                    copyLeadingSlices(of: bytes, shape: source.shape, rankAxis: TensorRole(tensorName: source.name).factor?.rankAxis,
-                                      keeping: keep, byteWidth: source.dtype.byteWidth, to: base + target.byteRange.lowerBound)
+                    copyLeadingSlices(
+                        of: bytes, shape: source.shape, rankAxis: TensorRole(tensorName: source.name).factor?.rankAxis,
+                        keeping: keep, byteWidth: source.dtype.byteWidth, to: base + target.byteRange.lowerBound)
                 }
             }
         }
@@ -40,7 +41,8 @@ extension AdapterAggregator {
         }
         let outer = shape[..<rankAxis].reduce(1, *)
         let slice = shape[(rankAxis + 1)...].reduce(byteWidth, *)
-        let run = rank * slice, stride = shape[rankAxis] * slice
+        let run = rank * slice
+        let stride = shape[rankAxis] * slice
         for index in 0..<outer {
             (destination + index * run).copyMemory(from: source + index * stride, byteCount: run)
         }

@@ -21,11 +21,13 @@ public enum AdapterAggregator {
         let holdings = try source.holdings()
         let modules = Set(holdings.lazy.compactMap { TensorRole.moduleName(ofTensor: $0.name) })
         // A module's global rank is the largest any upload gives it, whether or not it holds it.
-        let globalRank = modules.isEmpty
+        let globalRank =
+            modules.isEmpty
             ? participants.values.map(\.rank).max()!
             : modules.map { module in participants.values.map { $0.config.rank(ofModule: module) }.max()! }.max()!
         var rankLimit: Int?
-        if case .client = options.scaling {} else {
+        if case .client = options.scaling {
+        } else {
             let rank = options.rank ?? globalRank
             guard (1...globalRank).contains(rank) else {
                 throw AdapterError(.rankOutOfRange, "rank \(rank) is outside 1...\(globalRank), the largest rank in the round")
@@ -94,13 +96,15 @@ public enum AdapterAggregator {
         var next = 0
         try source.forEachContribution(toTensor: plan.name) { contribution in
             guard next < plan.holders.count, plan.holders[next].clientID == contribution.clientID else {
-                throw AdapterError(.inconsistentSource, "the source delivered client '\(contribution.clientID)' out of client-id order or unannounced", tensor: plan.name)
+                throw AdapterError(
+                    .inconsistentSource, "the source delivered client '\(contribution.clientID)' out of client-id order or unannounced", tensor: plan.name)
             }
             let holder = plan.holders[next]
             guard contribution.dtype == holder.dtype, contribution.shape == holder.shape,
-                  contribution.bytes.count == holder.shape.reduce(1, *) * holder.dtype.byteWidth
+                contribution.bytes.count == holder.shape.reduce(1, *) * holder.dtype.byteWidth
             else {
-                throw AdapterError(.inconsistentSource, "client '\(holder.clientID)' delivered bytes that disagree with its announced dtype and shape", tensor: plan.name)
+                throw AdapterError(
+                    .inconsistentSource, "client '\(holder.clientID)' delivered bytes that disagree with its announced dtype and shape", tensor: plan.name)
             }
             if let base = contribution.bytes.baseAddress {
                 plan.add(base, dtype: holder.dtype, clientRank: holder.rank, weight: holder.foldedWeight, into: sums)

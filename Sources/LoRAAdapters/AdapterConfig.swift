@@ -24,8 +24,10 @@ public struct AdapterConfig: Sendable, Equatable {
 
     /// A config as the query parameters give it: one rank and one `lora_alpha` for every module
     /// (`lora_alpha` defaults to the rank, which is scale 1).
-    public init(rank: Int, loraAlpha: Double? = nil, useRSLoRA: Bool = false,
-                rankPattern: [PatternEntry<Int>] = [], alphaPattern: [PatternEntry<Double>] = []) throws(AdapterError) {
+    public init(
+        rank: Int, loraAlpha: Double? = nil, useRSLoRA: Bool = false,
+        rankPattern: [PatternEntry<Int>] = [], alphaPattern: [PatternEntry<Double>] = []
+    ) throws(AdapterError) {
         guard rank >= 1 else { throw AdapterError(.invalidConfig, "r must be a positive integer, not \(rank)") }
         let loraAlpha = loraAlpha ?? Double(rank)
         guard loraAlpha > 0, loraAlpha.isFinite else { throw AdapterError(.invalidConfig, "lora_alpha must be positive and finite, not \(loraAlpha)") }
@@ -148,8 +150,12 @@ extension AdapterConfig {
             rank: try Self.positiveInteger(rankValue, field: "r"),
             loraAlpha: try byKey["lora_alpha"].map { value throws(AdapterError) in try Self.number(value, field: "lora_alpha") },
             useRSLoRA: try Self.flag(byKey["use_rslora"], field: "use_rslora"),
-            rankPattern: try Self.pattern(byKey["rank_pattern"], field: "rank_pattern") { value, field throws(AdapterError) in try AdapterConfig.positiveInteger(value, field: field) },
-            alphaPattern: try Self.pattern(byKey["alpha_pattern"], field: "alpha_pattern") { value, field throws(AdapterError) in try AdapterConfig.number(value, field: field) })
+            rankPattern: try Self.pattern(byKey["rank_pattern"], field: "rank_pattern") { value, field throws(AdapterError) in
+                try AdapterConfig.positiveInteger(value, field: field)
+            },
+            alphaPattern: try Self.pattern(byKey["alpha_pattern"], field: "alpha_pattern") { value, field throws(AdapterError) in
+                try AdapterConfig.number(value, field: field)
+            })
     }
 
     private static func positiveInteger(_ value: HeaderJSON, field: String) throws(AdapterError) -> Int {

@@ -16,17 +16,21 @@ public enum AdapterValidator {
             let role = TensorRole(tensorName: tensor.name)
             if case .lora(let factor, let pairKey) = role {
                 guard let rank = role.rank(of: tensor.shape) else {
-                    throw AdapterError(.invalidRank, "a LoRA \(factor == .a ? "A" : "B") tensor needs at least 2 axes, its shape is \(tensor.shape)", tensor: tensor.name)
+                    throw AdapterError(
+                        .invalidRank, "a LoRA \(factor == .a ? "A" : "B") tensor needs at least 2 axes, its shape is \(tensor.shape)", tensor: tensor.name)
                 }
                 guard rank == declaredRank else {
-                    throw AdapterError(.rankMismatch, "rank \(rank) on axis \(factor.rankAxis) of shape \(tensor.shape), but the upload is tagged rank \(declaredRank)", tensor: tensor.name)
+                    throw AdapterError(
+                        .rankMismatch, "rank \(rank) on axis \(factor.rankAxis) of shape \(tensor.shape), but the upload is tagged rank \(declaredRank)",
+                        tensor: tensor.name)
                 }
                 factorsByPair[pairKey, default: [:]][factor] = tensor.name
             }
             try checkFinite(tensor, in: file)
         }
         guard !factorsByPair.isEmpty else {
-            throw AdapterError(.unpairedLoRATensor, "the file holds no LoRA tensor (names ending in lora_A.weight, lora_B.weight, lora_embedding_A or lora_embedding_B)")
+            throw AdapterError(
+                .unpairedLoRATensor, "the file holds no LoRA tensor (names ending in lora_A.weight, lora_B.weight, lora_embedding_A or lora_embedding_B)")
         }
         for (_, factors) in factorsByPair.sorted(by: { $0.key < $1.key }) where factors.count != 2 {
             let (present, missing) = factors[.a] != nil ? (factors[.a]!, "B") : (factors[.b]!, "A")

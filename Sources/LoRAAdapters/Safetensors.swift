@@ -26,7 +26,8 @@ public struct SafetensorsHeader: Sendable {
     public let tensors: [TensorInfo]
 
     public func tensor(named name: String) -> TensorInfo? {
-        var low = 0, high = tensors.count
+        var low = 0
+        var high = tensors.count
         while low < high {
             let middle = (low + high) / 2
             if tensors[middle].name < name { low = middle + 1 } else { high = middle }

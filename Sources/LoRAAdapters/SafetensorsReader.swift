@@ -34,10 +34,13 @@ public enum SafetensorsReader {
             } else {
                 let (dtype, shape, relative) = try parseTensorEntry(name: name, value)
                 guard relative.upperBound <= dataLength else {
-                    throw AdapterError(.invalidOffsets, "data_offsets [\(relative.lowerBound), \(relative.upperBound)] run past the \(dataLength)-byte data section", tensor: name)
+                    throw AdapterError(
+                        .invalidOffsets, "data_offsets [\(relative.lowerBound), \(relative.upperBound)] run past the \(dataLength)-byte data section",
+                        tensor: name)
                 }
-                let info = TensorInfo(name: name, dtype: dtype, shape: shape,
-                                      byteRange: (dataStart + relative.lowerBound)..<(dataStart + relative.upperBound))
+                let info = TensorInfo(
+                    name: name, dtype: dtype, shape: shape,
+                    byteRange: (dataStart + relative.lowerBound)..<(dataStart + relative.upperBound))
                 entries.append((info, relative))
             }
         }
@@ -105,7 +108,7 @@ public enum SafetensorsReader {
         }
 
         guard case .array(let offsets) = offsetsField, offsets.count == 2,
-              let begin = offsets[0].nonNegativeInteger, let end = offsets[1].nonNegativeInteger
+            let begin = offsets[0].nonNegativeInteger, let end = offsets[1].nonNegativeInteger
         else {
             throw AdapterError(.invalidOffsets, "data_offsets must be two non-negative integers", tensor: name)
         }

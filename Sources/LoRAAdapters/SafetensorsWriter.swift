@@ -49,7 +49,8 @@ public struct SafetensorsLayout: Sendable {
             }
             relativeRanges.append(offset..<(offset + byteCount))
             json += separator
-            json += "\(Self.quoted(spec.name)):{\"dtype\":\"\(spec.dtype.rawValue)\",\"shape\":[\(spec.shape.map(String.init).joined(separator: ","))],\"data_offsets\":[\(offset),\(offset + byteCount)]}"
+            json +=
+                "\(Self.quoted(spec.name)):{\"dtype\":\"\(spec.dtype.rawValue)\",\"shape\":[\(spec.shape.map(String.init).joined(separator: ","))],\"data_offsets\":[\(offset),\(offset + byteCount)]}"
             separator = ","
             offset += byteCount
         }
@@ -62,8 +63,9 @@ public struct SafetensorsLayout: Sendable {
         headerBytes = bytes
         let dataStart = bytes.count
         tensors = zip(ordered, relativeRanges).map { spec, range in
-            TensorInfo(name: spec.name, dtype: spec.dtype, shape: spec.shape,
-                       byteRange: (dataStart + range.lowerBound)..<(dataStart + range.upperBound))
+            TensorInfo(
+                name: spec.name, dtype: spec.dtype, shape: spec.shape,
+                byteRange: (dataStart + range.lowerBound)..<(dataStart + range.upperBound))
         }
         fileSize = dataStart + offset
     }
@@ -109,7 +111,9 @@ public enum SafetensorsWriter {
         for info in layout.tensors {
             let record = byName[info.name]!
             guard record.data.count == info.byteRange.count else {
-                throw AdapterError(.sizeMismatch, "shape \(info.shape) of \(info.dtype.rawValue) needs \(info.byteRange.count) bytes, got \(record.data.count)", tensor: info.name)
+                throw AdapterError(
+                    .sizeMismatch, "shape \(info.shape) of \(info.dtype.rawValue) needs \(info.byteRange.count) bytes, got \(record.data.count)",
+                    tensor: info.name)
             }
             bytes.append(contentsOf: record.data)
         }

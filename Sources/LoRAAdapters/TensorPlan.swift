@@ -70,15 +70,19 @@ struct TensorPlan {
                     throw AdapterError(.invalidRank, "client '\(holding.clientID)' has shape \(holding.shape), with no positive rank axis", tensor: name)
                 }
                 guard tensorRank == participant.config.rank(ofModule: module) else {
-                    throw AdapterError(.inconsistentSource, "client '\(holding.clientID)' has rank \(tensorRank) here but \(participant.config.rank(ofModule: module)) in its config", tensor: name)
+                    throw AdapterError(
+                        .inconsistentSource,
+                        "client '\(holding.clientID)' has rank \(tensorRank) here but \(participant.config.rank(ofModule: module)) in its config", tensor: name)
                 }
                 clientRank = tensorRank
                 foldedWeight *= participant.config.scale(ofModule: module).squareRoot()
             } else {
                 clientRank = 1
             }
-            holders.append(Holder(
-                clientID: holding.clientID, dtype: holding.dtype, shape: holding.shape, rank: clientRank, weight: participant.weight, foldedWeight: foldedWeight))
+            holders.append(
+                Holder(
+                    clientID: holding.clientID, dtype: holding.dtype, shape: holding.shape, rank: clientRank, weight: participant.weight,
+                    foldedWeight: foldedWeight))
         }
         var rank = 1
         var unfoldingDivisor = 1.0
@@ -119,10 +123,11 @@ struct TensorPlan {
 
         let totalWeight = holders.reduce(0) { $0 + $1.weight }
         denominators = (0..<outputRank).map { slice in
-            let weight = switch strategy {
-            case .zeroPadding: totalWeight
-            case .replication: holders.reduce(0) { $1.rank > slice ? $0 + $1.weight : $0 }
-            }
+            let weight =
+                switch strategy {
+                case .zeroPadding: totalWeight
+                case .replication: holders.reduce(0) { $1.rank > slice ? $0 + $1.weight : $0 }
+                }
             return weight > 0 ? weight : .infinity
         }
     }
@@ -149,8 +154,9 @@ struct TensorPlan {
             return
         }
         for block in 0..<outer {
-            addRun(from: source + block &* sourceBlockBytes, as: Codec.self, weight: weight,
-                   into: sums.baseAddress! + block &* destinationBlock, count: runLength)
+            addRun(
+                from: source + block &* sourceBlockBytes, as: Codec.self, weight: weight,
+                into: sums.baseAddress! + block &* destinationBlock, count: runLength)
         }
     }
 

@@ -83,7 +83,7 @@ struct Serve: AsyncParsableCommand {
         // Written straight to the descriptor: a pipe would otherwise hold stdout's buffer back.
         FileHandle.standardOutput.write(Data("lora-aggregator listening on http://\(address) (database \(configuration.databasePath))\n".utf8))
         await server.run()
-        signals.forEach { $0.cancel() }
+        for signal in signals { signal.cancel() }
     }
 }
 

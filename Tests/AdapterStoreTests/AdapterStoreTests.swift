@@ -1,9 +1,10 @@
-@testable import AdapterStore
 import Digests
 import Foundation
 import LoRAAdapters
 import TestSupport
 import Testing
+
+@testable import AdapterStore
 
 /// A PEFT-style adapter of `rank` with two modules and a dense head; values depend on `seed`.
 func makeAdapter(rank: Int, seed: Int, width: Int = 6, dtype: DType = .f32) throws -> SafetensorsFile {
@@ -25,7 +26,9 @@ func temporaryDatabase() -> String {
 
 func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, seed: Int = 0, file: SafetensorsFile? = nil) throws -> NewUpload {
     let file = try file ?? makeAdapter(rank: rank, seed: seed)
-    return NewUpload(federation: "fed", round: RoundNumber(rawValue: round)!, client: ClientID(rawValue: client)!, rank: rank, weight: weight, file: file, sha256: ContentDigest.sha256Hex(file.bytes))
+    return NewUpload(
+        federation: "fed", round: RoundNumber(rawValue: round)!, client: ClientID(rawValue: client)!, rank: rank, weight: weight, file: file,
+        sha256: ContentDigest.sha256Hex(file.bytes))
 }
 
 @Suite struct AdapterStoreTests {
@@ -91,7 +94,9 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
 
     @Test func aggregatesEqualTheInMemoryEngineAndAreCachedUntilTheRoundChanges() async throws {
         let store = try AdapterStore(path: temporaryDatabase())
-        let uploads = try [upload("carol", rank: 8, weight: 2, seed: 1), upload("alice", rank: 2, weight: 5, seed: 2), upload("bob", rank: 4, weight: 1, seed: 3)]
+        let uploads = try [
+            upload("carol", rank: 8, weight: 2, seed: 1), upload("alice", rank: 2, weight: 5, seed: 2), upload("bob", rank: 4, weight: 1, seed: 3),
+        ]
         for item in uploads { _ = try await store.put(item) }
         let memory = InMemoryAdapterSource(uploads.map { ClientAdapter(clientID: $0.client.rawValue, rank: $0.rank, weight: $0.weight, file: $0.file) })
 
@@ -124,11 +129,15 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
     @Test func aLowerRankIsCutFromTheCachedAggregateWithoutReadingTheUploads() async throws {
         let path = temporaryDatabase()
         let store = try AdapterStore(path: path)
-        let uploads = try [upload("alice", rank: 2, weight: 3, seed: 4), upload("bob", rank: 8, weight: 1, seed: 5), upload("carol", rank: 4, weight: 2, seed: 6)]
+        let uploads = try [
+            upload("alice", rank: 2, weight: 3, seed: 4), upload("bob", rank: 8, weight: 1, seed: 5), upload("carol", rank: 4, weight: 2, seed: 6),
+        ]
         for item in uploads { _ = try await store.put(item) }
         let memory = InMemoryAdapterSource(uploads.map { ClientAdapter(clientID: $0.client.rawValue, rank: $0.rank, weight: $0.weight, file: $0.file) })
         func expected(rank: Int, dtype: DType) throws -> [UInt8] {
-            try AdapterAggregator.aggregate(memory, options: .init(strategy: .zeroPadding, rank: rank, dtype: dtype, metadata: ["federation": "fed", "round": "0"])).bytes
+            try AdapterAggregator.aggregate(
+                memory, options: .init(strategy: .zeroPadding, rank: rank, dtype: dtype, metadata: ["federation": "fed", "round": "0"])
+            ).bytes
         }
         _ = try #require(try await store.aggregate(federation: "fed", round: 0, client: nil, strategy: .zeroPadding, rank: nil, dtype: .f16))
         try SQLiteConnection(path: path).execute("UPDATE tensors SET data = zeroblob(length(data))")
@@ -167,23 +176,33 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
         }
         // Recorded just after the answer, on the writer's queue.
         var recorded: AggregateDigest?
-        #expect(try await eventually {
-            if case .digestOnly(let digest)? = try await outcome(store, .digestOnly) { recorded = digest }
-            return recorded != nil
-        })
+        #expect(
+            try await eventually {
+                if case .digestOnly(let digest)? = try await outcome(store, .digestOnly) { recorded = digest }
+                return recorded != nil
+            })
         #expect(recorded?.sha256 == computed.sha256 && recorded?.byteCount == computed.bytes.count && recorded?.rank == 8)
 
         let restarted = try AdapterStore(path: path)
-        guard case .streaming(let digest, let pieces)? = try await outcome(restarted, .stream) else { Issue.record("not streamed"); return }
+        guard case .streaming(let digest, let pieces)? = try await outcome(restarted, .stream) else {
+            Issue.record("not streamed")
+            return
+        }
         #expect(digest == recorded)
         let whole = await streamed(pieces)
         #expect(!whole.failed && whole.bytes == computed.bytes)
-        guard case .complete(let cached)? = try await outcome(restarted, .stream) else { Issue.record("not cached after streaming"); return }
+        guard case .complete(let cached)? = try await outcome(restarted, .stream) else {
+            Issue.record("not cached after streaming")
+            return
+        }
         #expect(cached.fromCache && cached.sha256 == computed.sha256)
 
         // A record the bytes do not match: the stream fails before its last piece and the record goes.
         try SQLiteConnection(path: path).execute("UPDATE aggregate_digests SET crc32 = (crc32 + 1) % 4294967296")
-        guard case .streaming(_, let mismatched)? = try await outcome(store, .stream) else { Issue.record("not streamed"); return }
+        guard case .streaming(_, let mismatched)? = try await outcome(store, .stream) else {
+            Issue.record("not streamed")
+            return
+        }
         let cut = await streamed(mismatched)
         #expect(cut.failed && cut.bytes.count < computed.bytes.count && Array(computed.bytes.prefix(cut.bytes.count)) == cut.bytes)
         let forgotten = try await eventually {
@@ -194,7 +213,10 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
 
         // A change to the round: the plan is not asked, the new aggregate is computed.
         _ = try await store.put(upload("carol", rank: 4, seed: 6))
-        guard case .complete(let changed)? = try await outcome(restarted, .digestOnly) else { Issue.record("a stale digest was used"); return }
+        guard case .complete(let changed)? = try await outcome(restarted, .digestOnly) else {
+            Issue.record("a stale digest was used")
+            return
+        }
         #expect(!changed.fromCache && changed.sha256 != computed.sha256)
     }
 
@@ -219,11 +241,13 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
     }
 
     @Test func aReadOnlyDatabaseIsAClearError() throws {
-        try withReadOnlyDirectory(prepare: { directory in
-            _ = try AdapterStore(path: directory + "/db.sqlite")
-        }, check: { directory in
-            #expect { _ = try AdapterStore(path: directory + "/db.sqlite") } throws: { ($0 as? StoreError)?.code == .readOnly }
-        })
+        try withReadOnlyDirectory(
+            prepare: { directory in
+                _ = try AdapterStore(path: directory + "/db.sqlite")
+            },
+            check: { directory in
+                #expect { _ = try AdapterStore(path: directory + "/db.sqlite") } throws: { ($0 as? StoreError)?.code == .readOnly }
+            })
     }
 }
 
@@ -252,7 +276,10 @@ func withReadOnlyDirectory(prepare: (String) throws -> Void, check: (String) thr
     }
 }
 
-private struct ToolFailed: Error { let command: [String]; let status: Int32 }
+private struct ToolFailed: Error {
+    let command: [String]
+    let status: Int32
+}
 
 private func runTool(_ executable: String, _ arguments: String...) throws {
     let process = Process()

@@ -1,7 +1,8 @@
-@testable import AggregatorService
 import Foundation
 import TestSupport
 import Testing
+
+@testable import AggregatorService
 
 private let adminToken = "admin-token-0123456789abcdef"
 
@@ -82,7 +83,8 @@ private func bearer(_ token: String) -> [(String, String)] { [("Authorization", 
         let service = try await startWithAdminToken()
         let response: RawClient.Response = try await onOwnThread { [port = service.port] in
             let raw = try RawClient(port: port)
-            try raw.send("PUT /v1/federations/fed/rounds/0/uploads/alice?rank=4 HTTP/1.1\r\nHost: x\r\nContent-Length: 50000000\r\nExpect: 100-continue\r\n\r\n")
+            try raw.send(
+                "PUT /v1/federations/fed/rounds/0/uploads/alice?rank=4 HTTP/1.1\r\nHost: x\r\nContent-Length: 50000000\r\nExpect: 100-continue\r\n\r\n")
             return try raw.readResponse()
         }
         #expect(response.statusCode == 401, "the final status, not 100 Continue")
@@ -107,7 +109,9 @@ private func bearer(_ token: String) -> [(String, String)] { [("Authorization", 
 
     @Test func loopbackDetectionAndConstantTimeComparison() {
         for host in ["127.0.0.1", "127.8.9.10", "::1", "[::1]", "localhost", "::ffff:127.0.0.1"] { #expect(Authorization.isLoopback(host), "\(host)") }
-        for host in ["0.0.0.0", "::", "10.0.0.1", "192.168.1.2", "example.com", "::ffff:10.0.0.1", "128.0.0.1"] { #expect(!Authorization.isLoopback(host), "\(host)") }
+        for host in ["0.0.0.0", "::", "10.0.0.1", "192.168.1.2", "example.com", "::ffff:10.0.0.1", "128.0.0.1"] {
+            #expect(!Authorization.isLoopback(host), "\(host)")
+        }
         #expect(Authorization.constantTimeEqual([1, 2, 3], [1, 2, 3]))
         #expect(!Authorization.constantTimeEqual([1, 2, 3], [1, 2, 4]))
         #expect(!Authorization.constantTimeEqual([1, 2, 3], [1, 2]))

@@ -1,16 +1,18 @@
-@testable import AggregatorService
 import Digests
 import Foundation
 import LoRAAdapters
 import TestSupport
 import Testing
 
+@testable import AggregatorService
+
 private func expectProblem(_ response: RawClient.Response, _ status: Int, sourceLocation: SourceLocation = #_sourceLocation) {
     #expect(response.statusCode == status, "\(response.text)", sourceLocation: sourceLocation)
     #expect(response.header("Content-Type") == "application/problem+json", sourceLocation: sourceLocation)
     let json = response.json
-    #expect(json["status"] as? Int == status && json["title"] is String && json["detail"] is String
-        && (json["type"] as? String)?.hasPrefix("urn:lora-aggregator:problem:") == true, "\(response.text)", sourceLocation: sourceLocation)
+    #expect(
+        json["status"] as? Int == status && json["title"] is String && json["detail"] is String
+            && (json["type"] as? String)?.hasPrefix("urn:lora-aggregator:problem:") == true, "\(response.text)", sourceLocation: sourceLocation)
 }
 
 private func uploadPath(_ client: String, rank: Int, weight: Double = 1, round: Int = 1) -> String {
@@ -28,8 +30,9 @@ private func uploadPath(_ client: String, rank: Int, weight: Double = 1, round: 
             let file = try participant.safetensors().bytes
             let coding = ContentCoding.allCases.randomElement(using: &random)!
             let headers = coding == .identity ? [] : [("Content-Encoding", coding.rawValue)]
-            let response = try await client.request("PUT", uploadPath(participant.id, rank: participant.rank, weight: participant.weight),
-                                                    headers: headers + [("Content-Type", "application/octet-stream")], body: coding.compress(file))
+            let response = try await client.request(
+                "PUT", uploadPath(participant.id, rank: participant.rank, weight: participant.weight),
+                headers: headers + [("Content-Type", "application/octet-stream")], body: coding.compress(file))
             #expect(response.statusCode == 201, "\(response.text)")
             #expect(response.json["sha256"] as? String == ContentDigest.sha256Hex(file))
             #expect(response.json["bytes"] as? Int == file.count)
@@ -92,7 +95,9 @@ private func uploadPath(_ client: String, rank: Int, weight: Double = 1, round: 
         let metadata = try SafetensorsFile(bytes: aggregate.body).metadata
         #expect(metadata == ["format": "pt", "federation": "fed", "round": "1", "strategy": "replication", "rank": "4", "clients": "1"])
         #expect(aggregate.header("ETag") == "\"\(ContentDigest.sha256Hex(aggregate.body))\"")
-        #expect(try await client.get("/v1/federations/fed/rounds/1/aggregate?dtype=BF16", headers: [("If-None-Match", aggregate.header("ETag") ?? "")]).statusCode == 304)
+        #expect(
+            try await client.get("/v1/federations/fed/rounds/1/aggregate?dtype=BF16", headers: [("If-None-Match", aggregate.header("ETag") ?? "")]).statusCode
+                == 304)
 
         #expect(try await client.request("DELETE", "/v1/federations/fed/rounds/1/uploads/alice").statusCode == 204)
         expectProblem(try await client.request("DELETE", "/v1/federations/fed/rounds/1/uploads/alice"), 404)
@@ -116,9 +121,12 @@ private func uploadPath(_ client: String, rank: Int, weight: Double = 1, round: 
         let stored = try await client.request("PUT", uploadPath("alice", rank: 8), body: good)
         #expect(stored.statusCode == 201)
 
-        expectProblem(try await client.request("PUT", uploadPath("alice", rank: 4), body: good), 422)         // rank tag wrong
+        expectProblem(try await client.request("PUT", uploadPath("alice", rank: 4), body: good), 422)  // rank tag wrong
         expectProblem(try await client.request("PUT", uploadPath("alice", rank: 8), body: Array(good.prefix(good.count - 3))), 400)  // truncated file
-        expectProblem(try await client.request("PUT", uploadPath("alice", rank: 8), headers: [("Content-Encoding", "gzip")], body: Array(ContentCoding.gzip.compress(good).dropLast(9))), 400)  // corrupt stream
+        // A corrupt stream.
+        expectProblem(
+            try await client.request(
+                "PUT", uploadPath("alice", rank: 8), headers: [("Content-Encoding", "gzip")], body: Array(ContentCoding.gzip.compress(good).dropLast(9))), 400)
         let bomb = ContentCoding.gzip.compress([UInt8](repeating: 0, count: 50_000_000), level: 9)
         #expect(bomb.count < 200_000)
         expectProblem(try await client.request("PUT", uploadPath("alice", rank: 8), headers: [("Content-Encoding", "gzip")], body: bomb), 413)
@@ -127,11 +135,17 @@ private func uploadPath(_ client: String, rank: Int, weight: Double = 1, round: 
         expectProblem(unsupported, 415)
         #expect(unsupported.header("Accept-Encoding") == "gzip, deflate, identity")
         expectProblem(try await client.request("PUT", uploadPath("alice", rank: 8), headers: [("Content-Type", "application/json")], body: good), 415)
-        expectProblem(try await client.request("PUT", "/v1/federations/fed/rounds/1/uploads/alice?weight=2", body: good), 400)     // rank missing
+        expectProblem(try await client.request("PUT", "/v1/federations/fed/rounds/1/uploads/alice?weight=2", body: good), 400)  // rank missing
         expectProblem(try await client.request("PUT", uploadPath("alice", rank: 8, weight: -1), body: good), 400)
         expectProblem(try await client.request("PUT", uploadPath("bad%20id", rank: 8), body: good), 400)
         expectProblem(try await client.request("PUT", uploadPath("alice", rank: 8, round: -1), body: good), 400)
-        let wrongShape = try TestClient(id: "x", rank: 8, weight: 1, dtype: .f32, tensors: ["base_model.model.layers.0.attn.q_proj.lora_A.weight": TestTensor(shape: [8, 13], values: Array(repeating: 0.5, count: 104)), "base_model.model.layers.0.attn.q_proj.lora_B.weight": TestTensor(shape: [10, 8], values: Array(repeating: 0.5, count: 80))]).safetensors().bytes
+        let wrongShape = try TestClient(
+            id: "x", rank: 8, weight: 1, dtype: .f32,
+            tensors: [
+                "base_model.model.layers.0.attn.q_proj.lora_A.weight": TestTensor(shape: [8, 13], values: Array(repeating: 0.5, count: 104)),
+                "base_model.model.layers.0.attn.q_proj.lora_B.weight": TestTensor(shape: [10, 8], values: Array(repeating: 0.5, count: 80)),
+            ]
+        ).safetensors().bytes
         let other = try await client.request("PUT", uploadPath("bob", rank: 8), body: wrongShape)
         if TestRound.random(seed: 3, ranks: [8])[0].tensors["base_model.model.layers.0.attn.q_proj.lora_A.weight"] != nil {
             expectProblem(other, 422)  // shape disagrees with alice's q_proj apart from the rank axis

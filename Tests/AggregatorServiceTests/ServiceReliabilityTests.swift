@@ -1,8 +1,9 @@
-@testable import AggregatorService
 import Digests
 import Foundation
 import TestSupport
 import Testing
+
+@testable import AggregatorService
 
 @Suite(.serialized) struct ServiceReliabilityTests {
     /// Concurrent uploads, SIGKILL in the middle, restart: every upload that got a 2xx is there with
@@ -22,7 +23,7 @@ import Testing
                 }
             }
             var acknowledged: [Int: String] = [:]
-            for try await case let (index, digest)? in group {
+            for try await case (let index, let digest)? in group {
                 acknowledged[index] = digest
                 if acknowledged.count == 4 { await service.kill() }
             }
@@ -114,15 +115,18 @@ import Testing
         let mismatched = try await ServiceProcess.start(database: database, arguments: ["--aggregate-cache-bytes", "0"])
         await #expect(throws: (any Error).self, "a truncated body") { _ = try await mismatched.client.get(path) }
         var recomputed: RawClient.Response?
-        #expect(try await eventually {
-            recomputed = try? await mismatched.client.get(path)
-            return recomputed != nil
-        })
+        #expect(
+            try await eventually {
+                recomputed = try? await mismatched.client.get(path)
+                return recomputed != nil
+            })
         #expect(recomputed?.body == first.body && recomputed?.header("ETag") == etag)
 
         // A change to the round: the recorded digest no longer applies.
         let late = TestRound.random(seed: 47, ranks: [2])[0]
-        #expect(try await mismatched.client.request("PUT", "/v1/federations/digests/rounds/0/uploads/zz-late?rank=2", body: try late.safetensors().bytes).statusCode == 201)
+        #expect(
+            try await mismatched.client.request("PUT", "/v1/federations/digests/rounds/0/uploads/zz-late?rank=2", body: try late.safetensors().bytes).statusCode
+                == 201)
         let changed = try await mismatched.client.get(path, headers: [("If-None-Match", etag)])
         #expect(changed.statusCode == 200 && changed.header("ETag") == "\"\(ContentDigest.sha256Hex(changed.body))\"" && changed.header("ETag") != etag)
         #expect(await mismatched.stop() == 0)
@@ -153,7 +157,8 @@ import Testing
         // and only then send the body.
         let (interim, response) = try await onOwnThread { [port = service.port] in
             let client = try RawClient(port: port, receiveTimeout: 60)
-            try client.send("PUT /v1/federations/f/rounds/0/uploads/a?rank=64 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: \(big.count)\r\nExpect: 100-continue\r\n\r\n")
+            try client.send(
+                "PUT /v1/federations/f/rounds/0/uploads/a?rank=64 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: \(big.count)\r\nExpect: 100-continue\r\n\r\n")
             let interim = try client.readResponse()
             service.terminate()
             try client.send(big)
@@ -175,11 +180,12 @@ private func openAPIDocumentPath(_ file: String = #filePath) -> String {
 
 @Suite struct OpenAPIContractTests {
     @Test func everyRouteIsInTheDocumentAndEveryPathIsARoute() throws {
-        let service = try AggregatorService(configuration: {
-            var configuration = ServiceConfiguration()
-            configuration.databasePath = ServiceProcess.temporaryDatabase()
-            return configuration
-        }())
+        let service = try AggregatorService(
+            configuration: {
+                var configuration = ServiceConfiguration()
+                configuration.databasePath = ServiceProcess.temporaryDatabase()
+                return configuration
+            }())
         let routes = Set(service.makeRouter().routes.map(\.pattern))
         let text = try String(contentsOfFile: openAPIDocumentPath(), encoding: .utf8)
         let documented = Set(text.split(separator: "\n").filter { $0.hasPrefix("  /") && $0.hasSuffix(":") }.map { String($0.dropFirst(2).dropLast()) })
@@ -194,7 +200,11 @@ private func openAPIDocumentPath(_ file: String = #filePath) -> String {
     @Test func theDocumentIsValidOpenAPI31() throws {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        process.arguments = ["python3", "-c", "import sys; from openapi_spec_validator import validate; from openapi_spec_validator.readers import read_from_filename; validate(read_from_filename(sys.argv[1])[0]); print('valid')", openAPIDocumentPath()]
+        process.arguments = [
+            "python3", "-c",
+            "import sys; from openapi_spec_validator import validate; from openapi_spec_validator.readers import read_from_filename; validate(read_from_filename(sys.argv[1])[0]); print('valid')",
+            openAPIDocumentPath(),
+        ]
         let output = Pipe()
         process.standardOutput = output
         process.standardError = output

@@ -17,7 +17,9 @@ extension HTTPServerTests {
 
         /// RFC 9110 §8.8.3.2's table.
         @Test func strongAndWeakComparison() {
-            let weak1 = EntityTag("1", weak: true), weak2 = EntityTag("2", weak: true), strong1 = EntityTag("1")
+            let weak1 = EntityTag("1", weak: true)
+            let weak2 = EntityTag("2", weak: true)
+            let strong1 = EntityTag("1")
             #expect(!weak1.strongMatches(weak1) && weak1.weakMatches(weak1))
             #expect(!weak1.strongMatches(weak2) && !weak1.weakMatches(weak2))
             #expect(!weak1.strongMatches(strong1) && weak1.weakMatches(strong1))

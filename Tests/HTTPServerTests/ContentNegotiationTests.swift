@@ -10,10 +10,11 @@ extension HTTPServerTests {
         }
 
         @Test func parsesCodingsWithWeightsAcrossFields() {
-            #expect(accept("gzip;q=0.5, Deflate ; Q=0", "x-gzip", "br;level=3;q=0.25").codings == [
-                .init(name: "gzip", quality: 0.5), .init(name: "deflate", quality: 0),
-                .init(name: "gzip", quality: 1), .init(name: "br", quality: 0.25),
-            ])
+            #expect(
+                accept("gzip;q=0.5, Deflate ; Q=0", "x-gzip", "br;level=3;q=0.25").codings == [
+                    .init(name: "gzip", quality: 0.5), .init(name: "deflate", quality: 0),
+                    .init(name: "gzip", quality: 1), .init(name: "br", quality: 0.25),
+                ])
             #expect(accept("zstd;q=high").codings == [.init(name: "zstd", quality: 1)], "an unreadable weight counts as none given")
             #expect(AcceptEncoding(HTTPHeaders()).codings == nil)
             #expect(accept("").codings == [])

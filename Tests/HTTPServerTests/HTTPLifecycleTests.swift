@@ -66,9 +66,11 @@ extension HTTPServerTests {
 
         @Test func aReaderThatStopsReadingIsDroppedAtTheWriteTimeout() async throws {
             let size = 64 << 20
-            let server = try TestServer.start(configure: { $0.writeTimeout = .milliseconds(300) }, routes: { router in
-                router.add("GET", "/huge") { _, _ in HTTPResponse(status: .ok, body: [UInt8](repeating: 1, count: size)) }
-            })
+            let server = try TestServer.start(
+                configure: { $0.writeTimeout = .milliseconds(300) },
+                routes: { router in
+                    router.add("GET", "/huge") { _, _ in HTTPResponse(status: .ok, body: [UInt8](repeating: 1, count: size)) }
+                })
             let client = try server.client()
             try client.send("GET /huge HTTP/1.1\r\nHost: x\r\n\r\n")
             // Read nothing until the server, its writes stalled, has dropped the connection.
@@ -104,15 +106,18 @@ extension HTTPServerTests {
         }
 
         @Test func gracefulShutdownFinishesTheRequestInFlight() async throws {
-            let inFlight = Gate(), release = Gate()
-            let server = try TestServer.start(configure: { $0.shutdownGracePeriod = .seconds(600) }, routes: { router in
-                TestServer.standardRoutes(&router)
-                router.add("GET", "/held") { _, _ in
-                    inFlight.open()
-                    await release.wait()
-                    return HTTPResponse(status: .ok, body: Array("held".utf8))
-                }
-            })
+            let inFlight = Gate()
+            let release = Gate()
+            let server = try TestServer.start(
+                configure: { $0.shutdownGracePeriod = .seconds(600) },
+                routes: { router in
+                    TestServer.standardRoutes(&router)
+                    router.add("GET", "/held") { _, _ in
+                        inFlight.open()
+                        await release.wait()
+                        return HTTPResponse(status: .ok, body: Array("held".utf8))
+                    }
+                })
             let busy = try server.client()
             let idle = try server.client()
             try idle.send("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -134,14 +139,17 @@ extension HTTPServerTests {
 
         @Test func shutdownGivesUpAfterTheGracePeriod() async throws {
             let gracePeriod = Duration.milliseconds(300)
-            let inFlight = Gate(), never = Gate()
-            let server = try TestServer.start(configure: { $0.shutdownGracePeriod = gracePeriod }, routes: { router in
-                router.add("GET", "/forever") { _, _ in
-                    inFlight.open()
-                    await never.wait()
-                    return HTTPResponse(status: .ok)
-                }
-            })
+            let inFlight = Gate()
+            let never = Gate()
+            let server = try TestServer.start(
+                configure: { $0.shutdownGracePeriod = gracePeriod },
+                routes: { router in
+                    router.add("GET", "/forever") { _, _ in
+                        inFlight.open()
+                        await never.wait()
+                        return HTTPResponse(status: .ok)
+                    }
+                })
             let client = try server.client()
             try client.send("GET /forever HTTP/1.1\r\nHost: x\r\n\r\n")
             await inFlight.wait()
@@ -155,7 +163,8 @@ extension HTTPServerTests {
 
         @Test func pastTheConnectionLimitNewClientsWaitUntilOneCloses() async throws {
             let server = try TestServer.start { $0.maxConnections = 2 }
-            let first = try server.client(), second = try server.client()
+            let first = try server.client()
+            let second = try server.client()
             for client in [first, second] {
                 try client.send("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
                 #expect(try client.readResponse().statusCode == 200)
@@ -215,9 +224,12 @@ extension HTTPServerTests {
 
             let process = Process()
             process.executableURL = URL(fileURLWithPath: "/usr/bin/curl")
-            process.arguments = ["-sS", "-v", "-X", "PUT", "-H", "Expect: 100-continue", "--data-binary", "@\(file.path)",
-                                 "-w", "\\n%{time_total}", "http://127.0.0.1:\(server.port)/big"]
-            let output = Pipe(), trace = Pipe()
+            process.arguments = [
+                "-sS", "-v", "-X", "PUT", "-H", "Expect: 100-continue", "--data-binary", "@\(file.path)",
+                "-w", "\\n%{time_total}", "http://127.0.0.1:\(server.port)/big",
+            ]
+            let output = Pipe()
+            let trace = Pipe()
             process.standardOutput = output
             process.standardError = trace
             try process.run()

@@ -45,7 +45,9 @@ extension HTTPServerTests {
             let server = try TestServer.start()
             let client = try server.client()
             // The slow one first: its answer must still come first.
-            try client.send("GET /slow HTTP/1.1\r\nHost: x\r\n\r\nPUT /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhelloGET /items/a%20b HTTP/1.1\r\nHost: x\r\n\r\nHEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            try client.send(
+                "GET /slow HTTP/1.1\r\nHost: x\r\n\r\nPUT /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhelloGET /items/a%20b HTTP/1.1\r\nHost: x\r\n\r\nHEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+            )
             #expect(try client.readResponse().text == "slow")
             #expect(try client.readResponse().text == "hello")
             #expect(try client.readResponse().text == "a b")
@@ -75,7 +77,8 @@ extension HTTPServerTests {
         @Test func chunkedUploadsAreDecodedAndTrailersDropped() async throws {
             let server = try TestServer.start()
             let client = try server.client()
-            try client.send("PUT /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5;name=value\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: dropped\r\n\r\n")
+            try client.send(
+                "PUT /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5;name=value\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: dropped\r\n\r\n")
             #expect(try client.readResponse().text == "hello world")
             try client.send("PUT /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
             try client.send("3\r\nabc\r\n")

@@ -1,5 +1,6 @@
-@testable import HTTPServer
 import Testing
+
+@testable import HTTPServer
 
 /// The response encoder's bytes, without sockets.
 extension HTTPServerTests {
@@ -9,7 +10,8 @@ extension HTTPServerTests {
             version: HTTPVersion = .http1_1, keepAlive: Bool = true
         ) -> (text: String, framing: OutgoingBodyFraming) {
             let framing = OutgoingBodyFraming(status: status, bodyLength: bodyLength, requestMethod: method, version: version)
-            let bytes = HTTPResponseEncoder.head(status: status, headers: headers, framing: framing, version: version, keepAlive: keepAlive, date: "Tue, 01 Dec 2026 00:00:00 GMT")
+            let bytes = HTTPResponseEncoder.head(
+                status: status, headers: headers, framing: framing, version: version, keepAlive: keepAlive, date: "Tue, 01 Dec 2026 00:00:00 GMT")
             return (String(decoding: bytes, as: UTF8.self), framing)
         }
 
@@ -20,7 +22,8 @@ extension HTTPServerTests {
         }
 
         @Test func handlersCannotSetTheFramingConnectionOrDate() {
-            let encoded = head(.ok, ["Content-Length": "999", "Transfer-Encoding": "gzip", "Connection": "upgrade", "Date": "then", "ETag": "\"x\""], bodyLength: 2)
+            let encoded = head(
+                .ok, ["Content-Length": "999", "Transfer-Encoding": "gzip", "Connection": "upgrade", "Date": "then", "ETag": "\"x\""], bodyLength: 2)
             #expect(encoded.text == "HTTP/1.1 200 OK\r\nETag: \"x\"\r\nContent-Length: 2\r\nDate: Tue, 01 Dec 2026 00:00:00 GMT\r\n\r\n")
         }
 
@@ -37,7 +40,8 @@ extension HTTPServerTests {
             #expect(head(bodyLength: 42, method: "HEAD").framing == .omitted(advertisedLength: 42))
             #expect(head(bodyLength: 42, method: "HEAD").text.contains("\r\nContent-Length: 42\r\n"))
             let unknown = head(bodyLength: nil, method: "HEAD")
-            #expect(unknown.framing == .omitted(advertisedLength: nil) && !unknown.text.contains("Content-Length") && !unknown.text.contains("Transfer-Encoding"))
+            #expect(
+                unknown.framing == .omitted(advertisedLength: nil) && !unknown.text.contains("Content-Length") && !unknown.text.contains("Transfer-Encoding"))
         }
 
         @Test func statusesWithoutBodiesCarryNoFraming() {

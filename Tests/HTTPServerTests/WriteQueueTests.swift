@@ -1,8 +1,10 @@
-#if canImport(Glibc)
-import Glibc
-#endif
-@testable import HTTPServer
 import Testing
+
+@testable import HTTPServer
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// The connection's queue of unwritten bytes, fed what a partial `writev` took.
 extension HTTPServerTests {

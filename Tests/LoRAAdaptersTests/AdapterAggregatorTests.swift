@@ -59,7 +59,8 @@ private func expectMatches(
         let globalRank = clients.map(\.rank).max()!
         for strategy in AggregationStrategy.allCases {
             for dtype in DType.outputTypes {
-                let global = try SafetensorsFile(bytes: AdapterAggregator.aggregate(source, options: .init(strategy: strategy, dtype: dtype, metadata: ["round": "7"])).bytes)
+                let global = try SafetensorsFile(
+                    bytes: AdapterAggregator.aggregate(source, options: .init(strategy: strategy, dtype: dtype, metadata: ["round": "7"])).bytes)
                 for rank in 1...globalRank {
                     let direct = try AdapterAggregator.aggregate(source, options: .init(strategy: strategy, rank: rank, dtype: dtype, metadata: ["round": "7"]))
                     #expect(try AdapterAggregator.truncate(global, toRank: rank) == direct.bytes, "\(strategy) \(dtype) rank \(rank)")
@@ -78,8 +79,9 @@ private func expectMatches(
         let replication = try AdapterAggregator.aggregate(source, options: .init(strategy: .replication))
         let zeroPadding = try AdapterAggregator.aggregate(source, options: .init(strategy: .zeroPadding))
         let file = { (bytes: [UInt8]) in try SafetensorsFile(bytes: bytes) }
-        #expect(try file(replication.bytes).tensors.map { try file(replication.bytes).values(of: $0) }
-            == (try file(zeroPadding.bytes).tensors.map { try file(zeroPadding.bytes).values(of: $0) }))
+        #expect(
+            try file(replication.bytes).tensors.map { try file(replication.bytes).values(of: $0) }
+                == (try file(zeroPadding.bytes).tensors.map { try file(zeroPadding.bytes).values(of: $0) }))
 
         // FedAvg over the holders of each tensor, written out directly.
         var fedAvg: [String: TestTensor] = [:]
@@ -107,10 +109,12 @@ private func expectMatches(
 
     @Test func aSourceThatBreaksClientOrderIsRefused() throws {
         let clients = ["a", "b"].map { id in
-            TestClient(id: id, rank: 1, weight: 1, dtype: .f32, tensors: [
-                "m.lora_A.weight": TestTensor(shape: [1, 2], values: [1, 2]),
-                "m.lora_B.weight": TestTensor(shape: [2, 1], values: [3, 4]),
-            ])
+            TestClient(
+                id: id, rank: 1, weight: 1, dtype: .f32,
+                tensors: [
+                    "m.lora_A.weight": TestTensor(shape: [1, 2], values: [1, 2]),
+                    "m.lora_B.weight": TestTensor(shape: [2, 1], values: [3, 4]),
+                ])
         }
         let source = ReversedSource(base: try TestRound.source(clients))
         let observer = CopyingObserver()
@@ -121,7 +125,8 @@ private func expectMatches(
     @Test(arguments: 0..<5)
     func theObserverSeesTheWholeFileInOrderAsItIsWritten(seed: UInt64) throws {
         let observer = CopyingObserver()
-        let aggregate = try AdapterAggregator.aggregate(try TestRound.source(TestRound.random(seed: 300 + seed)), options: .init(dtype: .bf16), observer: observer)
+        let aggregate = try AdapterAggregator.aggregate(
+            try TestRound.source(TestRound.random(seed: 300 + seed)), options: .init(dtype: .bf16), observer: observer)
         #expect(observer.bytes == aggregate.bytes && observer.completions == 1)
     }
 
@@ -133,7 +138,12 @@ private func expectMatches(
         let file = try SafetensorsFile(bytes: aggregate.bytes)
         #expect(file.tensors.allSatisfy { $0.dtype == dtype })
         // Half an ulp of the output type, relative.
-        let tolerance: Double = switch dtype { case .f32: 1e-6; case .f16: 0x1p-11; default: 0x1p-8 }
+        let tolerance: Double =
+            switch dtype {
+            case .f32: 1e-6
+            case .f16: 0x1p-11
+            default: 0x1p-8
+            }
         try expectMatches(aggregate, LiteralReference.aggregate(clients, padding: .replication, rank: globalRank), relativeTolerance: tolerance)
     }
 
@@ -148,14 +158,18 @@ private func expectMatches(
 
     @Test func slicesNoClientOwnsAreZero() throws {
         // Only the rank-2 client holds q_proj; the round's global rank is 8.
-        let low = TestClient(id: "a", rank: 2, weight: 1, dtype: .f32, tensors: [
-            "m.q.lora_A.weight": TestTensor(shape: [2, 3], values: [1, 2, 3, 4, 5, 6]),
-            "m.q.lora_B.weight": TestTensor(shape: [2, 2], values: [1, 2, 3, 4]),
-        ])
-        let high = TestClient(id: "b", rank: 8, weight: 3, dtype: .f32, tensors: [
-            "m.v.lora_A.weight": TestTensor(shape: [8, 1], values: Array(repeating: 1, count: 8)),
-            "m.v.lora_B.weight": TestTensor(shape: [1, 8], values: Array(repeating: 1, count: 8)),
-        ])
+        let low = TestClient(
+            id: "a", rank: 2, weight: 1, dtype: .f32,
+            tensors: [
+                "m.q.lora_A.weight": TestTensor(shape: [2, 3], values: [1, 2, 3, 4, 5, 6]),
+                "m.q.lora_B.weight": TestTensor(shape: [2, 2], values: [1, 2, 3, 4]),
+            ])
+        let high = TestClient(
+            id: "b", rank: 8, weight: 3, dtype: .f32,
+            tensors: [
+                "m.v.lora_A.weight": TestTensor(shape: [8, 1], values: Array(repeating: 1, count: 8)),
+                "m.v.lora_B.weight": TestTensor(shape: [1, 8], values: Array(repeating: 1, count: 8)),
+            ])
         let file = try SafetensorsFile(bytes: AdapterAggregator.aggregate(try TestRound.source([low, high])).bytes)
         let a = try #require(file.tensor(named: "m.q.lora_A.weight"))
         #expect(a.shape == [8, 3])
@@ -167,15 +181,20 @@ private func expectMatches(
     @Test func replicationKeepsWhatZeroPaddingDilutes() throws {
         // One rank-4 client among four rank-1 clients, equal weights: slice 3 is owned by one client.
         var clients = (0..<4).map { index in
-            TestClient(id: "low-\(index)", rank: 1, weight: 1, dtype: .f32, tensors: [
-                "m.lora_A.weight": TestTensor(shape: [1, 2], values: [1, 1]),
-                "m.lora_B.weight": TestTensor(shape: [2, 1], values: [1, 1]),
-            ])
+            TestClient(
+                id: "low-\(index)", rank: 1, weight: 1, dtype: .f32,
+                tensors: [
+                    "m.lora_A.weight": TestTensor(shape: [1, 2], values: [1, 1]),
+                    "m.lora_B.weight": TestTensor(shape: [2, 1], values: [1, 1]),
+                ])
         }
-        clients.append(TestClient(id: "high", rank: 4, weight: 1, dtype: .f32, tensors: [
-            "m.lora_A.weight": TestTensor(shape: [4, 2], values: Array(repeating: 2, count: 8)),
-            "m.lora_B.weight": TestTensor(shape: [2, 4], values: Array(repeating: 2, count: 8)),
-        ]))
+        clients.append(
+            TestClient(
+                id: "high", rank: 4, weight: 1, dtype: .f32,
+                tensors: [
+                    "m.lora_A.weight": TestTensor(shape: [4, 2], values: Array(repeating: 2, count: 8)),
+                    "m.lora_B.weight": TestTensor(shape: [2, 4], values: Array(repeating: 2, count: 8)),
+                ]))
         let source = try TestRound.source(clients)
         let replicated = try SafetensorsFile(bytes: AdapterAggregator.aggregate(source, options: .init(strategy: .replication)).bytes)
         let zeroPadded = try SafetensorsFile(bytes: AdapterAggregator.aggregate(source, options: .init(strategy: .zeroPadding)).bytes)
@@ -200,14 +219,18 @@ private func expectMatches(
     }
 
     @Test func disagreeingShapesAcrossClientsAreRefused() throws {
-        let a = TestClient(id: "a", rank: 2, weight: 1, dtype: .f32, tensors: [
-            "m.lora_A.weight": TestTensor(shape: [2, 3], values: Array(repeating: 1, count: 6)),
-            "m.lora_B.weight": TestTensor(shape: [4, 2], values: Array(repeating: 1, count: 8)),
-        ])
-        let b = TestClient(id: "b", rank: 1, weight: 1, dtype: .f32, tensors: [
-            "m.lora_A.weight": TestTensor(shape: [1, 5], values: Array(repeating: 1, count: 5)),
-            "m.lora_B.weight": TestTensor(shape: [4, 1], values: Array(repeating: 1, count: 4)),
-        ])
+        let a = TestClient(
+            id: "a", rank: 2, weight: 1, dtype: .f32,
+            tensors: [
+                "m.lora_A.weight": TestTensor(shape: [2, 3], values: Array(repeating: 1, count: 6)),
+                "m.lora_B.weight": TestTensor(shape: [4, 2], values: Array(repeating: 1, count: 8)),
+            ])
+        let b = TestClient(
+            id: "b", rank: 1, weight: 1, dtype: .f32,
+            tensors: [
+                "m.lora_A.weight": TestTensor(shape: [1, 5], values: Array(repeating: 1, count: 5)),
+                "m.lora_B.weight": TestTensor(shape: [4, 1], values: Array(repeating: 1, count: 4)),
+            ])
         #expect { try AdapterAggregator.aggregate(try TestRound.source([a, b])) } throws: { error in
             let error = error as? AdapterError
             return error?.code == .shapeMismatch && error?.tensor == "m.lora_A.weight"

@@ -24,7 +24,7 @@ private func file(_ tensors: [(String, [Int], [Double])], dtype: DType = .f32) t
             ("m.e.lora_embedding_A", [2, 7], Array(repeating: 1, count: 14)), ("m.e.lora_embedding_B", [3, 2], Array(repeating: 1, count: 6)),
             ("m.head.weight", [2, 2], [1, 2, 3, 4]),
         ])
-        #expect(try AdapterValidator.validate(adapter, declaredRank: 2) .loraModuleCount == 3)
+        #expect(try AdapterValidator.validate(adapter, declaredRank: 2).loraModuleCount == 3)
         #expect(try AdapterValidator.validate(adapter, declaredRank: 2).tensorCount == 7)
     }
 

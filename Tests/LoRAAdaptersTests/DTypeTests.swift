@@ -21,22 +21,23 @@ import Testing
     }
 
     // (input, expected bfloat16 bits) — computed by hand from the format: 1 sign, 8 exponent, 7 fraction bits.
-    @Test(arguments: [
-        (1.0, 0x3F80), (-2.0, 0xC000), (0.0, 0x0000), (-0.0, 0x8000),
-        (1 + 0x1p-8, 0x3F80),              // tie → even (down)
-        (1 + 3 * 0x1p-8, 0x3F82),          // tie → even (up)
-        (1 + 0x1p-8 + 0x1p-40, 0x3F81),    // just above a tie: rounding through Float first would give 0x3F80
-        (1 + 0x1p-8 - 0x1p-40, 0x3F80),    // just below a tie
-        (0x1p-133, 0x0001),                // smallest subnormal
-        (0x1p-134, 0x0000),                // half the smallest subnormal: tie → even (zero)
-        (1.5 * 0x1p-134, 0x0001),
-        (0x1p-126, 0x0080),                // smallest normal
-        (0x1.FEp127, 0x7F7F),              // largest finite
-        (0x1.FFp127, 0x7F80),              // halfway to 2^128: tie → even, which is Inf
-        (0x1.FEFFFFp127, 0x7F7F),          // just under that tie
-        (1e39, 0x7F80), (-1e39, 0xFF80), (1e300, 0x7F80),
-        (Double.infinity, 0x7F80), (-Double.infinity, 0xFF80),
-    ] as [(Double, Int)])
+    @Test(
+        arguments: [
+            (1.0, 0x3F80), (-2.0, 0xC000), (0.0, 0x0000), (-0.0, 0x8000),
+            (1 + 0x1p-8, 0x3F80),  // tie → even (down)
+            (1 + 3 * 0x1p-8, 0x3F82),  // tie → even (up)
+            (1 + 0x1p-8 + 0x1p-40, 0x3F81),  // just above a tie: rounding through Float first would give 0x3F80
+            (1 + 0x1p-8 - 0x1p-40, 0x3F80),  // just below a tie
+            (0x1p-133, 0x0001),  // smallest subnormal
+            (0x1p-134, 0x0000),  // half the smallest subnormal: tie → even (zero)
+            (1.5 * 0x1p-134, 0x0001),
+            (0x1p-126, 0x0080),  // smallest normal
+            (0x1.FEp127, 0x7F7F),  // largest finite
+            (0x1.FFp127, 0x7F80),  // halfway to 2^128: tie → even, which is Inf
+            (0x1.FEFFFFp127, 0x7F7F),  // just under that tie
+            (1e39, 0x7F80), (-1e39, 0xFF80), (1e300, 0x7F80),
+            (Double.infinity, 0x7F80), (-Double.infinity, 0xFF80),
+        ] as [(Double, Int)])
     func bfloat16Rounding(input: Double, expected: Int) {
         #expect(BFloat16Rounding.bits(from: input) == UInt16(expected), "\(input)")
     }
@@ -50,19 +51,20 @@ import Testing
     }
 
     // (input, expected binary16 bits): 1 sign, 5 exponent, 10 fraction bits.
-    @Test(arguments: [
-        (1.0, 0x3C00), (-2.0, 0xC000), (-0.0, 0x8000),
-        (1 + 0x1p-11, 0x3C00),             // tie → even
-        (1 + 3 * 0x1p-11, 0x3C02),
-        (1 + 0x1p-11 + 0x1p-40, 0x3C01),   // no double rounding
-        (0x1p-24, 0x0001),                 // smallest subnormal
-        (0x1p-25, 0x0000),                 // tie → even (zero)
-        (1.5 * 0x1p-25, 0x0001),
-        (65504, 0x7BFF),                   // largest finite
-        (65519.99, 0x7BFF),
-        (65520, 0x7C00),                   // tie → Inf
-        (1e6, 0x7C00), (-1e6, 0xFC00),
-    ] as [(Double, Int)])
+    @Test(
+        arguments: [
+            (1.0, 0x3C00), (-2.0, 0xC000), (-0.0, 0x8000),
+            (1 + 0x1p-11, 0x3C00),  // tie → even
+            (1 + 3 * 0x1p-11, 0x3C02),
+            (1 + 0x1p-11 + 0x1p-40, 0x3C01),  // no double rounding
+            (0x1p-24, 0x0001),  // smallest subnormal
+            (0x1p-25, 0x0000),  // tie → even (zero)
+            (1.5 * 0x1p-25, 0x0001),
+            (65504, 0x7BFF),  // largest finite
+            (65519.99, 0x7BFF),
+            (65520, 0x7C00),  // tie → Inf
+            (1e6, 0x7C00), (-1e6, 0xFC00),
+        ] as [(Double, Int)])
     func float16Rounding(input: Double, expected: Int) {
         #expect(Float16Rounding.bits(from: input) == UInt16(expected), "\(input)")
     }

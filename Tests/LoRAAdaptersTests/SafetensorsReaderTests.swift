@@ -12,7 +12,8 @@ private let eightBytes = [UInt8](repeating: 0, count: 8)
 
 @Suite struct SafetensorsReaderTests {
     @Test func readsAWellFormedFile() throws {
-        let header = #"{"__metadata__":{"format":"pt"},"b":{"dtype":"F16","shape":[2],"data_offsets":[8,12]},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}  "#
+        let header =
+            #"{"__metadata__":{"format":"pt"},"b":{"dtype":"F16","shape":[2],"data_offsets":[8,12]},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}  "#
         let data = DType.f32.encode([1, 2]) + DType.f16.encode([3, 4])
         let file = try SafetensorsFile(bytes: handMadeFile(header, data: data))
         #expect(file.metadata == ["format": "pt"])
@@ -24,7 +25,8 @@ private let eightBytes = [UInt8](repeating: 0, count: 8)
     }
 
     @Test func acceptsScalarsEmptyTensorsAndAnEmptyFile() throws {
-        let scalar = handMadeFile(#"{"s":{"dtype":"F64","shape":[],"data_offsets":[0,8]},"e":{"dtype":"F32","shape":[0,3],"data_offsets":[8,8]}}"#, data: DType.f64.encode([2.5]))
+        let scalar = handMadeFile(
+            #"{"s":{"dtype":"F64","shape":[],"data_offsets":[0,8]},"e":{"dtype":"F32","shape":[0,3],"data_offsets":[8,8]}}"#, data: DType.f64.encode([2.5]))
         let file = try SafetensorsFile(bytes: scalar)
         #expect(file.values(of: try #require(file.tensor(named: "s"))) == [2.5])
         #expect(try #require(file.tensor(named: "e")).elementCount == 0)
@@ -46,15 +48,26 @@ private let eightBytes = [UInt8](repeating: 0, count: 8)
         ("tensor entry lacks data_offsets", handMadeFile(#"{"a":{"dtype":"F32","shape":[2]}}"#, data: eightBytes), .invalidHeader),
         ("tensor entry has an unknown field", handMadeFile(#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8],"x":1}}"#, data: eightBytes), .invalidHeader),
         ("metadata value is not a string", handMadeFile(#"{"__metadata__":{"n":1}}"#), .invalidMetadata),
-        ("duplicate tensor name", handMadeFile(#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#, data: eightBytes), .duplicateTensorName),
+        (
+            "duplicate tensor name",
+            handMadeFile(#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#, data: eightBytes),
+            .duplicateTensorName
+        ),
         ("unknown dtype", handMadeFile(#"{"a":{"dtype":"X99","shape":[2],"data_offsets":[0,8]}}"#, data: eightBytes), .unknownDType),
         ("unsupported dtype", handMadeFile(#"{"a":{"dtype":"I64","shape":[1],"data_offsets":[0,8]}}"#, data: eightBytes), .unsupportedDType),
         ("negative dimension", handMadeFile(#"{"a":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}}"#, data: eightBytes), .invalidShape),
         ("fractional dimension", handMadeFile(#"{"a":{"dtype":"F32","shape":[2.0],"data_offsets":[0,8]}}"#, data: eightBytes), .invalidShape),
-        ("element count overflows", handMadeFile(#"{"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,8]}}"#, data: eightBytes), .invalidShape),
+        (
+            "element count overflows", handMadeFile(#"{"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,8]}}"#, data: eightBytes),
+            .invalidShape
+        ),
         ("offsets past the data", handMadeFile(#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#, data: eightBytes), .invalidOffsets),
         ("offsets reversed", handMadeFile(#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[8,0]}}"#, data: eightBytes), .invalidOffsets),
-        ("overlapping offsets", handMadeFile(#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#, data: eightBytes), .overlappingOffsets),
+        (
+            "overlapping offsets",
+            handMadeFile(#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#, data: eightBytes),
+            .overlappingOffsets
+        ),
         ("data not starting at 0", handMadeFile(#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#, data: eightBytes), .dataGap),
         ("trailing bytes", handMadeFile(#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#, data: eightBytes), .trailingBytes),
         ("shape disagrees with size", handMadeFile(#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#, data: eightBytes), .sizeMismatch),

@@ -5,10 +5,13 @@ import Testing
 @Suite struct SafetensorsWriterTests {
     @Test func writesTheExactDocumentedBytes() throws {
         let bytes = try SafetensorsWriter.write(
-            [TensorRecord(name: "b", dtype: .f16, shape: [1], data: [0x00, 0x3C]),
-             TensorRecord(name: "a\"\n", dtype: .f32, shape: [], data: [0, 0, 0x80, 0x3F])],
+            [
+                TensorRecord(name: "b", dtype: .f16, shape: [1], data: [0x00, 0x3C]),
+                TensorRecord(name: "a\"\n", dtype: .f32, shape: [], data: [0, 0, 0x80, 0x3F]),
+            ],
             metadata: ["z": "1", "format": "pt"])
-        let header = #"{"__metadata__":{"format":"pt","z":"1"},"a\"\n":{"dtype":"F32","shape":[],"data_offsets":[0,4]},"b":{"dtype":"F16","shape":[1],"data_offsets":[4,6]}}"#
+        let header =
+            #"{"__metadata__":{"format":"pt","z":"1"},"a\"\n":{"dtype":"F32","shape":[],"data_offsets":[0,4]},"b":{"dtype":"F16","shape":[1],"data_offsets":[4,6]}}"#
         let padded = header + String(repeating: " ", count: (8 - header.utf8.count % 8) % 8)
         #expect(bytes == handMadeFile(padded, data: [0, 0, 0x80, 0x3F, 0x00, 0x3C]))
         #expect((bytes.count - 6) % 8 == 0, "data starts on an 8-byte boundary")
@@ -34,7 +37,11 @@ import Testing
     }
 
     @Test func refusesDuplicateNamesAndWrongSizes() {
-        #expect { try SafetensorsWriter.write([TensorRecord(name: "a", dtype: .f32, shape: [1], data: [0, 0, 0, 0]), TensorRecord(name: "a", dtype: .f32, shape: [1], data: [0, 0, 0, 0])]) } throws: {
+        #expect {
+            try SafetensorsWriter.write([
+                TensorRecord(name: "a", dtype: .f32, shape: [1], data: [0, 0, 0, 0]), TensorRecord(name: "a", dtype: .f32, shape: [1], data: [0, 0, 0, 0]),
+            ])
+        } throws: {
             ($0 as? AdapterError)?.code == .duplicateTensorName
         }
         #expect { try SafetensorsWriter.write([TensorRecord(name: "a", dtype: .f32, shape: [2], data: [0, 0, 0, 0])]) } throws: {

@@ -44,10 +44,12 @@ import Testing
         let clients = TestRound.randomScaled(seed: 9000 + seed)
         let source = try TestRound.source(clients)
         for (rank, loraAlpha, useRSLoRA) in [(16, 16.0, false), (4, 32.0, true), (2, 8.0, false)] {
-            let options = AggregationOptions(rank: min(rank, try AdapterAggregator.aggregate(source).globalRank), dtype: .f64,
-                                             scaling: .uniform(loraAlpha: loraAlpha, useRSLoRA: useRSLoRA))
+            let options = AggregationOptions(
+                rank: min(rank, try AdapterAggregator.aggregate(source).globalRank), dtype: .f64,
+                scaling: .uniform(loraAlpha: loraAlpha, useRSLoRA: useRSLoRA))
             let aggregate = try AdapterAggregator.aggregate(source, options: options)
-            let reference = LiteralReference.aggregate(clients, padding: .replication, target: .uniform(rank: options.rank!, loraAlpha: loraAlpha, useRSLoRA: useRSLoRA))
+            let reference = LiteralReference.aggregate(
+                clients, padding: .replication, target: .uniform(rank: options.rank!, loraAlpha: loraAlpha, useRSLoRA: useRSLoRA))
             try expectMatches(aggregate.bytes, reference, tolerance: 1e-9, "lora_alpha \(loraAlpha) rank \(rank)")
         }
     }
@@ -59,13 +61,16 @@ import Testing
     @Test func clientsThatLearnedTheSameUpdateAgreeOnItAfterFolding() throws {
         func client(_ index: Int, rank: Int) -> TestClient {
             let rootScale = (16 / Double(rank)).squareRoot()
-            var a = [Double](repeating: 0, count: rank * 12), b = [Double](repeating: 0, count: 10 * rank)
+            var a = [Double](repeating: 0, count: rank * 12)
+            var b = [Double](repeating: 0, count: 10 * rank)
             a[0] = 1 / rootScale  // A[0][0]
             b[0] = 1 / rootScale  // B[0][0]
-            return TestClient(id: "c\(index)", rank: rank, weight: 1, dtype: .f64, tensors: [
-                "base_model.model.layers.0.attn.q_proj.lora_A.weight": TestTensor(shape: [rank, 12], values: a),
-                "base_model.model.layers.0.attn.q_proj.lora_B.weight": TestTensor(shape: [10, rank], values: b),
-            ], loraAlpha: 16)
+            return TestClient(
+                id: "c\(index)", rank: rank, weight: 1, dtype: .f64,
+                tensors: [
+                    "base_model.model.layers.0.attn.q_proj.lora_A.weight": TestTensor(shape: [rank, 12], values: a),
+                    "base_model.model.layers.0.attn.q_proj.lora_B.weight": TestTensor(shape: [10, rank], values: b),
+                ], loraAlpha: 16)
         }
         let clients = [client(0, rank: 20)] + (1...9).map { client($0, rank: 5) }
         let source = try TestRound.source(clients)
@@ -86,10 +91,12 @@ import Testing
     func scaleOneConfigsGiveTheBytesOfRankOnlyUploads(seed: UInt64) throws {
         let clients = TestRound.random(seed: 4000 + seed)
         let rankOnly = InMemoryAdapterSource(try clients.map { ClientAdapter(clientID: $0.id, rank: $0.rank, weight: $0.weight, file: try $0.safetensors()) })
-        let explicit = InMemoryAdapterSource(try clients.map {
-            ClientAdapter(participant: RoundParticipant(clientID: $0.id, weight: $0.weight, config: try AdapterConfig(rank: $0.rank, loraAlpha: Double($0.rank))),
-                          file: try $0.safetensors())
-        })
+        let explicit = InMemoryAdapterSource(
+            try clients.map {
+                ClientAdapter(
+                    participant: RoundParticipant(clientID: $0.id, weight: $0.weight, config: try AdapterConfig(rank: $0.rank, loraAlpha: Double($0.rank))),
+                    file: try $0.safetensors())
+            })
         for strategy in AggregationStrategy.allCases {
             for dtype in DType.outputTypes {
                 let options = AggregationOptions(strategy: strategy, dtype: dtype)
@@ -100,7 +107,8 @@ import Testing
 
     @Test func aTensorWhoseRankDisagreesWithItsConfigIsRefused() throws {
         let client = TestRound.random(seed: 5, ranks: [4])[0]
-        let wrong = ClientAdapter(participant: RoundParticipant(clientID: client.id, weight: 1, config: try AdapterConfig(rank: 8)), file: try client.safetensors())
+        let wrong = ClientAdapter(
+            participant: RoundParticipant(clientID: client.id, weight: 1, config: try AdapterConfig(rank: 8)), file: try client.safetensors())
         #expect { try AdapterAggregator.aggregate(InMemoryAdapterSource([wrong])) } throws: { ($0 as? AdapterError)?.code == .inconsistentSource }
     }
 }

@@ -103,7 +103,10 @@ public final class RawClient {
             var body: [UInt8] = []
             while true {
                 let size = Int(try readLine().split(separator: ";")[0], radix: 16) ?? 0
-                if size == 0 { while try !readLine().isEmpty {}; break }
+                if size == 0 {
+                    while try !readLine().isEmpty {}
+                    break
+                }
                 body += try readExactly(size)
                 _ = try readLine()
             }
@@ -151,4 +154,3 @@ public final class RawClient {
         return false
     }
 }
-

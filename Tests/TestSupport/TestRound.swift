@@ -247,12 +247,13 @@ public enum LiteralReference {
                     for index in 0..<sliceSize { globalSlices[j][index] += client.weight * padded[index] / totalWeight }
                 }
             }
-            let (targetRank, targetScale): (Int, Double) = switch target {
-            case .global(let rank): (min(rank, globalRank), 1)
-            case .uniform(let rank, let alpha, let rsLoRA):
-                (min(rank, globalRank), rsLoRA ? alpha / Double(min(rank, globalRank)).squareRoot() : alpha / Double(min(rank, globalRank)))
-            case .client(let client): (client.rank(ofModule: module), client.scale(ofModule: module))
-            }
+            let (targetRank, targetScale): (Int, Double) =
+                switch target {
+                case .global(let rank): (min(rank, globalRank), 1)
+                case .uniform(let rank, let alpha, let rsLoRA):
+                    (min(rank, globalRank), rsLoRA ? alpha / Double(min(rank, globalRank)).squareRoot() : alpha / Double(min(rank, globalRank)))
+                case .client(let client): (client.rank(ofModule: module), client.scale(ofModule: module))
+                }
             var shape = holders[0].tensors[name]!.shape
             shape[axis] = targetRank
             let unfolded = globalSlices.prefix(targetRank).map { $0.map { $0 / targetScale.squareRoot() } }

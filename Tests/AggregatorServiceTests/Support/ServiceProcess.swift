@@ -45,7 +45,7 @@ final class ServiceProcess: @unchecked Sendable {
         }
         let text = String(decoding: line, as: UTF8.self)
         guard let range = text.range(of: #"127\.0\.0\.1:(\d+)"#, options: .regularExpression),
-              let port = Int(text[range].split(separator: ":")[1])
+            let port = Int(text[range].split(separator: ":")[1])
         else { throw POSIXError(.EBADMSG) }
         self.port = port
         self.databasePath = database

@@ -31,7 +31,8 @@ struct TestServer {
     /// `/refuse` (PUT: 403 without reading the body); `/slow` (GET: answers after 300 ms);
     /// `/stream` (GET: three chunks, no length); `/big` (PUT, 64 MiB limit: the body's byte count).
     static func standardRoutes(_ router: inout Router) {
-        router.add("GET", "/healthz") { _, _ in HTTPResponse(status: .ok, headers: ["Content-Type": "application/json"], body: Array(#"{"status":"ok"}"#.utf8)) }
+        router.add("GET", "/healthz") { _, _ in HTTPResponse(status: .ok, headers: ["Content-Type": "application/json"], body: Array(#"{"status":"ok"}"#.utf8))
+        }
         for method in ["PUT", "POST"] {
             router.add(method, "/echo") { _, body in HTTPResponse(status: .ok, body: try await body.collect(upTo: 1 << 20)) }
         }
