@@ -78,11 +78,11 @@ final class ListeningSocket {
         case AF_INET:
             var address = withUnsafeBytes(of: storage) { $0.load(as: sockaddr_in.self) }
             inet_ntop(AF_INET, &address.sin_addr, &text, socklen_t(text.count))
-            return HTTPServerAddress(host: String(cString: text), port: Int(UInt16(bigEndian: address.sin_port)))
+            return HTTPServerAddress(host: nulTerminated(text), port: Int(UInt16(bigEndian: address.sin_port)))
         default:
             var address = withUnsafeBytes(of: storage) { $0.load(as: sockaddr_in6.self) }
             inet_ntop(AF_INET6, &address.sin6_addr, &text, socklen_t(text.count))
-            return HTTPServerAddress(host: String(cString: text), port: Int(UInt16(bigEndian: address.sin6_port)))
+            return HTTPServerAddress(host: nulTerminated(text), port: Int(UInt16(bigEndian: address.sin6_port)))
         }
     }
 
@@ -100,4 +100,9 @@ final class ListeningSocket {
             return nil
         }
     }
+}
+
+/// The text of a C string buffer, up to its first NUL.
+private func nulTerminated(_ characters: [CChar]) -> String {
+    String(decoding: characters.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
 }
