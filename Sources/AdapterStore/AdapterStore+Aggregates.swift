@@ -2,13 +2,17 @@ import Digests
 import LoRAAdapters
 
 extension AdapterStore {
-    /// The aggregate of the round (or, with `client`, truncated to that client's rank), from the
-    /// cache when the round has not changed since it was computed. Nil when the round has no
-    /// uploads, or `client` has none in it. Throws `rankOutOfRange` for a rank past the global one.
+    /// The aggregate of the round unfolded to `scaling` (or, with `client`, truncated to that client's
+    /// module ranks and unfolded to its scales, whatever `scaling` says), from the cache when the
+    /// round has not changed since it was computed. Nil when the round has no uploads, or `client`
+    /// has none in it. Throws `rankOutOfRange` for a rank past the global one.
     public func aggregate(
-        federation: FederationID, round: RoundNumber, client: ClientID?, strategy: AggregationStrategy, rank: Int?, dtype: DType
+        federation: FederationID, round: RoundNumber, client: ClientID?, strategy: AggregationStrategy, rank: Int?, dtype: DType,
+        scaling: TargetScaling = .unit
     ) async throws -> StoredAggregate? {
-        let outcome = try await aggregate(federation: federation, round: round, client: client, strategy: strategy, rank: rank, dtype: dtype) { _ in .compute }
+        let outcome = try await aggregate(
+            federation: federation, round: round, client: client, strategy: strategy, rank: rank, dtype: dtype, scaling: scaling
+        ) { _ in .compute }
         guard case .complete(let aggregate)? = outcome else { return nil }
         return aggregate
     }
@@ -18,16 +22,18 @@ extension AdapterStore {
     /// record and `plan` decides whether to compute it at all, and whether to stream it.
     public func aggregate(
         federation: FederationID, round: RoundNumber, client: ClientID?, strategy: AggregationStrategy, rank requestedRank: Int?, dtype: DType,
-        whenDigestKnown plan: @escaping @Sendable (AggregateDigest) -> KnownDigestPlan
+        scaling requestedScaling: TargetScaling = .unit, whenDigestKnown plan: @escaping @Sendable (AggregateDigest) -> KnownDigestPlan
     ) async throws -> AggregateOutcome? {
         try await reader.read { [self] (connection, handOver: (AggregateOutcome?) -> Void) in
-            guard let key = try Self.aggregateKey(connection, federation, round, client, strategy, requestedRank, dtype) else { return handOver(nil) }
+            guard let (key, scaling) = try Self.aggregateKey(connection, federation, round, client, strategy, requestedRank, dtype, requestedScaling) else {
+                return handOver(nil)
+            }
             if let cached = cache.value(for: key) {
                 return handOver(.complete(StoredAggregate(bytes: cached.bytes, sha256: cached.sha256, rank: cached.rank, fromCache: true)))
             }
             let source = SQLiteAdapterSource(connection: connection, federation: federation, round: round)
             let options = AggregationOptions(
-                strategy: strategy, rank: key.rank, dtype: dtype, metadata: ["federation": federation.rawValue, "round": round.description])
+                strategy: strategy, rank: key.rank, dtype: dtype, scaling: scaling, metadata: ["federation": federation.rawValue, "round": round.description])
             let recorded = try Self.recordedDigest(connection, key)
             let planned = recorded.map { ($0, plan($0)) }
             if case (let digest, .digestOnly)? = planned { return handOver(.digestOnly(digest)) }
@@ -94,25 +100,51 @@ extension AdapterStore {
         }
     }
 
-    /// The cache key of a request against the round as it is now; nil when the round has no
-    /// uploads or `client` has none in it.
+    /// The cache key of a request against the round as it is now, and the scaling to compute it
+    /// with; nil when the round has no uploads or `client` has none in it. A client whose modules all
+    /// have scale 1 and one rank gets the scale-1 aggregate at its rank (which a wider one can be cut
+    /// to); any other client gets its own ranks and scales.
     private static func aggregateKey(
         _ connection: SQLiteConnection, _ federation: FederationID, _ round: RoundNumber, _ client: ClientID?,
-        _ strategy: AggregationStrategy, _ requestedRank: Int?, _ dtype: DType
-    ) throws -> AggregateCache.Key? {
-        let participants = try SQLiteAdapterSource(connection: connection, federation: federation, round: round).participants()
+        _ strategy: AggregationStrategy, _ requestedRank: Int?, _ dtype: DType, _ requestedScaling: TargetScaling
+    ) throws -> (AggregateCache.Key, TargetScaling)? {
+        let source = SQLiteAdapterSource(connection: connection, federation: federation, round: round)
+        let participants = try source.participants()
         guard !participants.isEmpty else { return nil }
         var rank = requestedRank
+        var scaling = requestedScaling
         if let client {
             guard let participant = participants.first(where: { $0.clientID == client.rawValue }) else { return nil }
             rank = participant.rank
+            scaling = participant.config.isUnscaled ? .unit : .client(participant.config)
         }
         let revision = try connection.statement("SELECT revision FROM rounds WHERE federation = ?1 AND round = ?2")
         try revision.bind(.id(federation), .round(round))
         _ = try revision.step()
-        return AggregateCache.Key(
+        let key = AggregateCache.Key(
             federation: federation, round: round, revision: revision.integer(0), strategy: strategy,
-            rank: rank ?? participants.map(\.rank).max()!, dtype: dtype)
+            rank: try rank ?? globalRank(of: participants, in: source), dtype: dtype, scaling: scalingKey(scaling, client: client))
+        return (key, scaling)
+    }
+
+    /// The largest rank of any module: the configs' `r` unless a `rank_pattern` says otherwise.
+    private static func globalRank(of participants: [RoundParticipant], in source: SQLiteAdapterSource) throws -> Int {
+        let largestR = participants.map(\.rank).max()!
+        guard participants.contains(where: { !$0.config.rankPattern.isEmpty }) else { return largestR }
+        let modules = Set(try source.holdings().compactMap { TensorRole.moduleName(ofTensor: $0.name) })
+        return modules.map { module in participants.map { $0.config.rank(ofModule: module) }.max()! }.max() ?? largestR
+    }
+
+    static let unitScalingKey = "unit"
+
+    /// What part of an aggregate's key the scale is: a client's own scales are its own (the round's
+    /// revision pins its config).
+    static func scalingKey(_ scaling: TargetScaling, client: ClientID?) -> String {
+        switch scaling {
+        case .unit: unitScalingKey
+        case .uniform(let loraAlpha, let useRSLoRA): "lora_alpha=\(loraAlpha);use_rslora=\(useRSLoRA)"
+        case .client: "client=\(client?.rawValue ?? "")"
+        }
     }
 
     private static func recordedDigest(_ connection: SQLiteConnection, _ key: AggregateCache.Key) throws -> AggregateDigest? {
@@ -122,14 +154,14 @@ extension AdapterStore {
         return AggregateDigest(row: statement, rank: key.rank)
     }
 
-    /// The primary key of `aggregate_digests` (bound as ?1...?7) and its values for `key`, in column
+    /// The primary key of `aggregate_digests` (bound as ?1...?8) and its values for `key`, in column
     /// order: digests of this engine version only.
     private static let digestKeyColumns =
-        "federation = ?1 AND round = ?2 AND revision = ?3 AND strategy = ?4 AND rank = ?5 AND dtype = ?6 AND engine_version = ?7"
+        "federation = ?1 AND round = ?2 AND revision = ?3 AND strategy = ?4 AND rank = ?5 AND dtype = ?6 AND scaling = ?7 AND engine_version = ?8"
     private static func digestKey(_ key: AggregateCache.Key) -> [SQLiteValue] {
         [
             .id(key.federation), .round(key.round), .integer(key.revision), .text(key.strategy.rawValue),
-            .integer(Int64(key.rank)), .text(key.dtype.rawValue), .integer(Int64(AdapterAggregator.outputVersion)),
+            .integer(Int64(key.rank)), .text(key.dtype.rawValue), .text(key.scaling), .integer(Int64(AdapterAggregator.outputVersion)),
         ]
     }
 
@@ -139,8 +171,8 @@ extension AdapterStore {
         writer.writeDetached { connection in
             try connection.statement(
                 """
-                INSERT OR REPLACE INTO aggregate_digests (federation, round, revision, strategy, rank, dtype, engine_version, sha256, crc32, bytes)
-                VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                INSERT OR REPLACE INTO aggregate_digests (federation, round, revision, strategy, rank, dtype, scaling, engine_version, sha256, crc32, bytes)
+                VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
                 """
             ).bind(Self.digestKey(key) + [.text(digest.sha256), .integer(Int64(digest.crc32)), .integer(Int64(digest.byteCount))]).run()
         }

@@ -16,13 +16,14 @@ extension AdapterStore {
             let headerLength = 8 + Int(upload.file.bytes.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) })
             try connection.statement(
                 """
-                INSERT INTO uploads (federation, round, client, rank, weight, bytes, sha256, uploaded_at, header)
-                VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), ?8)
+                INSERT INTO uploads (federation, round, client, rank, weight, bytes, sha256, uploaded_at, header, lora_alpha, use_rslora, config)
+                VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), ?8, ?9, ?10, ?11)
                 """
             ).bind(
                 .id(upload.federation), .round(upload.round), .id(upload.client), .integer(Int64(upload.rank)),
                 .real(upload.weight), .integer(Int64(upload.file.bytes.count)), .text(upload.sha256),
-                .blob(Array(upload.file.bytes[0..<headerLength]))
+                .blob(Array(upload.file.bytes[0..<headerLength])), .real(upload.config.loraAlpha), .integer(upload.config.useRSLoRA ? 1 : 0),
+                upload.configJSON.map { .blob($0) } ?? .null
             ).run()
             let uploadID = connection.lastInsertedRowID
             let insertTensor = try connection.statement(

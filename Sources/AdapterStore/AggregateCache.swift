@@ -14,6 +14,9 @@ final class AggregateCache: Sendable {
         let strategy: AggregationStrategy
         let rank: Int
         let dtype: DType
+        /// The scale it was unfolded to: `AdapterStore.scalingKey`. Only scale-1 aggregates are cut
+        /// to lower ranks.
+        let scaling: String
     }
 
     private struct State {
@@ -44,6 +47,7 @@ final class AggregateCache: Sendable {
             let candidates = state.entries.filter { candidate, _ in
                 candidate.federation == key.federation && candidate.round == key.round && candidate.revision == key.revision
                     && candidate.strategy == key.strategy && candidate.dtype == key.dtype && candidate.rank > key.rank
+                    && key.scaling == AdapterStore.unitScalingKey && candidate.scaling == AdapterStore.unitScalingKey
             }
             guard let (widerKey, entry) = candidates.min(by: { $0.key.rank < $1.key.rank }) else { return nil }
             state.clock += 1

@@ -9,9 +9,16 @@ struct SQLiteAdapterSource: AdapterSource {
     let round: RoundNumber
 
     func participants() throws -> [RoundParticipant] {
-        let statement = try connection.statement("SELECT client, rank, weight FROM uploads WHERE federation = ?1 AND round = ?2")
+        let statement = try connection.statement(
+            "SELECT client, rank, weight, lora_alpha, use_rslora, config FROM uploads WHERE federation = ?1 AND round = ?2")
         try statement.bind(.id(federation), .round(round))
-        return try statement.rows { RoundParticipant(clientID: $0.text(0), rank: Int($0.integer(1)), weight: $0.real(2)) }
+        return try statement.rows { row in
+            let config =
+                row.isNull(5)
+                ? try AdapterConfig(rank: Int(row.integer(1)), loraAlpha: row.isNull(3) ? nil : row.real(3), useRSLoRA: row.integer(4) != 0)
+                : try AdapterConfig(json: row.blob(5))
+            return RoundParticipant(clientID: row.text(0), weight: row.real(2), config: config)
+        }
     }
 
     func holdings() throws -> [TensorHolding] {

@@ -65,6 +65,29 @@ enum Schema {
             PRIMARY KEY (federation, round, revision, strategy, rank, dtype, engine_version)
         ) WITHOUT ROWID;
         """,
+        // PEFT scales: an upload's lora_alpha (NULL: its rank, scale 1) and use_rslora, and its
+        // adapter_config.json as sent (NULL for uploads tagged by query parameters). Aggregate digests
+        // gain the scale they were unfolded to as part of their key; the old records are dropped.
+        """
+        ALTER TABLE uploads ADD COLUMN lora_alpha REAL;
+        ALTER TABLE uploads ADD COLUMN use_rslora INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE uploads ADD COLUMN config BLOB;
+        DROP TABLE aggregate_digests;
+        CREATE TABLE aggregate_digests (
+            federation TEXT NOT NULL,
+            round INTEGER NOT NULL,
+            revision INTEGER NOT NULL,
+            strategy TEXT NOT NULL,
+            rank INTEGER NOT NULL,
+            dtype TEXT NOT NULL,
+            scaling TEXT NOT NULL,
+            engine_version INTEGER NOT NULL,
+            sha256 TEXT NOT NULL,
+            crc32 INTEGER NOT NULL,
+            bytes INTEGER NOT NULL,
+            PRIMARY KEY (federation, round, revision, strategy, rank, dtype, scaling, engine_version)
+        ) WITHOUT ROWID;
+        """,
     ]
 
     /// Brings the schema up to date. The version is read inside the write transaction, so two

@@ -1,10 +1,10 @@
 /// Records decode their own rows: each names the columns it reads, in the order it reads them.
 extension UploadRecord {
-    static let columns = "client, rank, weight, bytes, sha256, uploaded_at"
+    static let columns = "client, rank, weight, bytes, sha256, uploaded_at, coalesce(lora_alpha, rank), use_rslora"
 
     init(row: SQLiteStatement) {
         self.init(
-            client: ClientID(stored: row.text(0)), rank: Int(row.integer(1)), weight: row.real(2),
+            client: ClientID(stored: row.text(0)), rank: Int(row.integer(1)), weight: row.real(2), loraAlpha: row.real(6), useRSLoRA: row.integer(7) != 0,
             bytes: Int(row.integer(3)), sha256: row.text(4), uploadedAt: row.text(5))
     }
 }

@@ -3,8 +3,11 @@ import LoRAAdapters
 /// A client's stored upload, as listed in a round.
 public struct UploadRecord: Sendable, Equatable {
     public let client: ClientID
+    /// The config's `r`.
     public let rank: Int
     public let weight: Double
+    public let loraAlpha: Double
+    public let useRSLoRA: Bool
     /// Size of the decompressed safetensors file.
     public let bytes: Int
     public let sha256: String
@@ -34,20 +37,35 @@ public struct NewUpload: Sendable {
     public let federation: FederationID
     public let round: RoundNumber
     public let client: ClientID
-    public let rank: Int
     public let weight: Double
+    /// The ranks and scales of its modules.
+    public let config: AdapterConfig
+    /// `adapter_config.json` as the client sent it (kept byte for byte), or nil for an upload tagged
+    /// by query parameters.
+    public let configJSON: [UInt8]?
     public let file: SafetensorsFile
     public let sha256: String
 
-    public init(federation: FederationID, round: RoundNumber, client: ClientID, rank: Int, weight: Double, file: SafetensorsFile, sha256: String) {
+    public init(
+        federation: FederationID, round: RoundNumber, client: ClientID, weight: Double, config: AdapterConfig, configJSON: [UInt8]? = nil,
+        file: SafetensorsFile, sha256: String
+    ) {
         self.federation = federation
         self.round = round
         self.client = client
-        self.rank = rank
         self.weight = weight
+        self.config = config
+        self.configJSON = configJSON
         self.file = file
         self.sha256 = sha256
     }
+
+    /// An upload tagged with one rank for every module, at scale 1.
+    public init(federation: FederationID, round: RoundNumber, client: ClientID, rank: Int, weight: Double, file: SafetensorsFile, sha256: String) {
+        self.init(federation: federation, round: round, client: client, weight: weight, config: AdapterConfig(unscaledRank: rank), file: file, sha256: sha256)
+    }
+
+    public var rank: Int { config.rank }
 }
 
 /// An aggregate file with its digest (the strong ETag).

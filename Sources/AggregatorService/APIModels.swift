@@ -8,6 +8,8 @@ struct UploadAccepted: Encodable {
     let client: ClientID
     let rank: Int
     let weight: Double
+    let loraAlpha: Double
+    let useRslora: Bool
     let tensors: Int
     let loraModules: Int
     let bytes: Int
@@ -19,6 +21,8 @@ struct RoundBody: Encodable {
         let client: ClientID
         let rank: Int
         let weight: Double
+        let loraAlpha: Double
+        let useRslora: Bool
         let bytes: Int
         let sha256: String
         let uploadedAt: String
@@ -38,7 +42,9 @@ struct RoundBody: Encodable {
         maxRank = record.maxRank
         totalWeight = record.totalWeight
         uploads = record.uploads.map {
-            Upload(client: $0.client, rank: $0.rank, weight: $0.weight, bytes: $0.bytes, sha256: $0.sha256, uploadedAt: $0.uploadedAt)
+            Upload(
+                client: $0.client, rank: $0.rank, weight: $0.weight, loraAlpha: $0.loraAlpha, useRslora: $0.useRSLoRA, bytes: $0.bytes, sha256: $0.sha256,
+                uploadedAt: $0.uploadedAt)
         }
     }
 }

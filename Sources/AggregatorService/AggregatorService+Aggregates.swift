@@ -1,5 +1,6 @@
 import AdapterStore
 import HTTPServer
+import LoRAAdapters
 
 extension AggregatorService {
     func registerAggregateRoutes(on routes: inout AuthorizedRoutes) {
@@ -9,7 +10,7 @@ extension AggregatorService {
 
     private func getAggregate(_ request: HTTPRequest, perClient: Bool) async throws -> HTTPResponse {
         let parameters = try RequestParameters(request)
-        try parameters.allowOnly(perClient ? ["strategy", "dtype"] : ["strategy", "rank", "dtype"])
+        try parameters.allowOnly(perClient ? ["strategy", "dtype"] : ["strategy", "rank", "dtype", "lora_alpha", "use_rslora"])
         let federation = try parameters.federation
         let round = try parameters.round
         let client = perClient ? try parameters.client : nil
@@ -20,7 +21,7 @@ extension AggregatorService {
         // needs the whole file first.
         let outcome = try await store.aggregate(
             federation: federation, round: round, client: client, strategy: try parameters.strategy,
-            rank: try parameters.integer("rank"), dtype: try parameters.outputDType
+            rank: try parameters.integer("rank"), dtype: try parameters.outputDType, scaling: try Self.targetScaling(parameters)
         ) { digest in
             if request.method == "HEAD" || Self.notModified(request, sha256: digest.sha256, gzip: gzip) { return .digestOnly }
             return gzip ? .compute : .stream
@@ -48,5 +49,15 @@ extension AggregatorService {
                 recordAggregation()
             }
         }
+    }
+
+    /// The scale the global adapter is unfolded to: scale 1, or PEFT's from one `lora_alpha`.
+    private static func targetScaling(_ parameters: RequestParameters) throws(ServiceError) -> TargetScaling {
+        let useRSLoRA = try parameters.flag("use_rslora")
+        guard let loraAlpha = try parameters.positiveNumber("lora_alpha") else {
+            guard useRSLoRA == nil else { throw ServiceError(.badRequest, "use_rslora needs lora_alpha: without it the answer is at scale 1") }
+            return .unit
+        }
+        return .uniform(loraAlpha: loraAlpha, useRSLoRA: useRSLoRA ?? false)
     }
 }

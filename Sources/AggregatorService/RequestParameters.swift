@@ -69,6 +69,14 @@ struct RequestParameters {
         return value
     }
 
+    func flag(_ name: String) throws(ServiceError) -> Bool? {
+        guard let text = query[name] else { return nil }
+        guard let value = ["true": true, "false": false][text] else {
+            throw ServiceError(.badRequest, "query parameter '\(name)' must be true or false, got '\(text)'")
+        }
+        return value
+    }
+
     var strategy: AggregationStrategy {
         get throws(ServiceError) {
             guard let text = query["strategy"] else { return .replication }

@@ -9,22 +9,33 @@ public struct AdapterSummary: Sendable, Equatable {
 /// Checks one upload on its own: the rank tag, A/B pairing and finite values. Agreement with the
 /// other uploads of a round is checked where the round is known (`RoundShapeCheck`).
 public enum AdapterValidator {
+    /// An upload tagged with one rank for every module.
     public static func validate(_ file: SafetensorsFile, declaredRank: Int) throws(AdapterError) -> AdapterSummary {
         guard declaredRank >= 1 else { throw AdapterError(.invalidRank, "the rank tag must be a positive integer, got \(declaredRank)") }
+        return try validate(file, config: AdapterConfig(unscaledRank: declaredRank))
+    }
+
+    /// An upload with its config: every module's tensors have the module's resolved rank, and every
+    /// pattern key of the config names at least one module of the file.
+    public static func validate(_ file: SafetensorsFile, config: AdapterConfig) throws(AdapterError) -> AdapterSummary {
         var factorsByPair: [String: [LoRAFactor: String]] = [:]
+        var modules: Set<String> = []
         for tensor in file.tensors {
             let role = TensorRole(tensorName: tensor.name)
-            if case .lora(let factor, let pairKey) = role {
+            if case .lora(let factor, let pairKey) = role, let module = TensorRole.moduleName(ofTensor: tensor.name) {
                 guard let rank = role.rank(of: tensor.shape) else {
                     throw AdapterError(
                         .invalidRank, "a LoRA \(factor == .a ? "A" : "B") tensor needs at least 2 axes, its shape is \(tensor.shape)", tensor: tensor.name)
                 }
-                guard rank == declaredRank else {
+                let expected = config.rank(ofModule: module)
+                guard rank == expected else {
                     throw AdapterError(
-                        .rankMismatch, "rank \(rank) on axis \(factor.rankAxis) of shape \(tensor.shape), but the upload is tagged rank \(declaredRank)",
+                        .rankMismatch,
+                        "rank \(rank) on axis \(factor.rankAxis) of shape \(tensor.shape), but module \(module) has rank \(expected) in the upload's config (r or rank_pattern, or the rank tag)",
                         tensor: tensor.name)
                 }
                 factorsByPair[pairKey, default: [:]][factor] = tensor.name
+                modules.insert(module)
             }
             try checkFinite(tensor, in: file)
         }
@@ -36,7 +47,10 @@ public enum AdapterValidator {
             let (present, missing) = factors[.a] != nil ? (factors[.a]!, "B") : (factors[.b]!, "A")
             throw AdapterError(.unpairedLoRATensor, "this LoRA tensor has no matching \(missing) tensor", tensor: present)
         }
-        return AdapterSummary(rank: declaredRank, tensorCount: file.tensors.count, loraModuleCount: factorsByPair.count)
+        if let unmatched = config.patternKeysMatchingNone(of: modules).first {
+            throw AdapterError(.invalidConfig, "the pattern key \"\(unmatched)\" matches no LoRA module of the upload (PEFT would ignore it and scale wrongly)")
+        }
+        return AdapterSummary(rank: config.rank, tensorCount: file.tensors.count, loraModuleCount: factorsByPair.count)
     }
 
     private static func checkFinite(_ tensor: TensorInfo, in file: SafetensorsFile) throws(AdapterError) {

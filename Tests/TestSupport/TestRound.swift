@@ -138,18 +138,21 @@ public enum TestRound {
     public static func randomScaled(seed: UInt64, dtypes: [DType] = DType.allCases) -> [TestClient] {
         var random = SeededGenerator(seed: seed)
         let clientCount = Int.random(in: 2...7, using: &random)
-        let patternKeys = ["q_proj", "layers.1.attn.v_proj", "conv", "embed_tokens"]
+        // Keys as users write them: a module's last component, or its whole name.
+        let patternKeys: [TestModule: String] = [.query: "q_proj", .value: "layers.1.attn.v_proj", .conv: "conv", .embedding: "embed_tokens"]
         return (0..<clientCount).map { index in
             let rank = [2, 4, 8, 16].randomElement(using: &random)!
             let dtype = dtypes.randomElement(using: &random)!
-            let rankPattern = Bool.random(using: &random) ? [(patternKeys.randomElement(using: &random)!, [1, 2, 3, 8].randomElement(using: &random)!)] : []
-            let alphaPattern = Bool.random(using: &random) ? [(patternKeys.randomElement(using: &random)!, [4.0, 64].randomElement(using: &random)!)] : []
+            var modules = TestModule.allCases.filter { _ in Bool.random(using: &random) || Bool.random(using: &random) }
+            if !modules.contains(where: { ![.classifierWeight, .classifierBias].contains($0) }) { modules.append(.query) }
+            // A pattern names a module the client holds: one that names none is refused.
+            let held = modules.compactMap { patternKeys[$0] }.sorted()
+            let rankPattern = Bool.random(using: &random) ? [(held.randomElement(using: &random)!, [1, 2, 3, 8].randomElement(using: &random)!)] : []
+            let alphaPattern = Bool.random(using: &random) ? [(held.randomElement(using: &random)!, [4.0, 64].randomElement(using: &random)!)] : []
             let client = TestClient(
                 id: "client-\(index)", rank: rank, weight: Double.random(in: 0.1...100, using: &random), dtype: dtype, tensors: [:],
                 loraAlpha: [8.0, 16, 32].randomElement(using: &random)!, useRSLoRA: Bool.random(using: &random),
                 rankPattern: rankPattern, alphaPattern: alphaPattern)
-            var modules = TestModule.allCases.filter { _ in Bool.random(using: &random) || Bool.random(using: &random) }
-            if !modules.contains(where: { ![.classifierWeight, .classifierBias].contains($0) }) { modules.append(.query) }
             var tensors: [String: TestTensor] = [:]
             for module in modules {
                 let moduleRank = module.name.map { client.rank(ofModule: $0) } ?? 1

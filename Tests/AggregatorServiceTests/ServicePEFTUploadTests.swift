@@ -1,0 +1,141 @@
+import Digests
+import Foundation
+import LoRAAdapters
+import TestSupport
+import Testing
+
+@testable import AggregatorService
+
+/// PEFT scales and per-module ranks through the real server: both upload forms, aggregates unfolded
+/// to a scale, each client's download at its own ranks and scales, and every refusal storing nothing.
+@Suite(.serialized) struct ServicePEFTUploadTests {
+    private static let boundary = "lora-aggregator-test-boundary"
+
+    /// `adapter_config.json` as PEFT's `save_pretrained` writes the members that matter.
+    private static func configJSON(_ client: TestClient) -> [UInt8] {
+        func object<Value>(_ entries: [(String, Value)]) -> String { "{" + entries.map { "\"\($0.0)\": \($0.1)" }.joined(separator: ", ") + "}" }
+        let alpha = client.loraAlpha ?? Double(client.rank)
+        return Array(
+            """
+            {"peft_type": "LORA", "r": \(client.rank), "lora_alpha": \(alpha), "use_rslora": \(client.useRSLoRA), "target_modules": ["q_proj", "v_proj"],
+             "rank_pattern": \(object(client.rankPattern)), "alpha_pattern": \(object(client.alphaPattern))}
+            """.utf8)
+    }
+
+    private static func multipart(model: [UInt8], config: [UInt8]?, extraPart: Bool = false) -> [UInt8] {
+        var body: [UInt8] = []
+        func part(_ name: String, _ bytes: [UInt8]) {
+            body += Array("--\(boundary)\r\nContent-Disposition: form-data; name=\"\(name)\"; filename=\"\(name)\"\r\n\r\n".utf8) + bytes + Array("\r\n".utf8)
+        }
+        part("adapter_model.safetensors", model)
+        if let config { part("adapter_config.json", config) }
+        if extraPart { part("notes.txt", Array("hello".utf8)) }
+        return body + Array("--\(boundary)--\r\n".utf8)
+    }
+
+    private static let multipartType = ("Content-Type", "multipart/form-data; boundary=\(boundary)")
+
+    private func expectClose(_ response: RawClient.Response, _ reference: [String: TestTensor], _ context: String) throws {
+        #expect(response.statusCode == 200, "\(context): \(response.text)")
+        let file = try SafetensorsFile(bytes: response.body)
+        #expect(Set(file.tensors.map(\.name)) == Set(reference.keys), "\(context)")
+        for tensor in file.tensors {
+            let expected = try #require(reference[tensor.name])
+            #expect(tensor.shape == expected.shape, "\(context) \(tensor.name)")
+            let worst = zip(file.values(of: tensor), expected.values).map { abs($0 - $1) / (abs($1) + 1e-12) }.max() ?? 0
+            #expect(worst <= 1e-6, "\(context) \(tensor.name): \(worst)")
+        }
+    }
+
+    @Test(arguments: 0..<3)
+    func scaledRoundsInBothFormsMatchTheLiteralReference(seed: UInt64) async throws {
+        let service = try await ServiceProcess.start()
+        let client = service.client
+        var random = SeededGenerator(seed: 600 + seed)
+        let clients = TestRound.randomScaled(seed: 500 + seed, dtypes: [.f32, .f64])
+        for participant in clients {
+            let file = try participant.safetensors().bytes
+            let gzip = Bool.random(using: &random)
+            let encoding = gzip ? [("Content-Encoding", "gzip")] : []
+            let response: RawClient.Response
+            if participant.rankPattern.isEmpty && participant.alphaPattern.isEmpty && Bool.random(using: &random) {
+                let path =
+                    "/v1/federations/fed/rounds/0/uploads/\(participant.id)?rank=\(participant.rank)&weight=\(participant.weight)"
+                    + "&lora_alpha=\(participant.loraAlpha!)&use_rslora=\(participant.useRSLoRA)"
+                response = try await client.request("PUT", path, headers: encoding, body: gzip ? ContentCoding.gzip.compress(file) : file)
+            } else {
+                let body = Self.multipart(model: file, config: Self.configJSON(participant))
+                response = try await client.request(
+                    "PUT", "/v1/federations/fed/rounds/0/uploads/\(participant.id)?weight=\(participant.weight)",
+                    headers: encoding + [Self.multipartType], body: gzip ? ContentCoding.gzip.compress(body) : body)
+            }
+            #expect(response.statusCode == 201, "\(response.text)")
+            #expect(response.json["sha256"] as? String == ContentDigest.sha256Hex(file) && response.json["bytes"] as? Int == file.count)
+            #expect(response.json["lora_alpha"] as? Double == participant.loraAlpha && response.json["use_rslora"] as? Bool == participant.useRSLoRA)
+        }
+        let round = try await client.get("/v1/federations/fed/rounds/0")
+        let listed = (round.json["uploads"] as? [[String: Any]]) ?? []
+        #expect(listed.map { $0["lora_alpha"] as? Double } == clients.sorted { $0.id < $1.id }.map(\.loraAlpha))
+
+        let aggregate = "/v1/federations/fed/rounds/0/aggregate"
+        for (strategy, padding) in [("replication", LiteralReference.Padding.replication), ("zero_padding", .zeros)] {
+            try expectClose(
+                try await client.get("\(aggregate)?strategy=\(strategy)"), LiteralReference.aggregate(clients, padding: padding, target: .global(rank: .max)),
+                "global \(strategy)")
+            try expectClose(
+                try await client.get("\(aggregate)?strategy=\(strategy)&rank=2&lora_alpha=16&use_rslora=true"),
+                LiteralReference.aggregate(clients, padding: padding, target: .uniform(rank: 2, loraAlpha: 16, useRSLoRA: true)),
+                "rank 2 at lora_alpha 16 with rsLoRA, \(strategy)")
+            for participant in clients {
+                try expectClose(
+                    try await client.get("\(aggregate)/\(participant.id)?strategy=\(strategy)"),
+                    LiteralReference.aggregate(clients, padding: padding, target: .client(participant)), "\(participant.id) \(strategy)")
+            }
+        }
+        #expect(await service.stop() == 0)
+    }
+
+    @Test func refusedUploadsStoreNothingAndSayWhy() async throws {
+        let service = try await ServiceProcess.start()
+        let client = service.client
+        let participant = TestClient(
+            id: "alice", rank: 4, weight: 1, dtype: .f32, tensors: TestRound.random(seed: 3, ranks: [4])[0].tensors, loraAlpha: 16)
+        let file = try participant.safetensors().bytes
+        let path = "/v1/federations/fed/rounds/0/uploads/alice"
+        let good = Self.multipart(model: file, config: Self.configJSON(participant))
+        #expect(try await client.request("PUT", path, headers: [Self.multipartType], body: good).statusCode == 201)
+        let before = try await client.get("/v1/federations/fed/rounds/0")
+
+        let other = try TestRound.random(seed: 4, ranks: [4])[0].safetensors().bytes
+        func config(_ json: String) -> [UInt8] { Array(json.utf8) }
+        let refusals: [(String, [(String, String)], [UInt8], Int, String)] = [
+            ("", [Self.multipartType], Self.multipart(model: other, config: nil), 400, "needs the parts"),
+            ("", [Self.multipartType], Self.multipart(model: other, config: config(#"{"r":4"#)), 400, "not valid JSON"),
+            ("", [Self.multipartType], Self.multipart(model: other, config: config(#"{"r":0,"lora_alpha":8}"#)), 422, "r must be"),
+            ("", [Self.multipartType], Self.multipart(model: other, config: config(#"{"r":8,"lora_alpha":8}"#)), 422, "has rank 8 in the upload's config"),
+            (
+                "", [Self.multipartType], Self.multipart(model: other, config: config(#"{"r":4,"lora_alpha":8,"rank_pattern":{"k_proj":2}}"#)), 422,
+                "\"k_proj\" matches no LoRA module"
+            ),
+            ("?rank=8", [Self.multipartType], Self.multipart(model: other, config: config(#"{"r":4,"lora_alpha":8}"#)), 422, "not the config's r"),
+            (
+                "?lora_alpha=8", [Self.multipartType], Self.multipart(model: other, config: config(#"{"r":4,"lora_alpha":8}"#)), 400,
+                "from its adapter_config.json"
+            ),
+            ("", [Self.multipartType], Self.multipart(model: other, config: config(#"{"r":4}"#), extraPart: true), 400, "unexpected multipart part"),
+            ("", [("Content-Type", "multipart/form-data")], Self.multipart(model: other, config: config(#"{"r":4}"#)), 400, "boundary"),
+            ("", [("Content-Type", "application/json")], other, 415, "multipart/form-data"),
+            ("?rank=4&lora_alpha=0", [], other, 400, "lora_alpha"),
+            ("?rank=4&use_rslora=yes", [], other, 400, "use_rslora"),
+            ("?rank=4", [Self.multipartType], Array(Self.multipart(model: other, config: config(#"{"r":4}"#)).dropLast(10)), 400, "close delimiter"),
+        ]
+        for (query, headers, body, status, reason) in refusals {
+            let response = try await client.request("PUT", path + query, headers: headers, body: body)
+            #expect(response.statusCode == status && response.header("Content-Type") == "application/problem+json", "\(reason): \(response.text)")
+            #expect((response.json["detail"] as? String)?.contains(reason) == true, "\(reason): \(response.text)", sourceLocation: #_sourceLocation)
+        }
+        #expect(try await client.get(path).body == file, "the earlier upload is untouched")
+        #expect(try await client.get("/v1/federations/fed/rounds/0").body == before.body)
+        #expect(await service.stop() == 0)
+    }
+}
