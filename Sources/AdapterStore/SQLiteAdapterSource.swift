@@ -10,15 +10,9 @@ struct SQLiteAdapterSource: AdapterSource {
 
     func participants() throws -> [RoundParticipant] {
         let statement = try connection.statement(
-            "SELECT client, rank, weight, lora_alpha, use_rslora, config FROM uploads WHERE federation = ?1 AND round = ?2")
+            "SELECT client, weight, \(AdapterConfig.storedColumns) FROM uploads WHERE federation = ?1 AND round = ?2")
         try statement.bind(.id(federation), .round(round))
-        return try statement.rows { row in
-            let config =
-                row.isNull(5)
-                ? try AdapterConfig(rank: Int(row.integer(1)), loraAlpha: row.isNull(3) ? nil : row.real(3), useRSLoRA: row.integer(4) != 0)
-                : try AdapterConfig(json: row.blob(5))
-            return RoundParticipant(clientID: row.text(0), weight: row.real(2), config: config)
-        }
+        return try statement.rows { RoundParticipant(clientID: $0.text(0), weight: $0.real(1), config: try AdapterConfig(storedRow: $0, from: 2)) }
     }
 
     func holdings() throws -> [TensorHolding] {

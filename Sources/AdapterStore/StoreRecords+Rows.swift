@@ -1,3 +1,5 @@
+import LoRAAdapters
+
 /// Records decode their own rows: each names the columns it reads, in the order it reads them.
 extension UploadRecord {
     static let columns = "client, rank, weight, bytes, sha256, uploaded_at, coalesce(lora_alpha, rank), use_rslora"
@@ -22,5 +24,19 @@ extension AggregateDigest {
     /// The rank is part of the row's key, not of its columns.
     init(row: SQLiteStatement, rank: Int) {
         self.init(sha256: row.text(0), byteCount: Int(row.integer(1)), rank: rank, crc32: UInt32(truncatingIfNeeded: row.integer(2)))
+    }
+}
+
+extension AdapterConfig {
+    static let storedColumns = "rank, lora_alpha, use_rslora, config"
+
+    /// An upload's config from `storedColumns`, starting at `column`: the JSON it sent, else its tags.
+    init(storedRow row: SQLiteStatement, from column: Int32) throws {
+        if row.isNull(column + 3) {
+            try self.init(
+                rank: Int(row.integer(column)), loraAlpha: row.isNull(column + 1) ? nil : row.real(column + 1), useRSLoRA: row.integer(column + 2) != 0)
+        } else {
+            try self.init(json: row.blob(column + 3))
+        }
     }
 }

@@ -105,3 +105,28 @@ public enum AggregateOutcome: Sendable {
     /// piece is withheld, when the bytes do not match the digest on record.
     case streaming(AggregateDigest, AsyncThrowingStream<[UInt8], any Error>)
 }
+
+/// What the round's uploads say about their ranks and scales: what an `adapter_config.json`
+/// for one of its downloads is made from.
+public struct RoundConfigs: Sendable {
+    public struct Upload: Sendable {
+        public let client: ClientID
+        public let config: AdapterConfig
+        /// `adapter_config.json` as the client sent it, or nil for an upload tagged by query parameters.
+        public let json: [UInt8]?
+    }
+
+    /// Sorted by client id.
+    public let uploads: [Upload]
+    /// Every LoRA module that any upload holds.
+    public let modules: Set<String>
+
+    /// Each module's global rank (the largest any upload gives it), cut to `rankLimit`.
+    public func moduleRanks(limit rankLimit: Int?) -> [String: Int] {
+        Dictionary(
+            uniqueKeysWithValues: modules.map { module in
+                let global = uploads.map { $0.config.rank(ofModule: module) }.max()!
+                return (module, min(rankLimit ?? global, global))
+            })
+    }
+}

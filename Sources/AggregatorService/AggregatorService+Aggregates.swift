@@ -52,7 +52,7 @@ extension AggregatorService {
     }
 
     /// The scale the global adapter is unfolded to: scale 1, or PEFT's from one `lora_alpha`.
-    private static func targetScaling(_ parameters: RequestParameters) throws(ServiceError) -> TargetScaling {
+    static func targetScaling(_ parameters: RequestParameters) throws(ServiceError) -> TargetScaling {
         let useRSLoRA = try parameters.flag("use_rslora")
         guard let loraAlpha = try parameters.positiveNumber("lora_alpha") else {
             guard useRSLoRA == nil else { throw ServiceError(.badRequest, "use_rslora needs lora_alpha: without it the answer is at scale 1") }

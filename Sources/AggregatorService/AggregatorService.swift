@@ -50,6 +50,7 @@ public final class AggregatorService: Sendable {
         registerUploadRoutes(on: &routes)
         registerRoundRoutes(on: &routes)
         registerAggregateRoutes(on: &routes)
+        registerConfigRoutes(on: &routes)
         registerTokenRoutes(on: &routes)
         var router = routes.router
         registerServiceRoutes(on: &router)

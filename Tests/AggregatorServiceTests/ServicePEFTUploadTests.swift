@@ -138,4 +138,63 @@ import Testing
         #expect(try await client.get("/v1/federations/fed/rounds/0").body == before.body)
         #expect(await service.stop() == 0)
     }
+
+    @Test func adapterConfigsDescribeTheirDownloads() async throws {
+        let service = try await ServiceProcess.start()
+        let client = service.client
+        let tensors = { (seed: UInt64, rank: Int) in TestRound.random(seed: seed, ranks: [rank])[0].tensors }
+        // alice: r = 8 with q_proj at rank 2; bob: tagged rank 4, lora_alpha 16; carol: r = 16.
+        var aliceTensors = tensors(11, 8)
+        for module in TestModule.allCases where module == .query {
+            for (name, shape) in module.tensors(rank: 2) {
+                aliceTensors[name] = TestTensor(shape: shape, values: (0..<shape.reduce(1, *)).map { Double($0 % 7) / 8 })
+            }
+        }
+        let aliceConfig = Array(
+            #"{"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"], "peft_type": "LORA", "rank_pattern": {"q_proj": 2}, "alpha_pattern": {}}"#.utf8)
+        let aliceFile = try TestClient(id: "alice", rank: 8, weight: 1, dtype: .f32, tensors: aliceTensors).safetensors().bytes
+        #expect(
+            try await client.request(
+                "PUT", "/v1/federations/f/rounds/0/uploads/alice", headers: [Self.multipartType],
+                body: Self.multipart(model: aliceFile, config: aliceConfig)
+            ).statusCode == 201)
+        let bob = try TestClient(id: "bob", rank: 4, weight: 1, dtype: .f32, tensors: tensors(12, 4)).safetensors().bytes
+        #expect(try await client.request("PUT", "/v1/federations/f/rounds/0/uploads/bob?rank=4&lora_alpha=16", body: bob).statusCode == 201)
+        let carol = try TestClient(id: "carol", rank: 16, weight: 1, dtype: .f32, tensors: tensors(13, 16)).safetensors().bytes
+        #expect(try await client.request("PUT", "/v1/federations/f/rounds/0/uploads/carol?rank=16", body: carol).statusCode == 201)
+
+        let configs = "/v1/federations/f/rounds/0/adapter_config"
+        #expect(try await client.get("\(configs)/alice").body == aliceConfig, "as sent, byte for byte")
+        let bobConfig = try await client.get("\(configs)/bob").json
+        #expect(
+            bobConfig["r"] as? Int == 4 && bobConfig["lora_alpha"] as? Double == 16 && bobConfig["use_rslora"] as? Bool == false
+                && bobConfig["peft_type"] as? String == "LORA")
+        #expect(try await client.get("\(configs)/nobody").statusCode == 404)
+        #expect(try await client.get("\(configs)?rank=17").statusCode == 422)
+
+        for (query, loraAlpha) in [("", nil), ("?rank=8&lora_alpha=32", 32.0)] as [(String, Double?)] {
+            // Each module's rank read off the download itself, by tensor shapes.
+            let download = try SafetensorsFile(bytes: try await client.get("/v1/federations/f/rounds/0/aggregate\(query)").body)
+            var moduleRanks: [String: Int] = [:]
+            for tensor in download.tensors where tensor.name.hasSuffix("lora_A.weight") || tensor.name.hasSuffix("lora_embedding_A") {
+                moduleRanks[TestModule.allCases.first { $0.tensors(rank: 1).contains { $0.0 == tensor.name } }!.name!] = tensor.shape[0]
+            }
+            let config = try await client.get("\(configs)\(query)")
+            #expect(config.statusCode == 200 && config.header("Content-Type") == "application/json")
+            let json = config.json
+            let r = moduleRanks.values.max()!
+            #expect(json["r"] as? Int == r && json["target_modules"] as? [String] == ["q_proj"], "alice's config is the base: \(config.text)")
+            // Keys are escaped full module names: unescaped, they name exactly the modules of another rank.
+            let rankPattern = (json["rank_pattern"] as? [String: Int]) ?? [:]
+            let unescaped = Dictionary(uniqueKeysWithValues: rankPattern.map { ($0.key.replacingOccurrences(of: "\\", with: ""), $0.value) })
+            #expect(unescaped == moduleRanks.filter { $0.value != r }, "\(config.text)")
+            if let loraAlpha {
+                #expect(json["lora_alpha"] as? Double == loraAlpha && (json["alpha_pattern"] as? [String: Any])?.isEmpty == true)
+            } else {
+                #expect(json["lora_alpha"] as? Int == r && json["use_rslora"] as? Bool == false)
+                #expect((json["alpha_pattern"] as? [String: Int]) == rankPattern, "scale 1 in every module: lora_alpha = its rank")
+            }
+        }
+        #expect(await service.stop() == 0)
+    }
 }
