@@ -2,6 +2,7 @@
 //   http-parser   the request-head parser and the chunked decoder
 //   safetensors   the strict safetensors reader and upload validation
 //   inflate       gzip/deflate decoding with its decompression cap
+//   multipart     the multipart/form-data reader, fed in chunks, and the adapter_config.json reader
 //
 // Built with `-DFUZZING -sanitize=fuzzer,address`, the entry point hands control to libFuzzer's
 // driver, which calls `LLVMFuzzerTestOneInput`. In an ordinary build `main` replays the files named
@@ -15,6 +16,7 @@ enum FuzzTarget: String {
     case httpParser = "http-parser"
     case safetensors
     case inflate
+    case multipart
 
     static let selected = FuzzTarget(rawValue: ProcessInfo.processInfo.environment["FUZZ_TARGET"] ?? "") ?? .httpParser
 
@@ -23,6 +25,7 @@ enum FuzzTarget: String {
         case .httpParser: Self.parseHTTP(input)
         case .safetensors: Self.readSafetensors(input)
         case .inflate: Self.inflate(input)
+        case .multipart: Self.readMultipart(input)
         }
     }
 
@@ -56,6 +59,43 @@ enum FuzzTarget: String {
         if let rewritten = try? SafetensorsWriter.write(records, metadata: file.metadata) {
             let reread = try? SafetensorsFile(bytes: rewritten)
             precondition(reread?.tensors.map(\.name) == file.tensors.map(\.name), "a rewritten file does not read back")
+        }
+    }
+
+    /// The first byte picks the chunk size; the rest is the body. Read in chunks or whole, a body
+    /// gives the same parts or fails the same way, and no part passes its limit.
+    private static func readMultipart(_ input: UnsafeRawBufferPointer) {
+        guard let first = input.first else { return }
+        let body = Array(input.dropFirst())
+        let limits = MultipartLimits(maxPartBytes: ["adapter_model.safetensors": 4096, "adapter_config.json": 512])
+        func read(chunkSize: Int) -> Result<[MultipartPart], HTTPServerError> {
+            Result { () throws(HTTPServerError) in
+                var reader = try MultipartFormDataReader(contentType: "multipart/form-data; boundary=XyZ", limits: limits)
+                var offset = 0
+                while offset < body.count {
+                    try reader.append(Array(body[offset..<min(body.count, offset + chunkSize)]))
+                    offset += chunkSize
+                }
+                return try reader.finish()
+            }
+        }
+        let chunked = read(chunkSize: Int(first) + 1)
+        let whole = read(chunkSize: max(1, body.count))
+        switch (chunked, whole) {
+        case (.success(let parts), .success(let same)):
+            precondition(parts.map(\.name) == same.map(\.name) && parts.map(\.body) == same.map(\.body), "chunking changed the parts")
+            precondition(parts.count <= limits.maxParts, "the part count limit was not enforced")
+            for part in parts {
+                precondition(part.body.count <= limits.maxPartBytes[part.name]!, "a part passed its limit")
+                if part.name == "adapter_config.json", let config = try? AdapterConfig(json: part.body) {
+                    precondition(config.rank >= 1 && config.loraAlpha > 0, "an invalid config was accepted")
+                    _ = config.scale(ofModule: "model.layers.0.self_attn.q_proj")
+                }
+            }
+        case (.failure, .failure):
+            break
+        default:
+            preconditionFailure("chunking changed whether the body is accepted")
         }
     }
 

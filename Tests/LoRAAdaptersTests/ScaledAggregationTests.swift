@@ -105,6 +105,20 @@ import Testing
         }
     }
 
+    @Test(arguments: 0..<10)
+    func cuttingAScaleOneAggregateWithModuleRanksEqualsComputingIt(seed: UInt64) throws {
+        let clients = TestRound.randomScaled(seed: 9500 + seed)
+        let source = try TestRound.source(clients)
+        for dtype in DType.outputTypes {
+            let global = try AdapterAggregator.aggregate(source, options: .init(dtype: dtype))
+            let file = try SafetensorsFile(bytes: global.bytes)
+            for rank in 1...global.globalRank {
+                let direct = try AdapterAggregator.aggregate(source, options: .init(rank: rank, dtype: dtype))
+                #expect(try AdapterAggregator.truncate(file, toRank: rank) == direct.bytes, "\(dtype) rank \(rank)")
+            }
+        }
+    }
+
     @Test func aTensorWhoseRankDisagreesWithItsConfigIsRefused() throws {
         let client = TestRound.random(seed: 5, ranks: [4])[0]
         let wrong = ClientAdapter(
