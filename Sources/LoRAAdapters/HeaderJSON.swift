@@ -258,9 +258,9 @@ extension HeaderJSON {
     /// Compact JSON text: members in their order, numbers as their literal text.
     var serialized: String {
         switch self {
-        case .object(let members): "{" + members.map { Self.quoted($0.key) + ": " + $0.value.serialized }.joined(separator: ", ") + "}"
+        case .object(let members): "{" + members.map { SafetensorsLayout.quoted($0.key) + ": " + $0.value.serialized }.joined(separator: ", ") + "}"
         case .array(let elements): "[" + elements.map(\.serialized).joined(separator: ", ") + "]"
-        case .string(let text): Self.quoted(text)
+        case .string(let text): SafetensorsLayout.quoted(text)
         case .number(let text): text
         case .bool(let flag): flag ? "true" : "false"
         case .null: "null"
@@ -270,21 +270,5 @@ extension HeaderJSON {
     /// A number as Python's json module would write a whole-valued float: `16`, `16.5`.
     static func number(_ value: Double) -> HeaderJSON {
         value == value.rounded() && abs(value) < 1e15 ? .number(String(Int(value))) : .number("\(value)")
-    }
-
-    private static func quoted(_ text: String) -> String {
-        var result = "\""
-        for scalar in text.unicodeScalars {
-            switch scalar {
-            case "\"": result += "\\\""
-            case "\\": result += "\\\\"
-            case "\n": result += "\\n"
-            case "\r": result += "\\r"
-            case "\t": result += "\\t"
-            case _ where scalar.value < 0x20: result += String(format: "\\u%04x", scalar.value)
-            default: result.unicodeScalars.append(scalar)
-            }
-        }
-        return result + "\""
     }
 }
