@@ -1,16 +1,22 @@
 #!/usr/bin/env python3
 """lora-aggregator client: standard library only; a module and a command line.
 
-    lora-aggregator-client --server URL [--token T] upload --federation F --round N --client C --rank R [--weight W] FILE
-    lora-aggregator-client --server URL download --federation F --round N [--client C | --rank R] [--strategy S] [--dtype D] --output PATH
+    lora-aggregator-client --server URL [--token T] upload --federation F --round N --client C --rank R [--weight W] [--lora-alpha A] [--use-rslora] FILE
+    lora-aggregator-client --server URL upload --federation F --round N --client C [--weight W] --peft-dir DIR
+    lora-aggregator-client --server URL download --federation F --round N [--client C | --rank R] [--lora-alpha A] [--use-rslora]
+                                                 [--strategy S] [--dtype D] (--output PATH | --peft-dir DIR) [--adapter-config BASE.json]
     lora-aggregator-client --server URL status --federation F --round N
     lora-aggregator-client --server URL seal --federation F --round N
 
 (`pip install ./scripts` installs the command; from a clone, `python3 scripts/lora_aggregator_client.py`
 works the same.) FILE is a .safetensors file or a PEFT adapter directory (its
-adapter_model.safetensors); it is sent gzip'd. A download whose PATH is an existing directory lands
-in PATH/adapter_model.safetensors; with --adapter-config BASE.json it also gets an
-adapter_config.json whose `r` is the downloaded rank.
+adapter_model.safetensors), tagged with its rank and scale (lora_alpha, default the rank); --peft-dir
+sends a directory as save_pretrained wrote it, adapter_model.safetensors with its adapter_config.json
+(multipart/form-data), so the service takes ranks and scales from the config. Uploads are sent gzip'd.
+A download whose PATH is an existing directory lands in PATH/adapter_model.safetensors; --peft-dir DIR
+also writes DIR/adapter_config.json that loads it with PeftModel.from_pretrained (for the global
+adapter: lora_alpha = r, per-module ranks as rank_pattern; with --lora-alpha, that lora_alpha; for
+--client, pass that client's own config as --adapter-config).
 
 Errors, in the manner of httpx: a refusal by the service (its problem+json answer) raises
 AggregatorError with the status, type, title and detail; no answer at all (connection refused or
@@ -19,8 +25,8 @@ prints one line and exits 1 for a refusal, 3 when the service cannot be reached 
 file or input problem (2 is a usage error).
 
 With numpy: encode_safetensors / decode_safetensors. With torch and PEFT: upload_peft_model and
-load_peft_aggregate (a model's adapter up, its truncation back in), save_peft_aggregate (a directory
-that PeftModel.from_pretrained loads).
+load_peft_aggregate (a model's adapter up, its own download back in), save_peft_aggregate (a
+directory that PeftModel.from_pretrained loads); upload_peft_directory needs neither.
 """
 from __future__ import annotations
 
@@ -28,7 +34,10 @@ import argparse
 import gzip
 import http.client
 import json
+import math
 import os
+import re
+import secrets
 import sys
 import urllib.error
 import urllib.parse
@@ -125,35 +134,75 @@ class Client:
         answer: dict[str, Any] = json.loads(payload)
         return answer
 
-    def upload(self, data: bytes, *, federation: str, round: int, client: str, rank: int, weight: float = 1.0) -> dict[str, Any]:
-        """Uploads safetensors bytes (sent gzip'd) as `client`'s adapter; returns the service's receipt."""
+    def upload(self, data: bytes, *, federation: str, round: int, client: str, rank: int, weight: float = 1.0,
+               lora_alpha: float | None = None, use_rslora: bool | None = None) -> dict[str, Any]:
+        """Uploads safetensors bytes (sent gzip'd) as `client`'s adapter, every LoRA tensor of rank
+        `rank`, trained at PEFT's scale lora_alpha / rank (lora_alpha / √rank with `use_rslora`;
+        `lora_alpha` defaults to the rank, scale 1); returns the service's receipt."""
         path = _round_path(federation, round) + f"/uploads/{_segment(client)}"
-        return self._request_json("PUT", path, {"rank": int(rank), "weight": repr(float(weight))}, gzip.compress(data, compresslevel=6),
+        query: dict[str, str | int] = {"rank": int(rank), "weight": repr(float(weight))}
+        if lora_alpha is not None:
+            query["lora_alpha"] = repr(float(lora_alpha))
+        if use_rslora is not None:
+            query["use_rslora"] = "true" if use_rslora else "false"
+        return self._request_json("PUT", path, query, gzip.compress(data, compresslevel=6),
                                   {"Content-Encoding": "gzip", "Content-Type": "application/octet-stream"})
 
-    def upload_file(self, path: str | os.PathLike[str], *, federation: str, round: int, client: str, rank: int, weight: float = 1.0) -> dict[str, Any]:
-        """Uploads a .safetensors file or a PEFT adapter directory."""
+    def upload_peft(self, adapter: bytes, config: bytes | Mapping[str, Any], *, federation: str, round: int, client: str,
+                    weight: float = 1.0, rank: int | None = None, compress: bool = True) -> dict[str, Any]:
+        """Uploads a PEFT adapter with its config: `adapter` is adapter_model.safetensors, `config` its
+        adapter_config.json (bytes, sent as they are, or a dict serialised as save_pretrained does),
+        both in one multipart/form-data body (gzip'd unless `compress` is false). The service takes
+        r, lora_alpha, use_rslora, rank_pattern and alpha_pattern from the config; `rank`, if given,
+        must equal its r. Returns the service's receipt."""
+        path = _round_path(federation, round) + f"/uploads/{_segment(client)}"
+        query: dict[str, str | int] = {"weight": repr(float(weight))}
+        if rank is not None:
+            query["rank"] = int(rank)
+        config_bytes = config if isinstance(config, bytes) else peft_config_json(config)
+        body, content_type = encode_multipart([(ADAPTER_FILE, adapter, "application/octet-stream"),
+                                               (CONFIG_FILE, config_bytes, "application/json")])
+        headers = {"Content-Type": content_type}
+        if compress:
+            body = gzip.compress(body, compresslevel=6)
+            headers["Content-Encoding"] = "gzip"
+        return self._request_json("PUT", path, query, body, headers)
+
+    def upload_file(self, path: str | os.PathLike[str], *, federation: str, round: int, client: str, rank: int, weight: float = 1.0,
+                    lora_alpha: float | None = None, use_rslora: bool | None = None) -> dict[str, Any]:
+        """Uploads a .safetensors file or a PEFT adapter directory's weights alone, tagged with `rank`
+        and scale (see upload; upload_peft_directory sends the directory's config too)."""
         if os.path.isdir(path):
             path = os.path.join(path, ADAPTER_FILE)
         with open(path, "rb") as handle:
-            return self.upload(handle.read(), federation=federation, round=round, client=client, rank=rank, weight=weight)
+            return self.upload(handle.read(), federation=federation, round=round, client=client, rank=rank, weight=weight,
+                               lora_alpha=lora_alpha, use_rslora=use_rslora)
 
     def aggregate(self, *, federation: str, round: int, client: str | None = None, rank: int | None = None,
-                  strategy: str = "replication", dtype: str = "F32") -> bytes:
-        """The global adapter (at `rank`, default the round's largest), or `client`'s truncation, as bytes."""
-        if client is not None and rank is not None:
-            raise ValueError("give client or rank, not both")
+                  strategy: str = "replication", dtype: str = "F32", lora_alpha: float | None = None,
+                  use_rslora: bool | None = None) -> bytes:
+        """The global adapter as bytes: at scale 1 (PEFT's lora_alpha = r), at `rank` (default the
+        round's largest), or unfolded for a PEFT model with this one `lora_alpha` (and `use_rslora`);
+        or `client`'s own download, cut to its module ranks and unfolded to its scales."""
+        if client is not None and (rank is not None or lora_alpha is not None or use_rslora is not None):
+            raise ValueError("a client's download has that client's ranks and scales: give client, or rank / lora_alpha / use_rslora")
         path = _round_path(federation, round) + "/aggregate" + (f"/{_segment(client)}" if client is not None else "")
         query: dict[str, str | int] = {"strategy": strategy, "dtype": dtype}
         if rank is not None:
             query["rank"] = int(rank)
+        if lora_alpha is not None:
+            query["lora_alpha"] = repr(float(lora_alpha))
+        if use_rslora is not None:
+            query["use_rslora"] = "true" if use_rslora else "false"
         payload, headers = self._request("GET", path, query, headers={"Accept-Encoding": "gzip"})
         return gzip.decompress(payload) if headers.get("Content-Encoding") == "gzip" else payload
 
     def download(self, output: str | os.PathLike[str], *, federation: str, round: int, client: str | None = None, rank: int | None = None,
-                 strategy: str = "replication", dtype: str = "F32") -> str:
-        """Writes the aggregate to `output` (a directory receives adapter_model.safetensors); returns the path."""
-        data = self.aggregate(federation=federation, round=round, client=client, rank=rank, strategy=strategy, dtype=dtype)
+                 strategy: str = "replication", dtype: str = "F32", lora_alpha: float | None = None,
+                 use_rslora: bool | None = None) -> str:
+        """Writes the aggregate (see aggregate) to `output` (a directory receives adapter_model.safetensors); returns the path."""
+        data = self.aggregate(federation=federation, round=round, client=client, rank=rank, strategy=strategy, dtype=dtype,
+                              lora_alpha=lora_alpha, use_rslora=use_rslora)
         path = os.path.join(output, ADAPTER_FILE) if os.path.isdir(output) else os.fspath(output)
         with open(path, "wb") as handle:
             handle.write(data)
@@ -164,6 +213,28 @@ class Client:
 
     def seal(self, *, federation: str, round: int) -> dict[str, Any]:
         return self._request_json("POST", _round_path(federation, round) + "/seal")
+
+
+# --- multipart/form-data (RFC 7578) -----------------------------------------------------------
+
+def encode_multipart(parts: Sequence[tuple[str, bytes, str]]) -> tuple[bytes, str]:
+    """(body, Content-Type) of a multipart/form-data body with one part per (name, data, content
+    type), each sent as a file of that name. CRLF framing (RFC 7578, RFC 2046); the boundary is
+    random and occurs in none of the parts."""
+    while True:
+        boundary = "lora-aggregator-" + secrets.token_hex(16)
+        if not any(boundary.encode("ascii") in data for _, data, _ in parts):
+            break
+    chunks: list[bytes] = []
+    for name, data, content_type in parts:
+        if not name or any(character in name for character in '"\\\r\n'):
+            raise ValueError(f"unusable part name {name!r}")
+        chunks.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{name}"\r\n'
+                      f"Content-Type: {content_type}\r\n\r\n".encode("utf-8"))
+        chunks.append(data)
+        chunks.append(b"\r\n")
+    chunks.append(f"--{boundary}--\r\n".encode("ascii"))
+    return b"".join(chunks), f"multipart/form-data; boundary={boundary}"
 
 
 # --- safetensors with numpy -------------------------------------------------------------------
@@ -248,62 +319,264 @@ def truncate_to_rank(arrays: Mapping[str, npt.NDArray[Any]], rank: int) -> dict[
     return truncated
 
 
-# --- PEFT -------------------------------------------------------------------------------------
+# --- LoRA modules, ranks and scales (standard library) ------------------------------------------
 
-def write_adapter_config(directory: str | os.PathLike[str], base_config: Mapping[str, Any] | str | os.PathLike[str] | LoraConfig, rank: int) -> str:
-    """Writes DIRECTORY/adapter_config.json: `base_config` (a dict, a path to a JSON file or a PEFT
-    LoraConfig) with `r` set to `rank`, so PEFT builds LoRA layers that fit the downloaded tensors.
-    `lora_alpha` is kept as given, and PEFT scales the update by lora_alpha / r: pass the config of
-    the model that will use the adapter, or set lora_alpha for the new r yourself."""
-    config: dict[str, Any]
-    if isinstance(base_config, (str, os.PathLike)):
-        with open(base_config, encoding="utf-8") as handle:
-            config = json.load(handle)
-    elif isinstance(base_config, Mapping):
-        config = dict(base_config)
+_LORA_SUFFIXES = ((".lora_A.weight", 0), (".lora_B.weight", 1), (".lora_embedding_A", 0), (".lora_embedding_B", 1))
+_MODEL_PREFIX = "base_model.model."
+
+
+def lora_module(name: str) -> tuple[str, int] | None:
+    """(module, rank axis) of a LoRA tensor name as the service names modules (the name without its
+    lora_A/lora_B suffix and without a leading `base_model.model.`); None for a dense tensor."""
+    for suffix, axis in _LORA_SUFFIXES:
+        if name.endswith(suffix):
+            module = name[:-len(suffix)]
+            return (module[len(_MODEL_PREFIX):] if module.startswith(_MODEL_PREFIX) else module), axis
+    return None
+
+
+def module_ranks(data: bytes) -> dict[str, int]:
+    """Module name -> rank (rows of its A) of safetensors bytes, from the header alone."""
+    ranks: dict[str, int] = {}
+    for name, entry in _header(data)[1].items():
+        found = lora_module(name)
+        if name != "__metadata__" and found is not None and found[1] == 0:
+            ranks[found[0]] = int(entry["shape"][0])
+    return ranks
+
+
+def _pattern_key(pattern: Mapping[str, Any], module: str) -> str | None:
+    """The first key of a rank_pattern / alpha_pattern that matches `module` as PEFT matches."""
+    for key in pattern:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return None
+
+
+def module_rank_and_alpha(config: Mapping[str, Any], module: str) -> tuple[int, float]:
+    """(r, lora_alpha) that PEFT gives `module` under an adapter config (a dict): from rank_pattern /
+    alpha_pattern when a key matches, else r / lora_alpha."""
+    rank_pattern: Mapping[str, Any] = config.get("rank_pattern") or {}
+    alpha_pattern: Mapping[str, Any] = config.get("alpha_pattern") or {}
+    rank_key, alpha_key = _pattern_key(rank_pattern, module), _pattern_key(alpha_pattern, module)
+    rank = int(rank_pattern[rank_key] if rank_key is not None else config.get("r", 8))
+    alpha = float(alpha_pattern[alpha_key] if alpha_key is not None else config.get("lora_alpha", 8))
+    return rank, alpha
+
+
+def module_scale(config: Mapping[str, Any], module: str) -> float:
+    """PEFT's scale of `module`: lora_alpha / r, or lora_alpha / √r with use_rslora."""
+    rank, alpha = module_rank_and_alpha(config, module)
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+# --- PEFT adapter configs ----------------------------------------------------------------------
+
+_PATTERNS = ("rank_pattern", "alpha_pattern")
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=str)
+    return str(value)
+
+
+def _sorted_like_peft(value: Any, keep_order: bool = False) -> Any:
+    """save_pretrained writes json.dumps(..., sort_keys=True); the patterns keep their order here,
+    since PEFT resolves them in order (first matching key wins)."""
+    if isinstance(value, Mapping):
+        items = list(value.items()) if keep_order else sorted(value.items(), key=lambda item: str(item[0]))
+        return {key: _sorted_like_peft(item, keep_order=keep_order or key in _PATTERNS) for key, item in items}
+    if isinstance(value, (list, tuple)):
+        return [_sorted_like_peft(item, keep_order) for item in value]
+    return value
+
+
+def peft_config_json(config: Mapping[str, Any] | LoraConfig) -> bytes:
+    """adapter_config.json bytes of a config (a dict or a PEFT LoraConfig) as save_pretrained writes
+    them (keys sorted, indent 2, sets as lists), except that rank_pattern and alpha_pattern keep
+    their order."""
+    dictionary = _config_dict(config)
+    return json.dumps(_sorted_like_peft(dictionary), indent=2, default=_json_value).encode("utf-8")
+
+
+def _config_dict(config: Mapping[str, Any] | str | os.PathLike[str] | LoraConfig) -> dict[str, Any]:
+    """A config as a dict (order kept): a dict, a path to an adapter_config.json, or a LoraConfig."""
+    if isinstance(config, (str, os.PathLike)):
+        with open(config, encoding="utf-8") as handle:
+            loaded: dict[str, Any] = json.load(handle)
+        return loaded
+    if isinstance(config, Mapping):
+        return dict(config)
+    dictionary: dict[str, Any] = config.to_dict()
+    return {key: list(value) if isinstance(value, (set, frozenset)) else value for key, value in dictionary.items()}
+
+
+def global_adapter_config(base_config: Mapping[str, Any] | str | os.PathLike[str] | LoraConfig | None, ranks: Mapping[str, int], *,
+                          lora_alpha: float | None = None, use_rslora: bool = False) -> dict[str, Any]:
+    """The adapter_config.json (a dict) that loads a global adapter with these module ranks into PEFT
+    at the scale it was downloaded at: `r` the largest rank, the other modules' ranks as rank_pattern
+    (keyed by escaped module names); at scale 1 (`lora_alpha` None) lora_alpha = r and alpha_pattern
+    giving each of those modules its own rank, so every module's scale is 1; for an aggregate
+    downloaded with `lora_alpha` (and `use_rslora`), those and no alpha_pattern. The rest (target
+    modules, dropout, ...) comes from `base_config`, or without one target_modules is a regular
+    expression naming exactly these modules."""
+    if not ranks:
+        raise ValueError("the aggregate has no LoRA module")
+    if base_config is None:
+        config: dict[str, Any] = {"peft_type": "LORA",
+                                  "target_modules": "^(?:" + "|".join(re.escape(module) for module in sorted(ranks)) + ")$"}
     else:
-        config = base_config.to_dict()
-    config["r"] = int(rank)
-    if config.get("rank_pattern"):
-        raise ValueError("the base config has a rank_pattern: per-module ranks do not fit one global rank")
+        config = _config_dict(base_config)
+    top = max(ranks.values())
+    # A key matches its module and every module whose name ends in "." + it: longer names go first,
+    # and a module of rank r that a shorter key would catch gets its own key.
+    keys = {module: re.escape(module) for module in ranks}
+    listed = {module for module, rank in ranks.items() if rank != top}
+    listed |= {module for module in ranks if any(module.endswith("." + other) for other in listed)}
+    order = sorted(listed, key=lambda module: (-len(module), module))
+    config["r"] = top
+    config["rank_pattern"] = {keys[module]: ranks[module] for module in order}
+    if lora_alpha is None:
+        config["lora_alpha"] = top
+        config["alpha_pattern"] = {keys[module]: ranks[module] for module in order}
+        config["use_rslora"] = False
+    else:
+        config["lora_alpha"] = float(lora_alpha)
+        config["alpha_pattern"] = {}
+        config["use_rslora"] = bool(use_rslora)
+    return config
+
+
+def write_adapter_config(directory: str | os.PathLike[str], config: Mapping[str, Any] | str | os.PathLike[str] | LoraConfig) -> str:
+    """Writes DIRECTORY/adapter_config.json from a config (a dict, a JSON file or a LoraConfig) as
+    save_pretrained would (patterns keep their order); returns its path."""
     path = os.path.join(directory, CONFIG_FILE)
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(config, handle, indent=2, sort_keys=True, default=lambda value: sorted(value) if isinstance(value, (set, frozenset)) else str(value))
+    with open(path, "wb") as handle:
+        handle.write(peft_config_json(_config_dict(config)))
     return path
 
 
-def _peft_rank(model: PeftModel, adapter_name: str) -> int:
-    config = model.peft_config[adapter_name]
-    if getattr(config, "rank_pattern", None):
-        raise ValueError("the adapter has a rank_pattern; the service needs one rank per upload")
-    return int(config.r)
+def check_client_config(config: Mapping[str, Any], ranks: Mapping[str, int]) -> None:
+    """Raises ValueError unless the config gives every module of a client's download its rank."""
+    for module, rank in ranks.items():
+        expected = module_rank_and_alpha(config, module)[0]
+        if expected != rank:
+            raise ValueError(f"module {module!r}: the aggregate has rank {rank} but the adapter config gives it r={expected} "
+                             f"(pass the client's own adapter_config.json)")
 
+
+def upload_peft_directory(service: Client, path: str | os.PathLike[str], *, federation: str, round: int, client: str,
+                          weight: float = 1.0) -> dict[str, Any]:
+    """Uploads a PEFT adapter directory as save_pretrained wrote it (adapter_model.safetensors and
+    adapter_config.json, both sent as they are, multipart and gzip'd); ranks and scales come from the
+    config. Returns the service's receipt."""
+    with open(os.path.join(path, ADAPTER_FILE), "rb") as handle:
+        adapter = handle.read()
+    with open(os.path.join(path, CONFIG_FILE), "rb") as handle:
+        config = handle.read()
+    return service.upload_peft(adapter, config, federation=federation, round=round, client=client, weight=weight)
+
+
+def save_aggregate_directory(service: Client, directory: str | os.PathLike[str], *, federation: str, round: int,
+                             base_config: Mapping[str, Any] | str | os.PathLike[str] | LoraConfig | None = None,
+                             client: str | None = None, rank: int | None = None, lora_alpha: float | None = None,
+                             use_rslora: bool | None = None, strategy: str = "replication", dtype: str = "F32") -> str:
+    """Writes an aggregate as a PEFT adapter directory (adapter_model.safetensors and
+    adapter_config.json) that PeftModel.from_pretrained loads with the right scales: the global
+    adapter with global_adapter_config(base_config, its module ranks, lora_alpha, use_rslora), or
+    `client`'s download with `base_config`, which must then be that client's own config (checked
+    against the downloaded ranks). Standard library only; returns the directory."""
+    if client is not None and base_config is None:
+        raise ValueError("a client's download loads with that client's own adapter config: pass it as base_config")
+    os.makedirs(directory, exist_ok=True)
+    path = service.download(directory, federation=federation, round=round, client=client, rank=rank, strategy=strategy, dtype=dtype,
+                            lora_alpha=lora_alpha, use_rslora=use_rslora)
+    write_adapter_config(directory, _download_config(path, base_config, client is not None, lora_alpha, use_rslora))
+    return os.fspath(directory)
+
+
+def _download_config(path: str | os.PathLike[str], base_config: Mapping[str, Any] | str | os.PathLike[str] | LoraConfig | None,
+                     for_client: bool, lora_alpha: float | None, use_rslora: bool | None) -> dict[str, Any]:
+    """The adapter config of a downloaded file: a client's own (checked), or the global adapter's."""
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        ranks = module_ranks(prefix + handle.read(int.from_bytes(prefix, "little")))
+    if for_client:
+        if base_config is None:
+            raise ValueError("a client's download loads with that client's own adapter config: pass it as base_config")
+        config = _config_dict(base_config)
+        check_client_config(config, ranks)
+        return config
+    return global_adapter_config(base_config, ranks, lora_alpha=lora_alpha, use_rslora=bool(use_rslora))
+
+
+# --- PEFT (torch) ------------------------------------------------------------------------------
 
 def upload_peft_model(service: Client, model: PeftModel, *, federation: str, round: int, client: str, num_samples: float,
                       adapter_name: str = "default") -> dict[str, Any]:
-    """Uploads the PEFT model's adapter (get_peft_model_state_dict) as `client`'s, tagged with its rank
-    and weighted by `num_samples`; returns the service's receipt. Tensors go up as F32 (exact for
-    BF16 and F16)."""
+    """Uploads the PEFT model's adapter as `client`'s, weighted by `num_samples`: its LoRA tensors
+    (get_peft_model_state_dict, sent as F32, exact for BF16 and F16) with its adapter_config.json
+    (the model's peft_config, rank_pattern and alpha_pattern included), multipart and gzip'd, so the
+    service folds each module at the scale PEFT applied. Returns the service's receipt."""
     import torch
     from peft import get_peft_model_state_dict
     state = get_peft_model_state_dict(model, adapter_name=adapter_name)
     arrays = {name: tensor.detach().to(device="cpu", dtype=torch.float32).numpy() for name, tensor in state.items()}
-    return service.upload(encode_safetensors(arrays), federation=federation, round=round, client=client,
-                          rank=_peft_rank(model, adapter_name), weight=num_samples)
+    return service.upload_peft(encode_safetensors(arrays), peft_config_json(model.peft_config[adapter_name]),
+                               federation=federation, round=round, client=client, weight=num_samples)
+
+
+def _model_ranks(model: PeftModel, adapter_name: str, config: Mapping[str, Any]) -> dict[str, int]:
+    """Module -> rank of the model's adapter, resolved from its config (rank_pattern aware)."""
+    from peft import get_peft_model_state_dict
+    modules = {found[0] for found in map(lora_module, get_peft_model_state_dict(model, adapter_name=adapter_name)) if found is not None}
+    return {module: module_rank_and_alpha(config, module)[0] for module in sorted(modules)}
 
 
 def load_peft_aggregate(service: Client, model: PeftModel, *, federation: str, round: int, client: str | None = None,
                         adapter_name: str = "default", strategy: str = "replication") -> dict[str, str]:
-    """Loads the round's aggregate into the PEFT model with set_peft_model_state_dict: `client`'s
-    truncation when given, else the global aggregate at the model's rank. Returns the metadata."""
+    """Loads the round's aggregate into the PEFT model with set_peft_model_state_dict: `client`'s own
+    download (cut to its module ranks and unfolded to its scales by the service; the model must have
+    the config that client uploaded with), else the global adapter cut to the model's module ranks
+    and unfolded to its scales. Checks every module's rank against the model's config (rank_pattern
+    aware) and that no tensor is foreign to the model. Returns the aggregate's metadata."""
+    import numpy as np
     import torch
     from peft import set_peft_model_state_dict
-    rank = _peft_rank(model, adapter_name)
-    data = service.aggregate(federation=federation, round=round, client=client, rank=None if client is not None else rank, strategy=strategy)
+    config = _config_dict(model.peft_config[adapter_name])
+    expected = _model_ranks(model, adapter_name, config)
+    if not expected:
+        raise ValueError("the model's adapter has no LoRA module")
+    patterned = bool(config.get("rank_pattern") or config.get("alpha_pattern"))
+    use_rslora = bool(config.get("use_rslora"))
+    if client is not None:
+        data = service.aggregate(federation=federation, round=round, client=client, strategy=strategy)
+    elif not patterned:  # one r and one lora_alpha: the service cuts and unfolds
+        data = service.aggregate(federation=federation, round=round, rank=max(expected.values()), strategy=strategy,
+                                 lora_alpha=float(config.get("lora_alpha", 8)), use_rslora=use_rslora)
+    else:  # per-module ranks or alphas: the global adapter at scale 1, cut and unfolded here (Float64)
+        data = service.aggregate(federation=federation, round=round, rank=max(expected.values()), strategy=strategy)
     metadata = safetensors_metadata(data)
-    if int(metadata.get("rank", rank)) != rank:
-        raise ValueError(f"the aggregate has rank {metadata.get('rank')} but the model's adapter has r={rank}")
+    for module, rank in module_ranks(data).items():
+        wanted = expected.get(module)
+        if wanted is not None and rank != wanted and (client is not None or not patterned or rank < wanted):
+            raise ValueError(f"module {module!r}: the aggregate has rank {rank} but the model's adapter has r={wanted}")
+    if client is not None:  # the download is at the scales the client uploaded with: the model's must be those
+        model_scale = (float(config.get("lora_alpha", 8)), use_rslora)
+        for upload in service.status(federation=federation, round=round)["uploads"]:
+            if upload["client"] == client and (float(upload["lora_alpha"]), bool(upload["use_rslora"])) != model_scale:
+                raise ValueError(f"{client!r} uploaded with lora_alpha={upload['lora_alpha']}, use_rslora={upload['use_rslora']}, but the model "
+                                 f"has lora_alpha={config.get('lora_alpha')}, use_rslora={use_rslora}: the download would apply at the wrong scale")
     arrays, _ = decode_safetensors(data)
+    if client is None and patterned:
+        for name, array in list(arrays.items()):
+            found = lora_module(name)
+            if found is None or found[0] not in expected:
+                continue
+            module, axis = found
+            cut = array[:expected[module]] if axis == 0 else array[:, :expected[module]]
+            arrays[name] = (cut.astype(np.float64) / math.sqrt(module_scale(config, module))).astype(array.dtype)
     result = set_peft_model_state_dict(model, {name: torch.from_numpy(array.copy()) for name, array in arrays.items()}, adapter_name=adapter_name)
     if result.unexpected_keys:
         raise ValueError(f"the aggregate has tensors the model does not: {sorted(result.unexpected_keys)[:3]}")
@@ -311,14 +584,18 @@ def load_peft_aggregate(service: Client, model: PeftModel, *, federation: str, r
 
 
 def save_peft_aggregate(service: Client, directory: str | os.PathLike[str], *, federation: str, round: int,
-                        base_config: Mapping[str, Any] | str | os.PathLike[str] | LoraConfig, client: str | None = None,
-                        rank: int | None = None, strategy: str = "replication", dtype: str = "F32") -> str:
-    """Writes the aggregate (or `client`'s truncation) as a PEFT adapter directory:
-    adapter_model.safetensors and an adapter_config.json from `base_config` with the matching `r`."""
-    os.makedirs(directory, exist_ok=True)
-    path = service.download(directory, federation=federation, round=round, client=client, rank=rank, strategy=strategy, dtype=dtype)
-    write_adapter_config(directory, base_config, file_rank(path))
-    return os.fspath(directory)
+                        base_config: Mapping[str, Any] | str | os.PathLike[str] | LoraConfig | None = None, client: str | None = None,
+                        rank: int | None = None, lora_alpha: float | None = None, use_rslora: bool | None = None,
+                        strategy: str = "replication", dtype: str = "F32") -> str:
+    """Writes the global adapter (or `client`'s own download) as a PEFT adapter directory that
+    PeftModel.from_pretrained loads as it is: adapter_model.safetensors and the matching
+    adapter_config.json. The global adapter comes at scale 1 and its config says lora_alpha = r
+    (per-module ranks as rank_pattern, with alpha_pattern giving each such module lora_alpha equal
+    to its rank); with `lora_alpha` (and `use_rslora`) it is unfolded for, and its config says, that
+    one lora_alpha. `base_config` (the config of the model that will load it: target modules and the
+    like) is optional for the global adapter and must be the client's own config for `client`."""
+    return save_aggregate_directory(service, directory, federation=federation, round=round, base_config=base_config, client=client,
+                                    rank=rank, lora_alpha=lora_alpha, use_rslora=use_rslora, strategy=strategy, dtype=dtype)
 
 
 # --- command line -----------------------------------------------------------------------------
@@ -338,33 +615,66 @@ def _parser() -> argparse.ArgumentParser:
     upload = commands.add_parser("upload", help="upload a .safetensors file or a PEFT adapter directory (gzip'd)")
     round_arguments(upload)
     upload.add_argument("--client", required=True)
-    upload.add_argument("--rank", type=int, required=True)
+    upload.add_argument("--rank", type=int, help="every LoRA tensor's rank (required with FILE)")
     upload.add_argument("--weight", type=float, default=1.0)
-    upload.add_argument("file")
-    download = commands.add_parser("download", help="download the global adapter or a client's truncation")
+    upload.add_argument("--lora-alpha", type=float, help="with FILE: PEFT's lora_alpha it was trained with (default the rank: scale 1)")
+    upload.add_argument("--use-rslora", action="store_true", help="with FILE: it was trained with rsLoRA (scale lora_alpha / sqrt(rank))")
+    sources = upload.add_mutually_exclusive_group(required=True)
+    sources.add_argument("--peft-dir", help="a directory as save_pretrained wrote it: its weights and adapter_config.json are sent as they are")
+    sources.add_argument("file", nargs="?", help="a .safetensors file or a PEFT adapter directory's weights alone, tagged with --rank")
+    download = commands.add_parser("download", help="download the global adapter or a client's own download")
     round_arguments(download)
     chosen = download.add_mutually_exclusive_group()
     chosen.add_argument("--client")
     chosen.add_argument("--rank", type=int)
+    download.add_argument("--lora-alpha", type=float, help="the global adapter unfolded for a PEFT model with this lora_alpha (default scale 1)")
+    download.add_argument("--use-rslora", action="store_true", help="with --lora-alpha: for a model with use_rslora")
     download.add_argument("--strategy", default="replication", choices=["replication", "zero_padding"])
     download.add_argument("--dtype", default="F32", choices=["F32", "F16", "BF16"])
-    download.add_argument("--output", required=True)
-    download.add_argument("--adapter-config", help="a PEFT adapter_config.json to copy beside the download with r set to its rank")
+    outputs = download.add_mutually_exclusive_group(required=True)
+    outputs.add_argument("--output", help="a file, or a directory that receives adapter_model.safetensors")
+    outputs.add_argument("--peft-dir", help="a directory (made if missing) that receives adapter_model.safetensors and adapter_config.json")
+    download.add_argument("--adapter-config", help="the config to start from (target modules and the like): for --client, that client's own "
+                                                   "adapter_config.json; also writes adapter_config.json beside --output")
     for name, text in (("status", "show a round"), ("seal", "seal a round")):
         round_arguments(commands.add_parser(name, help=text))
     return parser
+
+
+def _check_usage(parser: argparse.ArgumentParser, arguments: argparse.Namespace) -> None:
+    """What argparse cannot say: exits 2 with a usage error."""
+    if arguments.command == "upload":
+        if arguments.file is not None and arguments.rank is None:
+            parser.error("upload FILE needs --rank (or send the PEFT directory with its config: --peft-dir DIR)")
+        if arguments.peft_dir is not None and (arguments.rank is not None or arguments.lora_alpha is not None or arguments.use_rslora):
+            parser.error("--peft-dir takes rank and scale from its adapter_config.json: drop --rank, --lora-alpha and --use-rslora")
+    if arguments.command == "download":
+        if arguments.client is not None and (arguments.lora_alpha is not None or arguments.use_rslora):
+            parser.error("a client's download has that client's own scales: drop --lora-alpha and --use-rslora")
+        if arguments.use_rslora and arguments.lora_alpha is None:
+            parser.error("--use-rslora needs --lora-alpha")
+        if arguments.client is not None and arguments.peft_dir is not None and arguments.adapter_config is None:
+            parser.error("--client with --peft-dir needs that client's own config: --adapter-config PATH")
 
 
 def _run(arguments: argparse.Namespace) -> dict[str, Any]:
     client = Client(arguments.server, arguments.token)
     ids = {"federation": arguments.federation, "round": arguments.round}
     if arguments.command == "upload":
-        return client.upload_file(arguments.file, **ids, client=arguments.client, rank=arguments.rank, weight=arguments.weight)
+        if arguments.peft_dir is not None:
+            return upload_peft_directory(client, arguments.peft_dir, **ids, client=arguments.client, weight=arguments.weight)
+        return client.upload_file(arguments.file, **ids, client=arguments.client, rank=arguments.rank, weight=arguments.weight,
+                                  lora_alpha=arguments.lora_alpha, use_rslora=True if arguments.use_rslora else None)
     if arguments.command == "download":
-        path = client.download(arguments.output, **ids, client=arguments.client, rank=arguments.rank, strategy=arguments.strategy, dtype=arguments.dtype)
+        scale = {"lora_alpha": arguments.lora_alpha, "use_rslora": True if arguments.use_rslora else None}
+        if arguments.peft_dir is not None:
+            os.makedirs(arguments.peft_dir, exist_ok=True)
+        path = client.download(arguments.peft_dir if arguments.peft_dir is not None else arguments.output, **ids, client=arguments.client,
+                               rank=arguments.rank, strategy=arguments.strategy, dtype=arguments.dtype, **scale)
         result: dict[str, Any] = {"written": path, "bytes": os.path.getsize(path)}
-        if arguments.adapter_config:
-            result["adapter_config"] = write_adapter_config(os.path.dirname(os.path.abspath(path)), arguments.adapter_config, file_rank(path))
+        if arguments.peft_dir is not None or arguments.adapter_config is not None:
+            config = _download_config(path, arguments.adapter_config, arguments.client is not None, **scale)
+            result["adapter_config"] = write_adapter_config(os.path.dirname(os.path.abspath(path)), config)
         return result
     if arguments.command == "status":
         return client.status(**ids)
@@ -377,7 +687,9 @@ def _fail(message: str, exit_code: int) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    arguments = _parser().parse_args(argv)
+    parser = _parser()
+    arguments = parser.parse_args(argv)
+    _check_usage(parser, arguments)
     try:
         result = _run(arguments)
     except AggregatorError as error:

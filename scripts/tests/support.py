@@ -27,4 +27,5 @@ class ServerTestCase(unittest.TestCase):
     def tearDownClass(cls):
         cls.server.terminate()
         cls.server.wait()
+        cls.server.stdout.close()
         cls.directory.cleanup()

@@ -1,10 +1,17 @@
 """Tests of scripts/lora_aggregator_client.py against the real server (started on a free port)."""
 import contextlib
+import email.parser
+import email.policy
+import gzip
+import hashlib
 import io
 import json
+import re
 import socket
 import struct
 import unittest
+import urllib.request
+from unittest import mock
 from pathlib import Path
 
 import numpy as np
@@ -117,22 +124,199 @@ class ClientTests(ServerTestCase):
         with self.assertRaises(ValueError):
             lac.truncate_to_rank(arrays, 5)
 
-    def test_download_with_an_adapter_config_writes_one_whose_r_is_the_rank(self):
+    def test_download_with_an_adapter_config_writes_the_global_adapters_config_at_scale_1(self):
         client = lac.Client(self.url)
         client.upload(adapter(2, 1.0), federation="cfg", round=0, client="a", rank=2)
-        client.upload(adapter(4, 1.0), federation="cfg", round=0, client="b", rank=4)
+        client.upload(adapter(4, 1.0), federation="cfg", round=0, client="b", rank=4, lora_alpha=16)
         base = Path(self.directory.name) / "base_config.json"
         base.write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q"]}))
         output = Path(self.directory.name) / "cfg-out"
         output.mkdir()
         with contextlib.redirect_stdout(io.StringIO()) as stdout:
-            code = lac.main(["--server", self.url, "download", "--federation", "cfg", "--round", "0", "--client", "a", "--output", str(output), "--adapter-config", str(base)])
+            code = lac.main(["--server", self.url, "download", "--federation", "cfg", "--round", "0", "--rank", "2", "--output", str(output), "--adapter-config", str(base)])
         self.assertEqual(code, 0, stdout.getvalue())
         config = json.loads((output / "adapter_config.json").read_text())
-        self.assertEqual((config["r"], config["lora_alpha"], config["target_modules"]), (2, 16, ["q"]))
+        self.assertEqual((config["r"], config["lora_alpha"], config["target_modules"], config["rank_pattern"]), (2, 2, ["q"], {}))
         self.assertEqual(read_tensor((output / "adapter_model.safetensors").read_bytes(), "base_model.model.q.lora_A.weight")[0], [2, 8])
-        with self.assertRaises(ValueError):
-            lac.write_adapter_config(str(output), {"r": 8, "rank_pattern": {"q": 4}}, 2)
+        # --peft-dir with --lora-alpha: unfolded for that lora_alpha, which the config then says; no base config needed.
+        peft_dir = Path(self.directory.name) / "cfg-peft"
+        with contextlib.redirect_stdout(io.StringIO()) as stdout:
+            code = lac.main(["--server", self.url, "download", "--federation", "cfg", "--round", "0", "--lora-alpha", "8", "--peft-dir", str(peft_dir)])
+        self.assertEqual(code, 0, stdout.getvalue())
+        config = json.loads((peft_dir / "adapter_config.json").read_text())
+        self.assertEqual((config["r"], config["lora_alpha"], config["alpha_pattern"], config["use_rslora"]), (4, 8.0, {}, False))
+        self.assertTrue(re.fullmatch(config["target_modules"], "q"))
+        # A client's download needs that client's own config, which must give its ranks.
+        with contextlib.redirect_stderr(io.StringIO()) as stderr:
+            code = lac.main(["--server", self.url, "download", "--federation", "cfg", "--round", "0", "--client", "a", "--peft-dir", str(peft_dir),
+                             "--adapter-config", str(base)])
+        self.assertEqual(code, lac.EXIT_LOCAL_ERROR)
+        self.assertIn("r=8", stderr.getvalue())
+
+
+def two_module_adapter(seed, ranks=(("q", 4), ("k", 2))):
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for module, rank in ranks:
+        arrays[f"base_model.model.{module}.lora_A.weight"] = rng.standard_normal((rank, 6)).astype(np.float32)
+        arrays[f"base_model.model.{module}.lora_B.weight"] = rng.standard_normal((5, rank)).astype(np.float32)
+    return arrays
+
+
+def put(url, body, headers):
+    """(status, JSON body) of a PUT sent with urllib itself, for the status code the client hides."""
+    request = urllib.request.Request(url, data=body, method="PUT", headers=headers)
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return response.status, json.loads(response.read())
+
+
+class ScaleAndMultipartTests(ServerTestCase):
+    """Uploads with their PEFT config (multipart/form-data) or tagged with lora_alpha."""
+
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "rank_pattern": {"k": 2}, "target_modules": ["q", "k"]}
+
+    def test_multipart_upload_with_and_without_gzip_answers_201_with_the_configs_scale(self):
+        data = lac.encode_safetensors(two_module_adapter(1))
+        body, content_type = lac.encode_multipart([("adapter_model.safetensors", data, "application/octet-stream"),
+                                                   ("adapter_config.json", lac.peft_config_json(self.config), "application/json")])
+        self.assertTrue(body.endswith(b"--\r\n") and b"\r\n\r\n" in body)
+        path = f"{self.url}/v1/federations/multipart/rounds/0/uploads/"
+        for client, compress in (("plain", False), ("gzipped", True)):
+            with self.subTest(compress=compress):
+                headers = {"Content-Type": content_type}
+                if compress:
+                    headers["Content-Encoding"] = "gzip"
+                status, receipt = put(path + client + "?weight=3", gzip.compress(body) if compress else body, headers)
+                self.assertEqual(status, 201)
+                self.assertEqual((receipt["rank"], receipt["lora_alpha"], receipt["use_rslora"], receipt["lora_modules"], receipt["weight"]),
+                                 (4, 8, False, 2, 3))
+                self.assertEqual(receipt["sha256"], hashlib.sha256(data).hexdigest())
+        service = lac.Client(self.url)
+        for compress in (False, True):
+            receipt = service.upload_peft(data, self.config, federation="multipart", round=0, client="plain", weight=3, compress=compress)
+            self.assertEqual((receipt["client"], receipt["lora_alpha"], receipt["rank"]), ("plain", 8, 4))
+        self.assertEqual([(u["client"], u["lora_alpha"]) for u in service.status(federation="multipart", round=0)["uploads"]],
+                         [("gzipped", 8), ("plain", 8)])
+
+    def test_a_rank_pattern_gives_per_module_ranks_and_scales(self):
+        service = lac.Client(self.url)
+        arrays = two_module_adapter(2)
+        receipt = service.upload_peft(lac.encode_safetensors(arrays), self.config, federation="pattern", round=0, client="a")
+        self.assertEqual((receipt["rank"], receipt["lora_alpha"], receipt["lora_modules"]), (4, 8, 2))
+        # Alone in its round, the client gets back what it sent; the global adapter is folded by √(8/r_m).
+        own, _ = lac.decode_safetensors(service.aggregate(federation="pattern", round=0, client="a"))
+        self.assertEqual(lac.module_ranks(lac.encode_safetensors(own)), {"q": 4, "k": 2})
+        global_, _ = lac.decode_safetensors(service.aggregate(federation="pattern", round=0))
+        for name, array in arrays.items():
+            np.testing.assert_allclose(own[name], array, rtol=1e-6, atol=1e-6)
+            scale = 8 / (4 if ".q." in name else 2)
+            np.testing.assert_allclose(global_[name], array * np.sqrt(scale), rtol=1e-6, atol=1e-6)
+        # The same directory as save_pretrained writes it, through the command line.
+        directory = Path(self.directory.name) / "pattern-dir"
+        directory.mkdir()
+        (directory / "adapter_model.safetensors").write_bytes(lac.encode_safetensors(arrays))
+        (directory / "adapter_config.json").write_text(json.dumps(self.config, indent=2, sort_keys=True))
+        with contextlib.redirect_stdout(io.StringIO()) as stdout:
+            code = lac.main(["--server", self.url, "upload", "--federation", "pattern", "--round", "0", "--client", "b", "--weight", "2",
+                             "--peft-dir", str(directory)])
+        self.assertEqual(code, 0)
+        self.assertEqual((json.loads(stdout.getvalue())["client"], json.loads(stdout.getvalue())["weight"]), ("b", 2))
+        receipt = lac.upload_peft_directory(service, directory, federation="pattern", round=0, client="c", weight=5)
+        self.assertEqual((receipt["rank"], receipt["lora_alpha"]), (4, 8))
+
+    def test_a_pattern_key_matching_no_module_is_refused_and_stores_nothing(self):
+        service = lac.Client(self.url)
+        data = lac.encode_safetensors(two_module_adapter(3))
+        service.upload_peft(data, self.config, federation="refused-pattern", round=0, client="a")
+        before = service.status(federation="refused-pattern", round=0)
+        for pattern in ("rank_pattern", "alpha_pattern"):
+            bad = dict(self.config, **{pattern: {"k": 2, "v_proj": 3}})
+            for client in ("a", "b"):
+                with self.subTest(pattern=pattern, client=client), self.assertRaises(lac.AggregatorError) as refused:
+                    service.upload_peft(data, bad, federation="refused-pattern", round=0, client=client)
+                self.assertEqual(refused.exception.status, 422)
+                self.assertIn("v_proj", refused.exception.detail)
+        self.assertEqual(service.status(federation="refused-pattern", round=0)["uploads"], before["uploads"])
+        with self.assertRaises(lac.AggregatorError) as refused:  # scale parameters come from the config in a multipart upload
+            service._request_json("PUT", "/v1/federations/refused-pattern/rounds/0/uploads/b", {"lora_alpha": "4"},
+                                  *self.multipart(data, lac.peft_config_json(self.config)))
+        self.assertEqual(refused.exception.status, 400)
+
+    @staticmethod
+    def multipart(data, config):
+        body, content_type = lac.encode_multipart([("adapter_model.safetensors", data, "application/octet-stream"),
+                                                   ("adapter_config.json", config, "application/json")])
+        return body, {"Content-Type": content_type}
+
+    def test_plain_upload_with_lora_alpha_folds_by_its_scale(self):
+        service = lac.Client(self.url)
+        arrays = {name: array for name, array in two_module_adapter(4).items() if ".q." in name}
+        receipt = service.upload(lac.encode_safetensors(arrays), federation="alpha", round=0, client="a", rank=4, lora_alpha=16)
+        self.assertEqual((receipt["rank"], receipt["lora_alpha"], receipt["use_rslora"]), (4, 16, False))
+        receipt = service.upload(lac.encode_safetensors(arrays), federation="alpha", round=0, client="b", rank=4, lora_alpha=16, use_rslora=True)
+        self.assertEqual((receipt["lora_alpha"], receipt["use_rslora"]), (16, True))
+        # a at scale 4, b at scale 8, equal weights: the global factors are the mean of √s·x.
+        global_, _ = lac.decode_safetensors(service.aggregate(federation="alpha", round=0))
+        for name, array in arrays.items():
+            np.testing.assert_allclose(global_[name], array * (2 + np.sqrt(8)) / 2, rtol=1e-6, atol=1e-6)
+        # Asked for a model with lora_alpha=16 (scale 4 at rank 4): divided by √4.
+        unfolded, _ = lac.decode_safetensors(service.aggregate(federation="alpha", round=0, lora_alpha=16))
+        for name, array in arrays.items():
+            np.testing.assert_allclose(unfolded[name], array * (2 + np.sqrt(8)) / 4, rtol=1e-6, atol=1e-6)
+        path = Path(self.directory.name) / "alpha.safetensors"
+        path.write_bytes(lac.encode_safetensors(arrays))
+        with contextlib.redirect_stdout(io.StringIO()) as stdout:
+            code = lac.main(["--server", self.url, "upload", "--federation", "alpha", "--round", "0", "--client", "c", "--rank", "4",
+                             "--lora-alpha", "32", "--use-rslora", str(path)])
+        self.assertEqual(code, 0)
+        self.assertEqual((json.loads(stdout.getvalue())["lora_alpha"], json.loads(stdout.getvalue())["use_rslora"]), (32, True))
+
+
+class LocalHelperTests(unittest.TestCase):
+    """Multipart framing, config serialisation and the global adapter's config, without a server."""
+
+    def test_multipart_framing_is_crlf_and_the_boundary_occurs_in_no_part(self):
+        taken = b"x lora-aggregator-aaaa y"
+        with mock.patch.object(lac.secrets, "token_hex", side_effect=["aaaa", "bbbb"]):
+            body, content_type = lac.encode_multipart([("adapter_model.safetensors", taken, "application/octet-stream"),
+                                                       ("adapter_config.json", b"{}", "application/json")])
+        self.assertEqual(content_type, "multipart/form-data; boundary=lora-aggregator-bbbb")
+        self.assertEqual(body, b'--lora-aggregator-bbbb\r\nContent-Disposition: form-data; name="adapter_model.safetensors"; '
+                               b'filename="adapter_model.safetensors"\r\nContent-Type: application/octet-stream\r\n\r\n' + taken +
+                               b'\r\n--lora-aggregator-bbbb\r\nContent-Disposition: form-data; name="adapter_config.json"; '
+                               b'filename="adapter_config.json"\r\nContent-Type: application/json\r\n\r\n{}\r\n--lora-aggregator-bbbb--\r\n')
+        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + body)
+        self.assertEqual([part.get_payload(decode=True) for part in message.iter_parts()], [taken, b"{}"])
+
+    def test_config_json_sorts_keys_like_save_pretrained_but_keeps_pattern_order(self):
+        text = lac.peft_config_json({"r": 8, "rank_pattern": {"z": 2, "a": 4}, "alpha_pattern": {"y": 1, "b": 2},
+                                     "lora_alpha": 16, "target_modules": {"q"}, "loftq_config": {"b": 1, "a": 2}})
+        self.assertEqual(list(json.loads(text)), ["alpha_pattern", "loftq_config", "lora_alpha", "r", "rank_pattern", "target_modules"])
+        parsed = json.loads(text)
+        self.assertEqual((list(parsed["rank_pattern"]), list(parsed["alpha_pattern"]), list(parsed["loftq_config"])), (["z", "a"], ["y", "b"], ["a", "b"]))
+        self.assertEqual(parsed["target_modules"], ["q"])
+
+    def test_module_resolution_follows_peft_first_matching_key(self):
+        config = {"r": 8, "lora_alpha": 16, "rank_pattern": {"layers.0.q": 2, "q": 4}, "alpha_pattern": {"q": 32}}
+        self.assertEqual(lac.module_rank_and_alpha(config, "model.layers.0.q"), (2, 32.0))
+        self.assertEqual(lac.module_rank_and_alpha(config, "model.layers.1.q"), (4, 32.0))
+        self.assertEqual(lac.module_rank_and_alpha(config, "model.layers.1.qq"), (8, 16.0))
+        self.assertEqual(lac.module_scale(dict(config, use_rslora=True), "k"), 16 / np.sqrt(8))
+        self.assertEqual(lac.lora_module("base_model.model.a.b.lora_B.weight"), ("a.b", 1))
+        self.assertIsNone(lac.lora_module("base_model.model.head.weight"))
+
+    def test_global_config_gives_every_module_its_rank_and_scale_1(self):
+        ranks = {"up": 2, "block.up": 4, "down": 4, "emb": 1}
+        config = lac.global_adapter_config({"peft_type": "LORA", "target_modules": ["up", "down", "emb"], "rank_pattern": {"x": 9}}, ranks)
+        self.assertEqual((config["r"], config["lora_alpha"], config["use_rslora"]), (4, 4, False))
+        self.assertEqual(list(config["rank_pattern"]), [r"block\.up", "emb", "up"])  # the longer name first, so that "up" does not catch it
+        for module, rank in ranks.items():
+            self.assertEqual(lac.module_rank_and_alpha(config, module), (rank, float(rank)), module)
+        asked = lac.global_adapter_config(None, ranks, lora_alpha=16, use_rslora=True)
+        self.assertEqual((asked["r"], asked["lora_alpha"], asked["alpha_pattern"], asked["use_rslora"]), (4, 16.0, {}, True))
+        self.assertTrue(all(re.fullmatch(asked["target_modules"], module) for module in ranks))
+        self.assertIsNone(re.fullmatch(asked["target_modules"], "blockXup"))
+        self.assertEqual({module: lac.module_rank_and_alpha(asked, module)[0] for module in ranks}, ranks)
 
 
 def unused_port():
