@@ -94,9 +94,20 @@ public struct AdapterConfig: Sendable, Equatable {
         (rankPattern.map(\.key) + alphaPattern.map(\.key)).filter { key in !modules.contains { matchers[key]!.matches($0) } }
     }
 
+    /// Pattern keys are regular expressions matched by backtracking, so their number and length are
+    /// bounded (a real config has one key per module, each a module name or a short expression).
+    static let maxPatternKeys = 4096
+    static let maxPatternKeyLength = 256
+
     private static func matchers(for keys: [String]) throws(AdapterError) -> [String: PatternKey] {
+        guard keys.count <= maxPatternKeys else {
+            throw AdapterError(.invalidConfig, "rank_pattern and alpha_pattern have \(keys.count) keys; at most \(maxPatternKeys) are accepted")
+        }
         var matchers: [String: PatternKey] = [:]
         for key in keys where matchers[key] == nil {
+            guard key.utf8.count <= maxPatternKeyLength else {
+                throw AdapterError(.invalidConfig, "pattern key \"\(key.prefix(32))…\" is longer than \(maxPatternKeyLength) bytes")
+            }
             guard let matcher = PatternKey(key) else {
                 throw AdapterError(.invalidConfig, "pattern key \"\(key)\" is not a valid regular expression")
             }

@@ -40,6 +40,7 @@ import Testing
         (#"{"r":4,"alpha_pattern":{"q":"x"}}"#, .invalidConfig),
         (#"{"r":4,"rank_pattern":{"(":2}}"#, .invalidConfig),
         (#"{"r":4,"peft_type":"IA3"}"#, .invalidConfig),
+        (#"{"r":4,"rank_pattern":{""# + String(repeating: "a", count: 257) + #"":2}}"#, .invalidConfig),
     ])
     func badConfigsAreRefusedNamingTheProblem(json: String, code: AdapterError.Code) {
         #expect { try config(json) } throws: { ($0 as? AdapterError)?.code == code }
