@@ -4,7 +4,7 @@
     lora-aggregator-client --server URL [--token T] upload --federation F --round N --client C --rank R [--weight W] [--lora-alpha A] [--use-rslora] FILE
     lora-aggregator-client --server URL upload --federation F --round N --client C [--weight W] --peft-dir DIR
     lora-aggregator-client --server URL download --federation F --round N [--client C | --rank R] [--lora-alpha A] [--use-rslora]
-                                                 [--strategy S] [--dtype D] (--output PATH | --peft-dir DIR) [--adapter-config BASE.json]
+                                                 [--strategy S] [--dtype D] (--output PATH | --peft-dir DIR)
     lora-aggregator-client --server URL status --federation F --round N
     lora-aggregator-client --server URL seal --federation F --round N
 
@@ -14,9 +14,9 @@ adapter_model.safetensors), tagged with its rank and scale (lora_alpha, default 
 sends a directory as save_pretrained wrote it, adapter_model.safetensors with its adapter_config.json
 (multipart/form-data), so the service takes ranks and scales from the config. Uploads are sent gzip'd.
 A download whose PATH is an existing directory lands in PATH/adapter_model.safetensors; --peft-dir DIR
-also writes DIR/adapter_config.json that loads it with PeftModel.from_pretrained (for the global
-adapter: lora_alpha = r, per-module ranks as rank_pattern; with --lora-alpha, that lora_alpha; for
---client, pass that client's own config as --adapter-config).
+also writes DIR/adapter_config.json, the service's config that loads it with PeftModel.from_pretrained
+(GET .../adapter_config for the global adapter at the same rank and scale, .../adapter_config/C for
+--client: the config C uploaded with), written as the service sent it.
 
 Errors, in the manner of httpx: a refusal by the service (its problem+json answer) raises
 AggregatorError with the status, type, title and detail; no answer at all (connection refused or
@@ -25,8 +25,8 @@ prints one line and exits 1 for a refusal, 3 when the service cannot be reached 
 file or input problem (2 is a usage error).
 
 With numpy: encode_safetensors / decode_safetensors. With torch and PEFT: upload_peft_model and
-load_peft_aggregate (a model's adapter up, its own download back in), save_peft_aggregate (a
-directory that PeftModel.from_pretrained loads); upload_peft_directory needs neither.
+load_peft_aggregate (a model's adapter up, its own download back in). upload_peft_directory and
+save_peft_aggregate (a directory that PeftModel.from_pretrained loads) need neither.
 """
 from __future__ import annotations
 
@@ -101,6 +101,20 @@ def _segment(identifier: str) -> str:
 
 def _round_path(federation: str, round: int) -> str:
     return f"/v1/federations/{_segment(federation)}/rounds/{int(round)}"
+
+
+def _download_query(client: str | None, rank: int | None, lora_alpha: float | None, use_rslora: bool | None) -> dict[str, str | int]:
+    """The rank and scale parameters of a download or its config (none for a client's own)."""
+    if client is not None and (rank is not None or lora_alpha is not None or use_rslora is not None):
+        raise ValueError("a client's download has that client's ranks and scales: give client, or rank / lora_alpha / use_rslora")
+    query: dict[str, str | int] = {}
+    if rank is not None:
+        query["rank"] = int(rank)
+    if lora_alpha is not None:
+        query["lora_alpha"] = repr(float(lora_alpha))
+    if use_rslora is not None:
+        query["use_rslora"] = "true" if use_rslora else "false"
+    return query
 
 
 class Client:
@@ -184,16 +198,8 @@ class Client:
         """The global adapter as bytes: at scale 1 (PEFT's lora_alpha = r), at `rank` (default the
         round's largest), or unfolded for a PEFT model with this one `lora_alpha` (and `use_rslora`);
         or `client`'s own download, cut to its module ranks and unfolded to its scales."""
-        if client is not None and (rank is not None or lora_alpha is not None or use_rslora is not None):
-            raise ValueError("a client's download has that client's ranks and scales: give client, or rank / lora_alpha / use_rslora")
+        query: dict[str, str | int] = {"strategy": strategy, "dtype": dtype, **_download_query(client, rank, lora_alpha, use_rslora)}
         path = _round_path(federation, round) + "/aggregate" + (f"/{_segment(client)}" if client is not None else "")
-        query: dict[str, str | int] = {"strategy": strategy, "dtype": dtype}
-        if rank is not None:
-            query["rank"] = int(rank)
-        if lora_alpha is not None:
-            query["lora_alpha"] = repr(float(lora_alpha))
-        if use_rslora is not None:
-            query["use_rslora"] = "true" if use_rslora else "false"
         payload, headers = self._request("GET", path, query, headers={"Accept-Encoding": "gzip"})
         return gzip.decompress(payload) if headers.get("Content-Encoding") == "gzip" else payload
 
@@ -207,6 +213,17 @@ class Client:
         with open(path, "wb") as handle:
             handle.write(data)
         return path
+
+    def adapter_config(self, *, federation: str, round: int, client: str | None = None, rank: int | None = None,
+                       lora_alpha: float | None = None, use_rslora: bool | None = None) -> bytes:
+        """The service's adapter_config.json (bytes, as it sent them) that loads the matching download
+        with PeftModel.from_pretrained: `client`'s own config as it uploaded it (the minimal one for an
+        upload tagged by query parameters), or the global adapter's for the same `rank`, `lora_alpha`
+        and `use_rslora` as aggregate (r the largest module rank, others in rank_pattern; at scale 1
+        lora_alpha = r with alpha_pattern, else that lora_alpha)."""
+        query = _download_query(client, rank, lora_alpha, use_rslora)
+        path = _round_path(federation, round) + "/adapter_config" + (f"/{_segment(client)}" if client is not None else "")
+        return self._request("GET", path, query)[0]
 
     def status(self, *, federation: str, round: int) -> dict[str, Any]:
         return self._request_json("GET", _round_path(federation, round))
@@ -400,70 +417,12 @@ def peft_config_json(config: Mapping[str, Any] | LoraConfig) -> bytes:
     return json.dumps(_sorted_like_peft(dictionary), indent=2, default=_json_value).encode("utf-8")
 
 
-def _config_dict(config: Mapping[str, Any] | str | os.PathLike[str] | LoraConfig) -> dict[str, Any]:
-    """A config as a dict (order kept): a dict, a path to an adapter_config.json, or a LoraConfig."""
-    if isinstance(config, (str, os.PathLike)):
-        with open(config, encoding="utf-8") as handle:
-            loaded: dict[str, Any] = json.load(handle)
-        return loaded
+def _config_dict(config: Mapping[str, Any] | LoraConfig) -> dict[str, Any]:
+    """A config as a dict (order kept): a dict or a LoraConfig."""
     if isinstance(config, Mapping):
         return dict(config)
     dictionary: dict[str, Any] = config.to_dict()
     return {key: list(value) if isinstance(value, (set, frozenset)) else value for key, value in dictionary.items()}
-
-
-def global_adapter_config(base_config: Mapping[str, Any] | str | os.PathLike[str] | LoraConfig | None, ranks: Mapping[str, int], *,
-                          lora_alpha: float | None = None, use_rslora: bool = False) -> dict[str, Any]:
-    """The adapter_config.json (a dict) that loads a global adapter with these module ranks into PEFT
-    at the scale it was downloaded at: `r` the largest rank, the other modules' ranks as rank_pattern
-    (keyed by escaped module names); at scale 1 (`lora_alpha` None) lora_alpha = r and alpha_pattern
-    giving each of those modules its own rank, so every module's scale is 1; for an aggregate
-    downloaded with `lora_alpha` (and `use_rslora`), those and no alpha_pattern. The rest (target
-    modules, dropout, ...) comes from `base_config`, or without one target_modules is a regular
-    expression naming exactly these modules."""
-    if not ranks:
-        raise ValueError("the aggregate has no LoRA module")
-    if base_config is None:
-        config: dict[str, Any] = {"peft_type": "LORA",
-                                  "target_modules": "^(?:" + "|".join(re.escape(module) for module in sorted(ranks)) + ")$"}
-    else:
-        config = _config_dict(base_config)
-    top = max(ranks.values())
-    # A key matches its module and every module whose name ends in "." + it: longer names go first,
-    # and a module of rank r that a shorter key would catch gets its own key.
-    keys = {module: re.escape(module) for module in ranks}
-    listed = {module for module, rank in ranks.items() if rank != top}
-    listed |= {module for module in ranks if any(module.endswith("." + other) for other in listed)}
-    order = sorted(listed, key=lambda module: (-len(module), module))
-    config["r"] = top
-    config["rank_pattern"] = {keys[module]: ranks[module] for module in order}
-    if lora_alpha is None:
-        config["lora_alpha"] = top
-        config["alpha_pattern"] = {keys[module]: ranks[module] for module in order}
-        config["use_rslora"] = False
-    else:
-        config["lora_alpha"] = float(lora_alpha)
-        config["alpha_pattern"] = {}
-        config["use_rslora"] = bool(use_rslora)
-    return config
-
-
-def write_adapter_config(directory: str | os.PathLike[str], config: Mapping[str, Any] | str | os.PathLike[str] | LoraConfig) -> str:
-    """Writes DIRECTORY/adapter_config.json from a config (a dict, a JSON file or a LoraConfig) as
-    save_pretrained would (patterns keep their order); returns its path."""
-    path = os.path.join(directory, CONFIG_FILE)
-    with open(path, "wb") as handle:
-        handle.write(peft_config_json(_config_dict(config)))
-    return path
-
-
-def check_client_config(config: Mapping[str, Any], ranks: Mapping[str, int]) -> None:
-    """Raises ValueError unless the config gives every module of a client's download its rank."""
-    for module, rank in ranks.items():
-        expected = module_rank_and_alpha(config, module)[0]
-        if expected != rank:
-            raise ValueError(f"module {module!r}: the aggregate has rank {rank} but the adapter config gives it r={expected} "
-                             f"(pass the client's own adapter_config.json)")
 
 
 def upload_peft_directory(service: Client, path: str | os.PathLike[str], *, federation: str, round: int, client: str,
@@ -478,37 +437,34 @@ def upload_peft_directory(service: Client, path: str | os.PathLike[str], *, fede
     return service.upload_peft(adapter, config, federation=federation, round=round, client=client, weight=weight)
 
 
-def save_aggregate_directory(service: Client, directory: str | os.PathLike[str], *, federation: str, round: int,
-                             base_config: Mapping[str, Any] | str | os.PathLike[str] | LoraConfig | None = None,
-                             client: str | None = None, rank: int | None = None, lora_alpha: float | None = None,
-                             use_rslora: bool | None = None, strategy: str = "replication", dtype: str = "F32") -> str:
-    """Writes an aggregate as a PEFT adapter directory (adapter_model.safetensors and
-    adapter_config.json) that PeftModel.from_pretrained loads with the right scales: the global
-    adapter with global_adapter_config(base_config, its module ranks, lora_alpha, use_rslora), or
-    `client`'s download with `base_config`, which must then be that client's own config (checked
-    against the downloaded ranks). Standard library only; returns the directory."""
-    if client is not None and base_config is None:
-        raise ValueError("a client's download loads with that client's own adapter config: pass it as base_config")
+def save_peft_aggregate(service: Client, directory: str | os.PathLike[str], *, federation: str, round: int, client: str | None = None,
+                        rank: int | None = None, lora_alpha: float | None = None, use_rslora: bool | None = None,
+                        strategy: str = "replication", dtype: str = "F32", attempts: int = 3) -> str:
+    """Writes the global adapter (or `client`'s own download) as a PEFT adapter directory that
+    PeftModel.from_pretrained loads as it is (made if missing): adapter_model.safetensors and the
+    service's adapter_config.json for it (Client.adapter_config with the same client, rank,
+    lora_alpha and use_rslora), written as the service sent it. The global adapter comes at scale 1
+    (its config says lora_alpha = r, other module ranks in rank_pattern and alpha_pattern), or with
+    `lora_alpha` (and `use_rslora`) unfolded for that one lora_alpha; a client's download comes with
+    the config that client uploaded. The config is fetched before and after the weights; if it
+    changed (uploads to an unsealed round), both are fetched again, up to `attempts` times, then
+    ValueError. Standard library only; returns the directory."""
+    def current_config() -> bytes:
+        return service.adapter_config(federation=federation, round=round, client=client, rank=rank, lora_alpha=lora_alpha, use_rslora=use_rslora)
+
     os.makedirs(directory, exist_ok=True)
-    path = service.download(directory, federation=federation, round=round, client=client, rank=rank, strategy=strategy, dtype=dtype,
-                            lora_alpha=lora_alpha, use_rslora=use_rslora)
-    write_adapter_config(directory, _download_config(path, base_config, client is not None, lora_alpha, use_rslora))
-    return os.fspath(directory)
-
-
-def _download_config(path: str | os.PathLike[str], base_config: Mapping[str, Any] | str | os.PathLike[str] | LoraConfig | None,
-                     for_client: bool, lora_alpha: float | None, use_rslora: bool | None) -> dict[str, Any]:
-    """The adapter config of a downloaded file: a client's own (checked), or the global adapter's."""
-    with open(path, "rb") as handle:
-        prefix = handle.read(8)
-        ranks = module_ranks(prefix + handle.read(int.from_bytes(prefix, "little")))
-    if for_client:
-        if base_config is None:
-            raise ValueError("a client's download loads with that client's own adapter config: pass it as base_config")
-        config = _config_dict(base_config)
-        check_client_config(config, ranks)
-        return config
-    return global_adapter_config(base_config, ranks, lora_alpha=lora_alpha, use_rslora=bool(use_rslora))
+    config_path = os.path.join(directory, CONFIG_FILE)
+    if os.path.exists(config_path):  # never left beside weights it does not belong to
+        os.remove(config_path)
+    for _ in range(max(1, attempts)):
+        config = current_config()
+        service.download(directory, federation=federation, round=round, client=client, rank=rank, strategy=strategy, dtype=dtype,
+                         lora_alpha=lora_alpha, use_rslora=use_rslora)
+        if current_config() == config:
+            with open(config_path, "wb") as handle:
+                handle.write(config)
+            return os.fspath(directory)
+    raise ValueError(f"round {round} of {federation!r} kept changing while its aggregate was downloaded: seal it first, or retry")
 
 
 # --- PEFT (torch) ------------------------------------------------------------------------------
@@ -583,21 +539,6 @@ def load_peft_aggregate(service: Client, model: PeftModel, *, federation: str, r
     return metadata
 
 
-def save_peft_aggregate(service: Client, directory: str | os.PathLike[str], *, federation: str, round: int,
-                        base_config: Mapping[str, Any] | str | os.PathLike[str] | LoraConfig | None = None, client: str | None = None,
-                        rank: int | None = None, lora_alpha: float | None = None, use_rslora: bool | None = None,
-                        strategy: str = "replication", dtype: str = "F32") -> str:
-    """Writes the global adapter (or `client`'s own download) as a PEFT adapter directory that
-    PeftModel.from_pretrained loads as it is: adapter_model.safetensors and the matching
-    adapter_config.json. The global adapter comes at scale 1 and its config says lora_alpha = r
-    (per-module ranks as rank_pattern, with alpha_pattern giving each such module lora_alpha equal
-    to its rank); with `lora_alpha` (and `use_rslora`) it is unfolded for, and its config says, that
-    one lora_alpha. `base_config` (the config of the model that will load it: target modules and the
-    like) is optional for the global adapter and must be the client's own config for `client`."""
-    return save_aggregate_directory(service, directory, federation=federation, round=round, base_config=base_config, client=client,
-                                    rank=rank, lora_alpha=lora_alpha, use_rslora=use_rslora, strategy=strategy, dtype=dtype)
-
-
 # --- command line -----------------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
@@ -633,9 +574,8 @@ def _parser() -> argparse.ArgumentParser:
     download.add_argument("--dtype", default="F32", choices=["F32", "F16", "BF16"])
     outputs = download.add_mutually_exclusive_group(required=True)
     outputs.add_argument("--output", help="a file, or a directory that receives adapter_model.safetensors")
-    outputs.add_argument("--peft-dir", help="a directory (made if missing) that receives adapter_model.safetensors and adapter_config.json")
-    download.add_argument("--adapter-config", help="the config to start from (target modules and the like): for --client, that client's own "
-                                                   "adapter_config.json; also writes adapter_config.json beside --output")
+    outputs.add_argument("--peft-dir", help="a directory (made if missing) that receives adapter_model.safetensors and the service's "
+                                            "adapter_config.json for it (PeftModel.from_pretrained loads it)")
     for name, text in (("status", "show a round"), ("seal", "seal a round")):
         round_arguments(commands.add_parser(name, help=text))
     return parser
@@ -653,8 +593,6 @@ def _check_usage(parser: argparse.ArgumentParser, arguments: argparse.Namespace)
             parser.error("a client's download has that client's own scales: drop --lora-alpha and --use-rslora")
         if arguments.use_rslora and arguments.lora_alpha is None:
             parser.error("--use-rslora needs --lora-alpha")
-        if arguments.client is not None and arguments.peft_dir is not None and arguments.adapter_config is None:
-            parser.error("--client with --peft-dir needs that client's own config: --adapter-config PATH")
 
 
 def _run(arguments: argparse.Namespace) -> dict[str, Any]:
@@ -666,16 +604,14 @@ def _run(arguments: argparse.Namespace) -> dict[str, Any]:
         return client.upload_file(arguments.file, **ids, client=arguments.client, rank=arguments.rank, weight=arguments.weight,
                                   lora_alpha=arguments.lora_alpha, use_rslora=True if arguments.use_rslora else None)
     if arguments.command == "download":
-        scale = {"lora_alpha": arguments.lora_alpha, "use_rslora": True if arguments.use_rslora else None}
-        if arguments.peft_dir is not None:
-            os.makedirs(arguments.peft_dir, exist_ok=True)
-        path = client.download(arguments.peft_dir if arguments.peft_dir is not None else arguments.output, **ids, client=arguments.client,
-                               rank=arguments.rank, strategy=arguments.strategy, dtype=arguments.dtype, **scale)
-        result: dict[str, Any] = {"written": path, "bytes": os.path.getsize(path)}
-        if arguments.peft_dir is not None or arguments.adapter_config is not None:
-            config = _download_config(path, arguments.adapter_config, arguments.client is not None, **scale)
-            result["adapter_config"] = write_adapter_config(os.path.dirname(os.path.abspath(path)), config)
-        return result
+        options: dict[str, Any] = {"client": arguments.client, "rank": arguments.rank, "lora_alpha": arguments.lora_alpha,
+                                   "use_rslora": True if arguments.use_rslora else None, "strategy": arguments.strategy, "dtype": arguments.dtype}
+        if arguments.peft_dir is None:
+            path = client.download(arguments.output, **ids, **options)
+            return {"written": path, "bytes": os.path.getsize(path)}
+        save_peft_aggregate(client, arguments.peft_dir, **ids, **options)
+        path = os.path.join(arguments.peft_dir, ADAPTER_FILE)
+        return {"written": path, "bytes": os.path.getsize(path), "adapter_config": os.path.join(arguments.peft_dir, CONFIG_FILE)}
     if arguments.command == "status":
         return client.status(**ids)
     return client.seal(**ids)

@@ -184,9 +184,11 @@ import Testing
             let json = config.json
             let r = moduleRanks.values.max()!
             #expect(json["r"] as? Int == r && json["target_modules"] as? [String] == ["q_proj"], "alice's config is the base: \(config.text)")
-            // Keys are escaped full module names: unescaped, they name exactly the modules of another rank.
+            // Keys are anchored, escaped full module names: unescaped, they name exactly the modules of another rank.
             let rankPattern = (json["rank_pattern"] as? [String: Int]) ?? [:]
-            let unescaped = Dictionary(uniqueKeysWithValues: rankPattern.map { ($0.key.replacingOccurrences(of: "\\", with: ""), $0.value) })
+            #expect(rankPattern.keys.allSatisfy { $0.hasPrefix("^") && $0.hasSuffix("$") })
+            let unescaped = Dictionary(
+                uniqueKeysWithValues: rankPattern.map { (String($0.key.dropFirst().dropLast()).replacingOccurrences(of: "\\", with: ""), $0.value) })
             #expect(unescaped == moduleRanks.filter { $0.value != r }, "\(config.text)")
             if let loraAlpha {
                 #expect(json["lora_alpha"] as? Double == loraAlpha && (json["alpha_pattern"] as? [String: Any])?.isEmpty == true)
@@ -195,6 +197,25 @@ import Testing
                 #expect((json["alpha_pattern"] as? [String: Int]) == rankPattern, "scale 1 in every module: lora_alpha = its rank")
             }
         }
+        #expect(await service.stop() == 0)
+    }
+
+    @Test func withoutAnUploadedConfigTheGlobalConfigNamesTheModules() async throws {
+        let service = try await ServiceProcess.start()
+        let client = service.client
+        for (name, seed, rank) in [("a", UInt64(21), 2), ("b", 22, 4)] {
+            let file = try TestClient(id: name, rank: rank, weight: 1, dtype: .f32, tensors: TestRound.random(seed: seed, ranks: [rank])[0].tensors)
+                .safetensors()
+            #expect(try await client.request("PUT", "/v1/federations/f/rounds/0/uploads/\(name)?rank=\(rank)", body: file.bytes).statusCode == 201)
+        }
+        let download = try SafetensorsFile(bytes: try await client.get("/v1/federations/f/rounds/0/aggregate").body)
+        let modules = Set(download.tensors.compactMap { tensor in TestModule.allCases.first { $0.tensors(rank: 1).contains { $0.0 == tensor.name } }?.name })
+        let json = try await client.get("/v1/federations/f/rounds/0/adapter_config").json
+        // PEFT matches a string target_modules with re.fullmatch against each module's name.
+        let targets = try Regex(try #require(json["target_modules"] as? String))
+        for module in modules { #expect(module.wholeMatch(of: targets) != nil, "\(module)") }
+        #expect("layers.0.attn.k_proj".wholeMatch(of: targets) == nil && "x.\(modules.first!)".wholeMatch(of: targets) == nil)
+        #expect(json["r"] as? Int == 4 && json["lora_alpha"] as? Int == 4)
         #expect(await service.stop() == 0)
     }
 }

@@ -6,9 +6,9 @@ import gzip
 import hashlib
 import io
 import json
-import re
 import socket
 import struct
+import tempfile
 import unittest
 import urllib.request
 from unittest import mock
@@ -124,34 +124,62 @@ class ClientTests(ServerTestCase):
         with self.assertRaises(ValueError):
             lac.truncate_to_rank(arrays, 5)
 
-    def test_download_with_an_adapter_config_writes_the_global_adapters_config_at_scale_1(self):
+    def test_download_peft_dir_writes_the_services_config_beside_the_weights(self):
         client = lac.Client(self.url)
         client.upload(adapter(2, 1.0), federation="cfg", round=0, client="a", rank=2)
         client.upload(adapter(4, 1.0), federation="cfg", round=0, client="b", rank=4, lora_alpha=16)
-        base = Path(self.directory.name) / "base_config.json"
-        base.write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q"]}))
+        # A tagged upload's config is the minimal one; the global adapter's at scale 1 says lora_alpha = r.
+        self.assertEqual(json.loads(client.adapter_config(federation="cfg", round=0, client="b")),
+                         {"peft_type": "LORA", "r": 4, "lora_alpha": 16, "use_rslora": False})
+        config = json.loads(client.adapter_config(federation="cfg", round=0, rank=2))
+        self.assertEqual((config["r"], config["lora_alpha"], config["rank_pattern"], config["alpha_pattern"]), (2, 2, {}, {}))
+        # --output writes the weights alone.
         output = Path(self.directory.name) / "cfg-out"
         output.mkdir()
         with contextlib.redirect_stdout(io.StringIO()) as stdout:
-            code = lac.main(["--server", self.url, "download", "--federation", "cfg", "--round", "0", "--rank", "2", "--output", str(output), "--adapter-config", str(base)])
+            code = lac.main(["--server", self.url, "download", "--federation", "cfg", "--round", "0", "--rank", "2", "--output", str(output)])
         self.assertEqual(code, 0, stdout.getvalue())
-        config = json.loads((output / "adapter_config.json").read_text())
-        self.assertEqual((config["r"], config["lora_alpha"], config["target_modules"], config["rank_pattern"]), (2, 2, ["q"], {}))
-        self.assertEqual(read_tensor((output / "adapter_model.safetensors").read_bytes(), "base_model.model.q.lora_A.weight")[0], [2, 8])
-        # --peft-dir with --lora-alpha: unfolded for that lora_alpha, which the config then says; no base config needed.
+        self.assertEqual(sorted(path.name for path in output.iterdir()), ["adapter_model.safetensors"])
+        # --peft-dir with --lora-alpha: the weights unfolded for that lora_alpha and the service's config for them, as sent.
         peft_dir = Path(self.directory.name) / "cfg-peft"
         with contextlib.redirect_stdout(io.StringIO()) as stdout:
             code = lac.main(["--server", self.url, "download", "--federation", "cfg", "--round", "0", "--lora-alpha", "8", "--peft-dir", str(peft_dir)])
         self.assertEqual(code, 0, stdout.getvalue())
+        self.assertEqual(json.loads(stdout.getvalue())["adapter_config"], str(peft_dir / "adapter_config.json"))
+        self.assertEqual((peft_dir / "adapter_config.json").read_bytes(), client.adapter_config(federation="cfg", round=0, lora_alpha=8))
+        self.assertEqual((peft_dir / "adapter_model.safetensors").read_bytes(), client.aggregate(federation="cfg", round=0, lora_alpha=8))
         config = json.loads((peft_dir / "adapter_config.json").read_text())
-        self.assertEqual((config["r"], config["lora_alpha"], config["alpha_pattern"], config["use_rslora"]), (4, 8.0, {}, False))
-        self.assertTrue(re.fullmatch(config["target_modules"], "q"))
-        # A client's download needs that client's own config, which must give its ranks.
+        self.assertEqual((config["r"], config["lora_alpha"], config["alpha_pattern"], config["use_rslora"]), (4, 8, {}, False))
+        # A refused download leaves no config behind (a stale one would load new weights at old scales).
         with contextlib.redirect_stderr(io.StringIO()) as stderr:
-            code = lac.main(["--server", self.url, "download", "--federation", "cfg", "--round", "0", "--client", "a", "--peft-dir", str(peft_dir),
-                             "--adapter-config", str(base)])
-        self.assertEqual(code, lac.EXIT_LOCAL_ERROR)
-        self.assertIn("r=8", stderr.getvalue())
+            code = lac.main(["--server", self.url, "download", "--federation", "cfg", "--round", "0", "--client", "nobody", "--peft-dir", str(peft_dir)])
+        self.assertEqual(code, lac.EXIT_REFUSED, stderr.getvalue())
+        self.assertIn("404", stderr.getvalue())
+        self.assertFalse((peft_dir / "adapter_config.json").exists())
+        with self.assertRaises(ValueError):  # a client's config has that client's ranks and scales
+            client.adapter_config(federation="cfg", round=0, client="a", lora_alpha=8)
+
+    def test_a_multipart_clients_config_comes_back_byte_for_byte_and_download_peft_dir_writes_both_files(self):
+        client = lac.Client(self.url)
+        # Not as save_pretrained writes it (members unsorted, one line): the service keeps the bytes.
+        uploaded = b'{"target_modules": ["q"], "r": 2, "peft_type": "LORA", "rank_pattern": {}, "lora_alpha": 4}'
+        client.upload_peft(adapter(2, 1.0), uploaded, federation="own", round=0, client="alice")
+        client.upload(adapter(4, 3.0), federation="own", round=0, client="bob", rank=4)
+        self.assertEqual(client.adapter_config(federation="own", round=0, client="alice"), uploaded)
+        peft_dir = Path(self.directory.name) / "alice-next"
+        with contextlib.redirect_stdout(io.StringIO()) as stdout:
+            code = lac.main(["--server", self.url, "download", "--federation", "own", "--round", "0", "--client", "alice", "--peft-dir", str(peft_dir)])
+        self.assertEqual(code, 0, stdout.getvalue())
+        self.assertEqual(json.loads(stdout.getvalue())["written"], str(peft_dir / "adapter_model.safetensors"))
+        self.assertEqual(sorted(path.name for path in peft_dir.iterdir()), ["adapter_config.json", "adapter_model.safetensors"])
+        self.assertEqual((peft_dir / "adapter_config.json").read_bytes(), uploaded)
+        self.assertEqual((peft_dir / "adapter_model.safetensors").read_bytes(), client.aggregate(federation="own", round=0, client="alice"))
+        self.assertEqual(lac.module_ranks((peft_dir / "adapter_model.safetensors").read_bytes()), {"q": 2})
+        # The global adapter's config starts from the lowest client id's config, members in its order.
+        directory = lac.save_peft_aggregate(client, Path(self.directory.name) / "own-global", federation="own", round=0)
+        config = json.loads((Path(directory) / "adapter_config.json").read_text())
+        self.assertEqual(list(config)[:5], ["target_modules", "r", "peft_type", "rank_pattern", "lora_alpha"])
+        self.assertEqual((config["r"], config["lora_alpha"], config["target_modules"]), (4, 4, ["q"]))
 
 
 def two_module_adapter(seed, ranks=(("q", 4), ("k", 2))):
@@ -224,6 +252,21 @@ class ScaleAndMultipartTests(ServerTestCase):
         receipt = lac.upload_peft_directory(service, directory, federation="pattern", round=0, client="c", weight=5)
         self.assertEqual((receipt["rank"], receipt["lora_alpha"]), (4, 8))
 
+    def test_the_global_config_gives_every_module_of_the_global_adapter_its_rank_and_scale(self):
+        service = lac.Client(self.url)
+        service.upload_peft(lac.encode_safetensors(two_module_adapter(5)), self.config, federation="global-config", round=0, client="a")
+        service.upload(lac.encode_safetensors(two_module_adapter(6, (("q", 2), ("k", 2)))), federation="global-config", round=0, client="b", rank=2)
+        for options in ({}, {"rank": 3}, {"lora_alpha": 16}, {"lora_alpha": 16, "use_rslora": True}):
+            with self.subTest(**options):
+                config = json.loads(service.adapter_config(federation="global-config", round=0, **options))
+                ranks = lac.module_ranks(service.aggregate(federation="global-config", round=0, **options))
+                self.assertEqual(ranks, {"q": min(4, options.get("rank", 4)), "k": 2})
+                self.assertEqual(config["target_modules"], ["q", "k"])  # from a's config, the lowest client id that sent one
+                self.assertEqual(config["use_rslora"], options.get("use_rslora", False))
+                for module, rank in ranks.items():
+                    alpha = options.get("lora_alpha", rank)
+                    self.assertEqual(lac.module_rank_and_alpha(config, module), (rank, alpha), module)
+
     def test_a_pattern_key_matching_no_module_is_refused_and_stores_nothing(self):
         service = lac.Client(self.url)
         data = lac.encode_safetensors(two_module_adapter(3))
@@ -273,7 +316,7 @@ class ScaleAndMultipartTests(ServerTestCase):
 
 
 class LocalHelperTests(unittest.TestCase):
-    """Multipart framing, config serialisation and the global adapter's config, without a server."""
+    """Multipart framing, config serialisation and PEFT's pattern resolution, without a server."""
 
     def test_multipart_framing_is_crlf_and_the_boundary_occurs_in_no_part(self):
         taken = b"x lora-aggregator-aaaa y"
@@ -296,6 +339,28 @@ class LocalHelperTests(unittest.TestCase):
         self.assertEqual((list(parsed["rank_pattern"]), list(parsed["alpha_pattern"]), list(parsed["loftq_config"])), (["z", "a"], ["y", "b"], ["a", "b"]))
         self.assertEqual(parsed["target_modules"], ["q"])
 
+    def test_save_peft_aggregate_refetches_when_the_config_changes_under_the_download(self):
+        class Service:  # adapter_config answers from `configs` in turn; download writes the weights
+            def __init__(self, configs):
+                self.configs, self.downloads = list(configs), 0
+
+            def adapter_config(self, **ids):
+                return self.configs.pop(0)
+
+            def download(self, output, **options):
+                self.downloads += 1
+                (Path(output) / "adapter_model.safetensors").write_bytes(b"weights")
+                return str(Path(output) / "adapter_model.safetensors")
+
+        with tempfile.TemporaryDirectory() as directory:
+            service = Service([b"old", b"new", b"new", b"new"])
+            lac.save_peft_aggregate(service, directory, federation="f", round=0)
+            self.assertEqual((service.downloads, (Path(directory) / "adapter_config.json").read_bytes()), (2, b"new"))
+            with self.assertRaises(ValueError) as changing:
+                lac.save_peft_aggregate(Service([b"1", b"2", b"3", b"4"]), directory, federation="f", round=0, attempts=2)
+            self.assertIn("seal", str(changing.exception))
+            self.assertFalse((Path(directory) / "adapter_config.json").exists())
+
     def test_module_resolution_follows_peft_first_matching_key(self):
         config = {"r": 8, "lora_alpha": 16, "rank_pattern": {"layers.0.q": 2, "q": 4}, "alpha_pattern": {"q": 32}}
         self.assertEqual(lac.module_rank_and_alpha(config, "model.layers.0.q"), (2, 32.0))
@@ -304,19 +369,6 @@ class LocalHelperTests(unittest.TestCase):
         self.assertEqual(lac.module_scale(dict(config, use_rslora=True), "k"), 16 / np.sqrt(8))
         self.assertEqual(lac.lora_module("base_model.model.a.b.lora_B.weight"), ("a.b", 1))
         self.assertIsNone(lac.lora_module("base_model.model.head.weight"))
-
-    def test_global_config_gives_every_module_its_rank_and_scale_1(self):
-        ranks = {"up": 2, "block.up": 4, "down": 4, "emb": 1}
-        config = lac.global_adapter_config({"peft_type": "LORA", "target_modules": ["up", "down", "emb"], "rank_pattern": {"x": 9}}, ranks)
-        self.assertEqual((config["r"], config["lora_alpha"], config["use_rslora"]), (4, 4, False))
-        self.assertEqual(list(config["rank_pattern"]), [r"block\.up", "emb", "up"])  # the longer name first, so that "up" does not catch it
-        for module, rank in ranks.items():
-            self.assertEqual(lac.module_rank_and_alpha(config, module), (rank, float(rank)), module)
-        asked = lac.global_adapter_config(None, ranks, lora_alpha=16, use_rslora=True)
-        self.assertEqual((asked["r"], asked["lora_alpha"], asked["alpha_pattern"], asked["use_rslora"]), (4, 16.0, {}, True))
-        self.assertTrue(all(re.fullmatch(asked["target_modules"], module) for module in ranks))
-        self.assertIsNone(re.fullmatch(asked["target_modules"], "blockXup"))
-        self.assertEqual({module: lac.module_rank_and_alpha(asked, module)[0] for module in ranks}, ranks)
 
 
 def unused_port():

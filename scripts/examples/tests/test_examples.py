@@ -80,7 +80,7 @@ class PeftTests(ServerTestCase):
         lac.upload_peft_model(service, low, federation="saved", round=0, client="low", num_samples=1)
         lac.upload_peft_model(service, high, federation="saved", round=0, client="high", num_samples=1)
         directory = Path(self.directory.name) / "saved-adapter"
-        lac.save_peft_aggregate(service, directory, federation="saved", round=0, base_config=high.peft_config["default"], rank=3)
+        lac.save_peft_aggregate(service, directory, federation="saved", round=0, rank=3)
         self.assertEqual(json.loads((directory / "adapter_config.json").read_text())["r"], 3)
         torch.manual_seed(0)
         loaded = PeftModel.from_pretrained(TwoLayers(), str(directory))

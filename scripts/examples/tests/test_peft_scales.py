@@ -2,10 +2,10 @@
 with one lora_alpha and different ranks (one with a rank_pattern) upload their save_pretrained
 directories; each client's download, loaded with PeftModel.from_pretrained and its own config, and
 the global adapter saved by save_peft_aggregate must apply the update that an independent numpy
-reference (fold by √s, replication padding, cut) says. Run with scripts/install-python-examples's
-python."""
+reference (fold by √s, replication padding, cut) says. Every directory is loaded with the
+adapter_config.json the service hands out for it (save_peft_aggregate). Run with
+scripts/install-python-examples's python."""
 import json
-import shutil
 import sys
 import unittest
 from pathlib import Path
@@ -118,11 +118,10 @@ class PeftScaleTests(ServerTestCase):
             with self.subTest(client=client):
                 ranks = {module: module_rank(rank, rank_pattern, module) for module in MODULES}
                 expected = {module: reference.delta(module, ranks[module]) for module in MODULES}
-                # Its download with its own adapter_config.json, loaded by PEFT as it is.
+                # Its download with the service's config for it, the adapter_config.json it uploaded (same bytes), loaded by PEFT as it is.
                 directory = scratch / f"{client}-next"
-                directory.mkdir()
-                service.download(directory, federation="scales", round=0, client=client)
-                shutil.copy(scratch / client / "adapter_config.json", directory / "adapter_config.json")
+                lac.save_peft_aggregate(service, directory, federation="scales", round=0, client=client)
+                self.assertEqual((directory / "adapter_config.json").read_bytes(), (scratch / client / "adapter_config.json").read_bytes())
                 self.assertEqual(lac.module_ranks((directory / "adapter_model.safetensors").read_bytes()), ranks)
                 loaded = PeftModel.from_pretrained(base_model(), str(directory))
                 self.assert_deltas(loaded, expected, f"{client} from_pretrained")
@@ -134,13 +133,15 @@ class PeftScaleTests(ServerTestCase):
 
         full = {module: reference.delta(module) for module in MODULES}
         self.assertEqual({module: reference.global_factors(module)[0].shape[0] for module in MODULES}, {"up": 16, "down": 16})
-        # The global adapter saved as a directory: at scale 1 (lora_alpha = r), or for lora_alpha=16.
+        # The global adapter saved as a directory: at scale 1 (lora_alpha = r), or for lora_alpha=16. Its
+        # config is the lowest client id's (c-rank16, one r) with the global ranks and scale.
         for label, options in (("scale 1", {}), ("lora_alpha 16", {"lora_alpha": LORA_ALPHA})):
             with self.subTest(global_adapter=label):
                 directory = scratch / f"global-{len(options)}"
-                lac.save_peft_aggregate(service, directory, federation="scales", round=0, base_config=lora_config(8, {"down": 2}), **options)
+                lac.save_peft_aggregate(service, directory, federation="scales", round=0, **options)
                 config = json.loads((directory / "adapter_config.json").read_text())
-                self.assertEqual((config["r"], config["rank_pattern"]), (16, {}))
+                self.assertEqual((config["r"], config["rank_pattern"], config["alpha_pattern"]), (16, {}, {}))
+                self.assertEqual(sorted(config["target_modules"]), sorted(MODULES))
                 self.assertEqual(config["lora_alpha"], options.get("lora_alpha", 16))
                 self.assert_deltas(PeftModel.from_pretrained(base_model(), str(directory)), full, f"global {label}")
         # Cut to rank 4: one rank, lora_alpha = 4.
@@ -182,12 +183,13 @@ class PeftScaleTests(ServerTestCase):
                   "b": ({n: t.detach().numpy() for n, t in get_peft_model_state_dict(other).items()}, 4, {}, 1.0)}
         reference = Reference(states)
         full = {module: reference.delta(module) for module in MODULES}
-        for label, options, alpha, alpha_pattern in (("scale 1", {}, 8, {"down": 4}), ("lora_alpha 16", {"lora_alpha": LORA_ALPHA}, 16, {})):
+        # The server keys patterns by anchored module names, so each resolves to exactly its module.
+        for label, options, alpha, alpha_pattern in (("scale 1", {}, 8, {"^down$": 4}), ("lora_alpha 16", {"lora_alpha": LORA_ALPHA}, 16, {})):
             with self.subTest(global_adapter=label):
                 directory = Path(self.directory.name) / f"pattern-global-{len(options)}"
                 lac.save_peft_aggregate(service, directory, federation="pattern-model", round=0, **options)
                 config = json.loads((directory / "adapter_config.json").read_text())
-                self.assertEqual((config["r"], config["rank_pattern"], config["lora_alpha"], config["alpha_pattern"]), (8, {"down": 4}, alpha, alpha_pattern))
+                self.assertEqual((config["r"], config["rank_pattern"], config["lora_alpha"], config["alpha_pattern"]), (8, {"^down$": 4}, alpha, alpha_pattern))
                 self.assert_deltas(PeftModel.from_pretrained(base_model(), str(directory)), full, f"global {label}")
 
 
