@@ -99,17 +99,32 @@ func benchmarkEngine(directory: URL, repeats: Int) throws {
             file: try SafetensorsFile(bytes: [UInt8](Data(contentsOf: directory.appendingPathComponent($0.file)))))
     }
     let source = InMemoryAdapterSource(adapters)
+    // The same round as PEFT clients with one lora_alpha would send it: every client at its own
+    // scale 16/r, folded on the way in and unfolded to lora_alpha 16 on the way out.
+    let scaledSource = InMemoryAdapterSource(
+        try adapters.map {
+            ClientAdapter(
+                participant: RoundParticipant(
+                    clientID: $0.participant.clientID, weight: $0.participant.weight, config: try AdapterConfig(rank: $0.participant.rank, loraAlpha: 16)),
+                file: $0.file)
+        })
+    let scaledOptions = AggregationOptions(strategy: .replication, dtype: .f32, scaling: .uniform(loraAlpha: 16, useRSLoRA: false))
     let inputBytes = adapters.reduce(0) { total, adapter in total + adapter.file.tensors.reduce(0) { $0 + $1.byteRange.count } }
 
     let clock = ContinuousClock()
     var engineTimes: [Double] = []
+    var scaledTimes: [Double] = []
     var output: AggregatedAdapter?
     // Two untimed warm-up runs: a fresh process's first aggregations wait on the kernel for new memory.
     for _ in 0..<2 { _ = try AdapterAggregator.aggregate(source, options: .init(strategy: .replication, dtype: .f32)) }
+    // Unscaled and scaled alternate, so both see the same machine.
     for _ in 0..<repeats {
-        let start = clock.now
+        var start = clock.now
         output = try AdapterAggregator.aggregate(source, options: .init(strategy: .replication, dtype: .f32))
         engineTimes.append(seconds(clock.now - start))
+        start = clock.now
+        _ = try AdapterAggregator.aggregate(scaledSource, options: scaledOptions)
+        scaledTimes.append(seconds(clock.now - start))
     }
     try Data(output!.bytes).write(to: directory.appendingPathComponent("engine_output.safetensors"))
 
@@ -130,7 +145,7 @@ func benchmarkEngine(directory: URL, repeats: Int) throws {
         copyTimes.append(seconds(clock.now - start))
     }
     print(
-        #"{"input_bytes":\#(inputBytes),"output_bytes":\#(output!.bytes.count),"engine_seconds":\#(median(engineTimes)),"memcpy_seconds":\#(median(copyTimes))}"#
+        #"{"input_bytes":\#(inputBytes),"output_bytes":\#(output!.bytes.count),"engine_seconds":\#(median(engineTimes)),"scaled_seconds":\#(median(scaledTimes)),"memcpy_seconds":\#(median(copyTimes))}"#
     )
 }
 

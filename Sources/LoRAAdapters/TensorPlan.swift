@@ -25,10 +25,10 @@ struct TensorPlan {
     let inner: Int
     /// The rank of the output (1 for dense tensors).
     let outputRank: Int
-    /// Divisor of each output rank slice; +∞ where no client owns the slice (the slice stays 0).
+    /// Divisor of each output rank slice: the strategy's weight sum times `√s_t`, which unfolds the
+    /// mean to the target scale in the same single division (times 1 at scale 1, so those bytes are
+    /// unchanged); +∞ where no client owns the slice (the slice stays 0).
     let denominators: [Double]
-    /// `√s_t`, what the means are divided by to unfold them to the target scale (1: left as they are).
-    let unfoldingDivisor: Double
 
     let isLoRA: Bool
 
@@ -102,7 +102,6 @@ struct TensorPlan {
 
         self.name = name
         self.holders = holders
-        self.unfoldingDivisor = unfoldingDivisor
         isLoRA = module != nil
         switch role.factor {
         case .a:
@@ -128,7 +127,7 @@ struct TensorPlan {
                 case .zeroPadding: totalWeight
                 case .replication: holders.reduce(0) { $1.rank > slice ? $0 + $1.weight : $0 }
                 }
-            return weight > 0 ? weight : .infinity
+            return weight > 0 ? weight * unfoldingDivisor : .infinity
         }
     }
 
@@ -192,17 +191,7 @@ struct TensorPlan {
                 let blockOffset = block &* outputRank &* inner
                 let blockSums = base + blockOffset
                 let blockDestination = destination + blockOffset &* Codec.dtype.byteWidth
-                if unfoldingDivisor != 1 {
-                    // Unfolding: the mean first, then `/ √s_t`, so a cut from a scale-1 Float64
-                    // aggregate rounds the same values.
-                    for slice in 0..<outputRank {
-                        let runStart = slice &* inner
-                        let divisor = divisors[slice]
-                        for index in runStart..<(runStart &+ inner) {
-                            Codec.store(blockSums[index] / divisor / unfoldingDivisor, to: blockDestination, at: index)
-                        }
-                    }
-                } else if inner == 1 {
+                if inner == 1 {
                     // B tensors: one element per slice, so each block is divided by the divisor vector.
                     for slice in 0..<outputRank {
                         Codec.store(blockSums[slice] / divisors[slice], to: blockDestination, at: slice)
