@@ -39,6 +39,7 @@ final class HTTPConnection: EventSource {
     private var writes = WriteQueue()
     private var lastWriteProgress: ContinuousClock.Instant
     private var registeredEvents: UInt32 = 0
+    private var isProcessing = false
 
     init(descriptor: Int32, server: ServerCore) {
         self.descriptor = descriptor
@@ -113,6 +114,11 @@ final class HTTPConnection: EventSource {
     // MARK: Requests
 
     private func process() {
+        // A request answered at once (a 404, say) finishes inside this loop and asks to process the
+        // next: the loop below does that, so pipelined requests never nest calls on the stack.
+        guard !isProcessing else { return }
+        isProcessing = true
+        defer { isProcessing = false }
         while true {
             switch state {
             case .closed, .draining:
@@ -122,6 +128,7 @@ final class HTTPConnection: EventSource {
                 updateInterest()
                 return
             case .awaitingRequest(let headStartedAt):
+                compactInput()  // heads already parsed are dropped, however many bodiless requests come
                 guard inputStart < input.count else {
                     updateInterest()
                     return
@@ -387,6 +394,12 @@ final class HTTPConnection: EventSource {
     /// Queues `buffers` and writes what the socket takes; `completion` runs once everything queued
     /// so far is written (true) or the connection closed first (false).
     private func enqueue(_ buffers: [[UInt8]], then completion: ((Bool) -> Void)?) {
+        // A response stream may write after the client went away: its descriptor is closed (and
+        // may already belong to another connection), so nothing is written and the writer is told.
+        guard !isClosed else {
+            completion?(false)
+            return
+        }
         if writes.isEmpty { lastWriteProgress = server.now }
         writes.append(buffers, then: completion)
         flush()

@@ -55,6 +55,7 @@ enum HTTPResponseEncoder {
     /// One piece of a streamed body as it goes on the wire under `framing`.
     static func bodyPiece(_ bytes: [UInt8], framing: OutgoingBodyFraming) -> [[UInt8]] {
         guard framing == .chunked else { return [bytes] }
+        guard !bytes.isEmpty else { return [] }  // an empty chunk would be the last one
         return [Array((String(bytes.count, radix: 16) + "\r\n").utf8), bytes, Array("\r\n".utf8)]
     }
 

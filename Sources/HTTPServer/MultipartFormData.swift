@@ -23,8 +23,8 @@ public struct MultipartLimits: Sendable {
 /// A streaming, strict `multipart/form-data` reader (RFC 7578 over RFC 2046 §5.1): bytes go in as
 /// they arrive, in chunks of any size; parts come out whole. Every deviation is a 400 naming it:
 /// a missing or malformed boundary, a part without `Content-Disposition: form-data; name=…`, a
-/// repeated or unexpected part name, a part or header block over its limit, data after the close
-/// delimiter other than an epilogue, or a body that ends before the close delimiter.
+/// repeated or unexpected part name, a part or header block over its limit, or a body that ends
+/// before the close delimiter. A preamble and an epilogue are ignored, as RFC 2046 says.
 public struct MultipartFormDataReader {
     private enum State {
         /// Before the first delimiter (a preamble may precede it).
@@ -99,7 +99,7 @@ public struct MultipartFormDataReader {
                 } else if let found = Self.find(delimiter, in: buffer) {
                     buffer.removeFirst(found + delimiter.count)
                 } else {
-                    // Keep only what could still begin a delimiter; the preamble is bounded like a header block.
+                    // Not found yet: wait for more, but a preamble is bounded like a header block.
                     guard buffer.count <= limits.maxPartHeaderBytes else { throw Self.error("no multipart boundary delimiter found") }
                     return
                 }
@@ -204,7 +204,7 @@ public struct MultipartFormDataReader {
             if pieces.first == "\"" {
                 pieces = pieces.dropFirst()
                 while let character = pieces.first, character != "\"" {
-                    if character == "\\", pieces.count > 1 { pieces = pieces.dropFirst() }
+                    if character == "\\", !pieces.dropFirst().isEmpty { pieces = pieces.dropFirst() }
                     parsed.append(pieces.first!)
                     pieces = pieces.dropFirst()
                 }

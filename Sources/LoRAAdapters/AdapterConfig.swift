@@ -94,6 +94,9 @@ public struct AdapterConfig: Sendable, Equatable {
         (rankPattern.map(\.key) + alphaPattern.map(\.key)).filter { key in !modules.contains { matchers[key]!.matches($0) } }
     }
 
+    /// `LoraConfig.lora_alpha` when a config leaves it out.
+    static let peftDefaultLoraAlpha = 8.0
+
     /// Pattern keys are regular expressions matched by backtracking, so their number and length are
     /// bounded (a real config has one key per module, each a module name or a short expression).
     static let maxPatternKeys = 4096
@@ -159,7 +162,8 @@ extension AdapterConfig {
         guard let rankValue = byKey["r"] else { throw AdapterError(.invalidConfig, "r is missing") }
         try self.init(
             rank: try Self.positiveInteger(rankValue, field: "r"),
-            loraAlpha: try byKey["lora_alpha"].map { value throws(AdapterError) in try Self.number(value, field: "lora_alpha") },
+            // Absent, it is what PEFT's LoraConfig defaults to, not r.
+            loraAlpha: try byKey["lora_alpha"].map { value throws(AdapterError) in try Self.number(value, field: "lora_alpha") } ?? Self.peftDefaultLoraAlpha,
             useRSLoRA: try Self.flag(byKey["use_rslora"], field: "use_rslora"),
             rankPattern: try Self.pattern(byKey["rank_pattern"], field: "rank_pattern") { value, field throws(AdapterError) in
                 try AdapterConfig.positiveInteger(value, field: field)

@@ -74,6 +74,18 @@ extension HTTPServerTests {
             await server.stop()
         }
 
+        @Test func thousandsOfPipelinedRequestsAnsweredAtOnceAreServedInOrder() async throws {
+            let server = try TestServer.start()
+            let client = try server.client()
+            let count = 5000
+            try client.send(String(repeating: "GET /nope HTTP/1.1\r\nHost: x\r\n\r\n", count: count - 1) + "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            var notFound = 0
+            for _ in 0..<(count - 1) where try client.readResponse().statusCode == 404 { notFound += 1 }
+            #expect(notFound == count - 1)
+            #expect(try client.readResponse().statusCode == 200, "the last request, after all the others")
+            await server.stop()
+        }
+
         @Test func chunkedUploadsAreDecodedAndTrailersDropped() async throws {
             let server = try TestServer.start()
             let client = try server.client()

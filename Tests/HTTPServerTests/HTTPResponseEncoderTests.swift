@@ -62,6 +62,7 @@ extension HTTPServerTests {
             let piece = HTTPResponseEncoder.bodyPiece(Array(repeating: 0x61, count: 26), framing: .chunked).flatMap { $0 }
             #expect(String(decoding: piece, as: UTF8.self) == "1a\r\n" + String(repeating: "a", count: 26) + "\r\n")
             #expect(HTTPResponseEncoder.bodyPiece([1, 2], framing: .sized(2)) == [[1, 2]])
+            #expect(HTTPResponseEncoder.bodyPiece([], framing: .chunked).isEmpty, "an empty piece must not end the body")
             #expect(String(decoding: HTTPResponseEncoder.lastChunk, as: UTF8.self) == "0\r\n\r\n")
             #expect(String(decoding: HTTPResponseEncoder.continueResponse, as: UTF8.self) == "HTTP/1.1 100 Continue\r\n\r\n")
         }

@@ -10,6 +10,7 @@ import Testing
         let rs = try config(#"{"r":16,"lora_alpha":32,"use_rslora":true}"#)
         #expect(rs.scale(ofModule: "anything") == 8)
         #expect(try config(#"{"r":4,"lora_alpha":4}"#).isUnscaled)
+        #expect(try config(#"{"r":16}"#).scale(ofModule: "q") == 0.5, "PEFT's default lora_alpha is 8, not r")
         #expect(try !config(#"{"r":4,"lora_alpha":8}"#).isUnscaled)
     }
 
