@@ -51,6 +51,11 @@ final class ServiceProcess: @unchecked Sendable {
         self.databasePath = database
     }
 
+    /// A test that throws before stopping its server must not leave it running.
+    deinit {
+        if process.isRunning { Foundation.kill(process.processIdentifier, SIGKILL) }
+    }
+
     /// SIGTERM, then waits for the exit; returns the exit status.
     @discardableResult
     func stop() async -> Int32 {
