@@ -121,12 +121,8 @@ public struct RoundConfigs: Sendable {
     /// Every LoRA module that any upload holds.
     public let modules: Set<String>
 
-    /// Each module's global rank (the largest any upload gives it), cut to `rankLimit`.
-    public func moduleRanks(limit rankLimit: Int?) -> [String: Int] {
-        Dictionary(
-            uniqueKeysWithValues: modules.map { module in
-                let global = uploads.map { $0.config.rank(ofModule: module) }.max()!
-                return (module, min(rankLimit ?? global, global))
-            })
+    /// Each module's global rank: the largest any upload gives it.
+    public func globalModuleRanks() -> [String: Int] {
+        Dictionary(uniqueKeysWithValues: modules.map { module in (module, uploads.map { $0.config.rank(ofModule: module) }.max()!) })
     }
 }

@@ -16,8 +16,10 @@ extension AggregatorService {
         let scaling = try Self.targetScaling(parameters)
         let rank = try parameters.integer("rank")
         let configs = try await roundConfigs(parameters)
-        let moduleRanks = configs.moduleRanks(limit: rank)
-        let globalRank = configs.moduleRanks(limit: nil).values.max() ?? configs.uploads.map(\.config.rank).max()!
+        // Resolved once: pattern matching is the costly part. Modules of a lower global rank keep theirs.
+        let globalModuleRanks = configs.globalModuleRanks()
+        let moduleRanks = globalModuleRanks.mapValues { min(rank ?? $0, $0) }
+        let globalRank = globalModuleRanks.values.max() ?? configs.uploads.map(\.config.rank).max()!
         if let rank, !(1...globalRank).contains(rank) {
             throw AdapterError(.rankOutOfRange, "rank \(rank) is outside 1...\(globalRank), the largest rank in the round")
         }
