@@ -118,21 +118,13 @@ extension AdapterStore {
             rank = participant.rank
             scaling = participant.config.isUnscaled ? .unit : .client(participant.config)
         }
-        let revision = try connection.statement("SELECT revision FROM rounds WHERE federation = ?1 AND round = ?2")
-        try revision.bind(.id(federation), .round(round))
-        _ = try revision.step()
+        let stored = try connection.statement("SELECT revision, max_rank FROM rounds WHERE federation = ?1 AND round = ?2")
+        try stored.bind(.id(federation), .round(round))
+        _ = try stored.step()
         let key = AggregateCache.Key(
-            federation: federation, round: round, revision: revision.integer(0), strategy: strategy,
-            rank: try rank ?? globalRank(of: participants, in: source), dtype: dtype, scaling: scalingKey(scaling, client: client))
+            federation: federation, round: round, revision: stored.integer(0), strategy: strategy,
+            rank: rank ?? Int(stored.integer(1)), dtype: dtype, scaling: scalingKey(scaling, client: client))
         return (key, scaling)
-    }
-
-    /// The largest rank of any module: the configs' `r` unless a `rank_pattern` says otherwise.
-    private static func globalRank(of participants: [RoundParticipant], in source: SQLiteAdapterSource) throws -> Int {
-        let largestR = participants.map(\.rank).max()!
-        guard participants.contains(where: { !$0.config.rankPattern.isEmpty }) else { return largestR }
-        let modules = Set(try source.holdings().compactMap { TensorRole.moduleName(ofTensor: $0.name) })
-        return modules.map { module in participants.map { $0.config.rank(ofModule: module) }.max()! }.max() ?? largestR
     }
 
     static let unitScalingKey = "unit"

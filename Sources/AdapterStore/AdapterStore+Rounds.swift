@@ -8,7 +8,7 @@ extension AdapterStore {
         try await reader.read { connection in
             let statement = try connection.statement(
                 """
-                SELECT r.round, r.sealed, count(u.id), coalesce(max(u.rank), 0) FROM rounds r
+                SELECT r.round, r.sealed, count(u.id), r.max_rank FROM rounds r
                 LEFT JOIN uploads u ON u.federation = r.federation AND u.round = r.round
                 WHERE r.federation = ?1 GROUP BY r.round HAVING count(u.id) > 0 OR r.sealed ORDER BY r.round
                 """)
@@ -27,11 +27,12 @@ extension AdapterStore {
     }
 
     private static func roundRecord(_ connection: SQLiteConnection, _ federation: FederationID, _ round: RoundNumber) throws -> RoundRecord? {
-        let statement = try connection.statement("SELECT sealed FROM rounds WHERE federation = ?1 AND round = ?2")
+        let statement = try connection.statement("SELECT sealed, max_rank FROM rounds WHERE federation = ?1 AND round = ?2")
         try statement.bind(.id(federation), .round(round))
-        let sealed = try statement.step() && statement.integer(0) != 0
+        let exists = try statement.step()
+        let sealed = exists && statement.integer(0) != 0
         let uploads = try uploadRecords(connection, federation, round)
         guard sealed || !uploads.isEmpty else { return nil }
-        return RoundRecord(federation: federation, round: round, sealed: sealed, uploads: uploads)
+        return RoundRecord(federation: federation, round: round, sealed: sealed, uploads: uploads, maxRank: exists ? Int(statement.integer(1)) : 0)
     }
 }

@@ -110,10 +110,11 @@ extension AdapterStore {
     }
 
     /// A change to a round's uploads: a new revision, so no cached aggregate or recorded digest of
-    /// it matches any more (and the recorded ones can go).
+    /// it matches any more (and the recorded ones can go), and its global rank anew.
     private static func roundChanged(_ connection: SQLiteConnection, _ federation: FederationID, _ round: RoundNumber) throws {
-        try connection.statement("UPDATE rounds SET revision = revision + 1 WHERE federation = ?1 AND round = ?2")
-            .bind(.id(federation), .round(round)).run()
+        let globalRank = try roundConfigs(connection, federation, round)?.globalRank ?? 0
+        try connection.statement("UPDATE rounds SET revision = revision + 1, max_rank = ?3 WHERE federation = ?1 AND round = ?2")
+            .bind(.id(federation), .round(round), .integer(Int64(globalRank))).run()
         try connection.statement("DELETE FROM aggregate_digests WHERE federation = ?1 AND round = ?2")
             .bind(.id(federation), .round(round)).run()
     }

@@ -88,6 +88,13 @@ enum Schema {
             PRIMARY KEY (federation, round, revision, strategy, rank, dtype, scaling, engine_version)
         ) WITHOUT ROWID;
         """,
+        // A round's global rank (the largest rank any module has in it, rank_pattern included),
+        // kept with each change of its uploads. Rounds from before take their largest r.
+        """
+        ALTER TABLE rounds ADD COLUMN max_rank INTEGER NOT NULL DEFAULT 0;
+        UPDATE rounds SET max_rank = coalesce(
+            (SELECT max(u.rank) FROM uploads u WHERE u.federation = rounds.federation AND u.round = rounds.round), 0);
+        """,
     ]
 
     /// Brings the schema up to date. The version is read inside the write transaction, so two

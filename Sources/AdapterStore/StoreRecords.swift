@@ -21,7 +21,8 @@ public struct RoundRecord: Sendable, Equatable {
     public let sealed: Bool
     /// Sorted by client id.
     public let uploads: [UploadRecord]
-    public var maxRank: Int { uploads.map(\.rank).max() ?? 0 }
+    /// The largest rank of any module (`rank_pattern` included), the global rank by default.
+    public let maxRank: Int
     public var totalWeight: Double { uploads.reduce(0) { $0 + $1.weight } }
 }
 
@@ -125,4 +126,7 @@ public struct RoundConfigs: Sendable {
     public func globalModuleRanks() -> [String: Int] {
         Dictionary(uniqueKeysWithValues: modules.map { module in (module, uploads.map { $0.config.rank(ofModule: module) }.max()!) })
     }
+
+    /// The round's global rank: the largest of its modules'.
+    public var globalRank: Int { globalModuleRanks().values.max() ?? 0 }
 }

@@ -58,6 +58,7 @@ extension AggregatorService {
             guard useRSLoRA == nil else { throw ServiceError(.badRequest, "use_rslora needs lora_alpha: without it the answer is at scale 1") }
             return .unit
         }
+        do { try AdapterConfig.checkLoraAlpha(loraAlpha, field: "lora_alpha") } catch { throw ServiceError(.badRequest, error.message) }
         return .uniform(loraAlpha: loraAlpha, useRSLoRA: useRSLoRA ?? false)
     }
 }

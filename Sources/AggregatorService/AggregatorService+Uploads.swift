@@ -7,7 +7,8 @@ import LoRAAdapters
 extension AggregatorService {
     func registerUploadRoutes(on routes: inout AuthorizedRoutes) {
         let uploadPath = "/v1/federations/{federation}/rounds/{round}/uploads/{client}"
-        routes.add("PUT", uploadPath, .ownUpload, maxBodyBytes: configuration.maxUploadBytes) { [self] in try await putUpload($0, $1) }
+        routes.add("PUT", uploadPath, .ownUpload, maxBodyBytes: configuration.maxUploadBytes + Self.multipartAllowance) { [self] in try await putUpload($0, $1)
+        }
         routes.add("GET", uploadPath, .ownUpload) { [self] request, _ in try await getUpload(request) }
         routes.add("DELETE", uploadPath, .ownUpload) { [self] request, _ in try await deleteUpload(request) }
     }
@@ -23,10 +24,13 @@ extension AggregatorService {
         let coding = try Self.contentCoding(of: request)
         // Checked before the body is read, so Expect: 100-continue clients never send it.
         let form = try UploadForm(request, rank: rank, loraAlpha: try parameters.positiveNumber("lora_alpha"), useRSLoRA: try parameters.flag("use_rslora"))
-        let bytes = try await receiveUpload(body, coding: coding, limit: configuration.maxUploadBytes + (form.isMultipart ? Self.multipartAllowance : 0))
-        let maxUploadBytes = configuration.maxUploadBytes
+        let receiver = try UploadReceiver(
+            form, coding: coding, declaredLength: request.headers["content-length"].flatMap { Int($0) }, maxFileBytes: configuration.maxUploadBytes)
+        for try await chunk in body {
+            if coding == .identity { try receiver.take(chunk) } else { try await offload { try receiver.take(chunk) } }
+        }
         let upload = try await offload { () throws -> (SafetensorsFile, AdapterConfig, [UInt8]?, AdapterSummary, String) in
-            let (fileBytes, config, configJSON) = try form.read(bytes, maxFileBytes: maxUploadBytes)
+            let (fileBytes, config, configJSON) = try form.read(try receiver.finish())
             let file = try SafetensorsFile(bytes: fileBytes)
             let summary = try AdapterValidator.validate(file, config: config)
             return (file, config, configJSON, summary, ContentDigest.sha256Hex(fileBytes))
@@ -44,17 +48,7 @@ extension AggregatorService {
     }
 
     /// Room for a multipart body's config part and framing on top of the file's own limit.
-    private static let multipartAllowance = UploadForm.maxConfigBytes + 64 * 1024
-
-    /// The decompressed body, capped at `limit`; inflated chunk by chunk as it arrives.
-    private func receiveUpload(_ body: HTTPRequestBody, coding: ContentCoding, limit: Int) async throws -> [UInt8] {
-        guard coding != .identity else { return try await body.collect(upTo: limit) }
-        let inflater = SerialInflater(try Inflater(coding: coding, limit: limit))
-        for try await chunk in body {
-            try await offload { try inflater.append(chunk) }
-        }
-        return try await offload { try inflater.finish() }
-    }
+    static let multipartAllowance = UploadForm.maxConfigBytes + 64 * 1024
 
     private func getUpload(_ request: HTTPRequest) async throws -> HTTPResponse {
         let parameters = try RequestParameters(request)
@@ -92,14 +86,52 @@ extension AggregatorService {
     }
 }
 
-/// An inflater used by one upload's chunks in turn.
-private final class SerialInflater: @unchecked Sendable {
-    // @unchecked: the upload handler awaits each call before making the next, so the inflater is
+/// An upload's body as it arrives, chunk by chunk: inflated when it is compressed and split into its
+/// parts when it is multipart, so no stage holds a second copy of the whole.
+final class UploadReceiver: @unchecked Sendable {
+    // @unchecked: the upload handler awaits each call before making the next, so the receiver is
     // never used from two threads at once.
-    private let inflater: Inflater
-    init(_ inflater: Inflater) { self.inflater = inflater }
-    func append(_ chunk: [UInt8]) throws { try inflater.append(chunk) }
-    func finish() throws -> [UInt8] { try inflater.finish() }
+    enum Body {
+        case file([UInt8])
+        case parts([MultipartPart])
+    }
+
+    private let inflater: Inflater?
+    /// Where the bytes go: one of the two, by the form.
+    private var file: [UInt8]?
+    private var multipart: MultipartFormDataReader?
+    /// The decompressed bytes allowed in all; a multipart body's parts have their own limits within it.
+    private let limit: Int
+    private var received = 0
+
+    /// Refuses an identity body whose declared length is already over the limit, before it is sent.
+    init(_ form: UploadForm, coding: ContentCoding, declaredLength: Int?, maxFileBytes: Int) throws {
+        limit = maxFileBytes + (form.isMultipart ? AggregatorService.multipartAllowance : 0)
+        if coding == .identity, let declaredLength, declaredLength > limit {
+            throw ServiceError(.contentTooLarge, "the upload of \(declaredLength) bytes exceeds the limit of \(limit) bytes")
+        }
+        inflater = coding == .identity ? nil : try Inflater(coding: coding, limit: limit)
+        multipart = try form.multipartReader(maxFileBytes: maxFileBytes)
+        file = multipart == nil ? [] : nil
+    }
+
+    func take(_ chunk: [UInt8]) throws {
+        guard let inflater else { return try chunk.withUnsafeBufferPointer { try deliver($0) } }
+        try inflater.append(chunk) { try deliver($0) }
+    }
+
+    func finish() throws -> Body {
+        try inflater?.finish()
+        if let file { return .file(file) }
+        return .parts(try multipart!.finish())
+    }
+
+    private func deliver(_ bytes: UnsafeBufferPointer<UInt8>) throws {
+        received += bytes.count
+        guard received <= limit else { throw ServiceError(.contentTooLarge, "the upload exceeds \(limit) bytes") }
+        // Mutated through the optionals in place: a local copy would make each append copy the whole.
+        if file != nil { file!.append(contentsOf: bytes) } else { try multipart!.append(UnsafeRawBufferPointer(bytes)) }
+    }
 }
 
 /// The two forms of an upload body (openapi.yaml, "Upload"): the safetensors bytes tagged by query
@@ -143,16 +175,19 @@ struct UploadForm: Sendable {
         kind = .safetensors(try AdapterConfig(rank: rank, loraAlpha: loraAlpha, useRSLoRA: useRSLoRA ?? false))
     }
 
+    /// The reader of a multipart body's parts, or nil for a bare safetensors body.
+    fileprivate func multipartReader(maxFileBytes: Int) throws -> MultipartFormDataReader? {
+        guard case .multipart(let contentType, _) = kind else { return nil }
+        return try MultipartFormDataReader(
+            contentType: contentType, limits: MultipartLimits(maxPartBytes: [Self.modelPart: maxFileBytes, Self.configPart: Self.maxConfigBytes]))
+    }
+
     /// The safetensors bytes, the config, and the config as sent (multipart only).
-    func read(_ body: [UInt8], maxFileBytes: Int) throws -> (file: [UInt8], config: AdapterConfig, configJSON: [UInt8]?) {
-        switch kind {
-        case .safetensors(let config):
-            return (body, config, nil)
-        case .multipart(let contentType, let rank):
-            var reader = try MultipartFormDataReader(
-                contentType: contentType, limits: MultipartLimits(maxPartBytes: [Self.modelPart: maxFileBytes, Self.configPart: Self.maxConfigBytes]))
-            try reader.append(body)
-            let parts = try reader.finish()
+    func read(_ body: UploadReceiver.Body) throws -> (file: [UInt8], config: AdapterConfig, configJSON: [UInt8]?) {
+        switch (kind, body) {
+        case (.safetensors(let config), .file(let bytes)):
+            return (bytes, config, nil)
+        case (.multipart(_, let rank), .parts(let parts)):
             guard let model = parts.first(where: { $0.name == Self.modelPart }), let json = parts.first(where: { $0.name == Self.configPart }) else {
                 throw ServiceError(.badRequest, "a multipart upload needs the parts \"\(Self.modelPart)\" and \"\(Self.configPart)\"")
             }
@@ -161,6 +196,8 @@ struct UploadForm: Sendable {
                 throw AdapterError(.rankMismatch, "the query's rank \(rank) is not the config's r \(config.rank)")
             }
             return (model.body, config, json.body)
+        default:
+            preconditionFailure("an UploadReceiver's body has the form it was made for")
         }
     }
 }

@@ -13,13 +13,14 @@ enum ContentCoding: String, CaseIterable {
     var windowBits: Int32 { self == .gzip ? 15 + 16 : 15 }
 }
 
-/// Streaming decompression with a cap on the output: input arrives in chunks, output grows only as
-/// far as the cap, so a small bomb that would inflate past it fails with 413 without the server ever
-/// allocating the cap.
+/// Streaming decompression with a cap on the output: input arrives in chunks, and the output is
+/// handed on in pieces as it is produced, so a small bomb that would inflate past the cap fails with
+/// 413 without the server ever allocating it.
 final class Inflater {
     private var stream = z_stream()
     private let limit: Int
-    private(set) var output: [UInt8] = []
+    private var produced = 0
+    private var scratch = [UInt8](repeating: 0, count: 256 * 1024)
     private(set) var finished = false
 
     init(coding: ContentCoding, limit: Int) throws(ServiceError) {
@@ -31,29 +32,30 @@ final class Inflater {
 
     deinit { inflateEnd(&stream) }
 
-    /// Inflates `chunk`; throws 413 past the limit, 400 for a corrupt stream or data after its end.
-    func append(_ chunk: [UInt8]) throws(ServiceError) {
+    /// Inflates `chunk`, passing each piece of output to `sink` (valid only during the call); throws
+    /// 413 past the limit, 400 for a corrupt stream or data after its end, and what `sink` throws.
+    func append(_ chunk: [UInt8], to sink: (UnsafeBufferPointer<UInt8>) throws -> Void) throws {
         guard !chunk.isEmpty else { return }
         guard !finished else { throw ServiceError(.badRequest, "data follows the end of the compressed stream") }
         var input = chunk
-        var scratch = [UInt8](repeating: 0, count: 256 * 1024)
-        let status: Int32 = input.withUnsafeMutableBufferPointer { source in
+        let status: Int32 = try input.withUnsafeMutableBufferPointer { source in
             stream.next_in = source.baseAddress
             stream.avail_in = UInt32(source.count)
-            while true {
-                let (status, produced) = scratch.withUnsafeMutableBufferPointer { buffer in
+            return try scratch.withUnsafeMutableBufferPointer { buffer in
+                while true {
                     stream.next_out = buffer.baseAddress
                     stream.avail_out = UInt32(buffer.count)
                     let status = inflate(&stream, Z_NO_FLUSH)
-                    return (status, buffer.count - Int(stream.avail_out))
+                    let count = buffer.count - Int(stream.avail_out)
+                    guard status == Z_OK || status == Z_STREAM_END || status == Z_BUF_ERROR else { return status }
+                    guard produced + count <= limit else { return Z_MEM_ERROR }
+                    produced += count
+                    if count > 0 { try sink(UnsafeBufferPointer(rebasing: buffer[0..<count])) }
+                    if status == Z_STREAM_END { return stream.avail_in == 0 ? Z_STREAM_END : Z_DATA_ERROR }
+                    // All input taken and the output buffer not filled: this chunk is done.
+                    if stream.avail_in == 0 && stream.avail_out > 0 { return Z_OK }
+                    if status == Z_BUF_ERROR { return Z_OK }
                 }
-                guard status == Z_OK || status == Z_STREAM_END || status == Z_BUF_ERROR else { return status }
-                guard output.count + produced <= limit else { return Z_MEM_ERROR }
-                output.append(contentsOf: scratch[0..<produced])
-                if status == Z_STREAM_END { return stream.avail_in == 0 ? Z_STREAM_END : Z_DATA_ERROR }
-                // All input taken and the output buffer not filled: this chunk is done.
-                if stream.avail_in == 0 && stream.avail_out > 0 { return Z_OK }
-                if status == Z_BUF_ERROR { return Z_OK }
             }
         }
         switch status {
@@ -64,10 +66,9 @@ final class Inflater {
         }
     }
 
-    /// The decompressed bytes; throws 400 when the stream ended early.
-    func finish() throws(ServiceError) -> [UInt8] {
+    /// Throws 400 when the compressed stream has not ended.
+    func finish() throws(ServiceError) {
         guard finished else { throw ServiceError(.badRequest, "the compressed body ends before its stream does") }
-        return output
     }
 }
 
@@ -103,7 +104,9 @@ public enum ContentDecoding {
             throw ServiceError(.unsupportedMediaType, "content coding '\(coding)' is not supported")
         }
         let inflater = try Inflater(coding: coding, limit: limit)
-        try inflater.append(bytes)
-        return try inflater.finish()
+        var output: [UInt8] = []
+        try inflater.append(bytes) { output.append(contentsOf: $0) }
+        try inflater.finish()
+        return output
     }
 }

@@ -23,8 +23,8 @@ public struct MultipartLimits: Sendable {
 /// A streaming, strict `multipart/form-data` reader (RFC 7578 over RFC 2046 §5.1): bytes go in as
 /// they arrive, in chunks of any size; parts come out whole. Every deviation is a 400 naming it:
 /// a missing or malformed boundary, a part without `Content-Disposition: form-data; name=…`, a
-/// repeated or unexpected part name, a part or header block over its limit, or a body that ends
-/// before the close delimiter. A preamble and an epilogue are ignored, as RFC 2046 says.
+/// repeated or unexpected part name, a header block over its limit, or a body that ends before the
+/// close delimiter; a part over its limit is a 413. A preamble and an epilogue are ignored, as RFC 2046 says.
 public struct MultipartFormDataReader {
     private enum State {
         /// Before the first delimiter (a preamble may precede it).
@@ -72,9 +72,33 @@ public struct MultipartFormDataReader {
 
     /// Takes the next bytes of the body.
     public mutating func append(_ bytes: [UInt8]) throws(HTTPServerError) {
+        // `withUnsafeBytes` rethrows untyped errors, so the typed one travels as a Result.
+        try bytes.withUnsafeBytes { raw in Result { () throws(HTTPServerError) in try append(raw) } }.get()
+    }
+
+    /// Takes the next bytes of the body. Inside a part, bytes that hold no delimiter go straight to
+    /// the part's body: each byte of a large part is copied once and scanned once.
+    public mutating func append(_ bytes: UnsafeRawBufferPointer) throws(HTTPServerError) {
         if case .done = state { return }
-        buffer += bytes
+        if case .partBody(let name, _, _, let limit) = state, bytes.count >= delimiter.count, !holdsDelimiter(before: bytes) {
+            // No delimiter starts in `buffer` (held back, shorter than one) or in `bytes`, so all but
+            // the last bytes, which could begin one, are the part's.
+            let kept = bytes.count - (delimiter.count - 1)
+            partBody += buffer
+            partBody.append(contiguous: UnsafeRawBufferPointer(rebasing: bytes[0..<kept]))
+            buffer = Array(bytes[kept...])
+            guard partBody.count <= limit else { throw Self.partTooLarge(name, limit) }
+            return
+        }
+        buffer.append(contiguous: bytes)
         try advance()
+    }
+
+    /// Whether a delimiter starts in `buffer` followed by `bytes`, or in `bytes` itself.
+    private func holdsDelimiter(before bytes: UnsafeRawBufferPointer) -> Bool {
+        let junction = buffer + bytes.prefix(delimiter.count - 1)
+        guard Self.find(delimiter, in: junction) == nil else { return true }
+        return Self.find(delimiter, in: bytes) != nil
     }
 
     /// The body has ended: returns the parts, or throws if it ended before the close delimiter.
@@ -84,6 +108,10 @@ public struct MultipartFormDataReader {
     }
 
     private static func error(_ message: String) -> HTTPServerError { HTTPServerError(.badRequest, message) }
+
+    private static func partTooLarge(_ name: String, _ limit: Int) -> HTTPServerError {
+        HTTPServerError(.contentTooLarge, "the multipart part \"\(name)\" exceeds \(limit) bytes")
+    }
 
     private mutating func advance() throws(HTTPServerError) {
         while true {
@@ -137,7 +165,7 @@ public struct MultipartFormDataReader {
                 if let found = Self.find(delimiter, in: buffer) {
                     partBody += buffer[0..<found]
                     buffer.removeFirst(found + delimiter.count)
-                    guard partBody.count <= limit else { throw Self.error("the multipart part \"\(name)\" exceeds \(limit) bytes") }
+                    guard partBody.count <= limit else { throw Self.partTooLarge(name, limit) }
                     parts.append(MultipartPart(name: name, filename: filename, contentType: contentType, body: partBody))
                     partBody = []
                     state = .afterDelimiter
@@ -146,7 +174,7 @@ public struct MultipartFormDataReader {
                     let safe = max(0, buffer.count - (delimiter.count - 1))
                     partBody += buffer[0..<safe]
                     buffer.removeFirst(safe)
-                    guard partBody.count <= limit else { throw Self.error("the multipart part \"\(name)\" exceeds \(limit) bytes") }
+                    guard partBody.count <= limit else { throw Self.partTooLarge(name, limit) }
                     return
                 }
             }
@@ -221,13 +249,21 @@ public struct MultipartFormDataReader {
 
     /// The offset of the first `needle` in `haystack` (within its first `limit` bytes), or nil.
     private static func find(_ needle: [UInt8], in haystack: [UInt8], upTo limit: Int = .max) -> Int? {
-        let length = min(haystack.count, limit)
-        guard length >= needle.count else { return nil }
-        return haystack.withUnsafeBytes { hay in
-            needle.withUnsafeBytes { pattern in
-                guard let found = clinux_memmem(hay.baseAddress, length, pattern.baseAddress, pattern.count) else { return nil }
-                return hay.baseAddress!.distance(to: UnsafeRawPointer(found))
-            }
+        haystack.withUnsafeBytes { find(needle, in: UnsafeRawBufferPointer(rebasing: $0.prefix(limit))) }
+    }
+
+    private static func find(_ needle: [UInt8], in haystack: UnsafeRawBufferPointer) -> Int? {
+        guard haystack.count >= needle.count else { return nil }
+        return needle.withUnsafeBytes { pattern in
+            guard let found = clinux_memmem(haystack.baseAddress, haystack.count, pattern.baseAddress, pattern.count) else { return nil }
+            return haystack.baseAddress!.distance(to: UnsafeRawPointer(found))
         }
+    }
+}
+
+extension [UInt8] {
+    /// Appends raw bytes with one copy (a raw buffer's generic `append(contentsOf:)` may go byte by byte).
+    mutating func append(contiguous bytes: UnsafeRawBufferPointer) {
+        bytes.withMemoryRebound(to: UInt8.self) { append(contentsOf: $0) }
     }
 }

@@ -30,19 +30,27 @@ public struct AdapterConfig: Sendable, Equatable {
     ) throws(AdapterError) {
         guard rank >= 1 else { throw AdapterError(.invalidConfig, "r must be a positive integer, not \(rank)") }
         let loraAlpha = loraAlpha ?? Double(rank)
-        guard loraAlpha > 0, loraAlpha.isFinite else { throw AdapterError(.invalidConfig, "lora_alpha must be positive and finite, not \(loraAlpha)") }
+        try Self.checkLoraAlpha(loraAlpha, field: "lora_alpha")
         for entry in rankPattern where entry.value < 1 {
             throw AdapterError(.invalidConfig, "rank_pattern[\"\(entry.key)\"] must be a positive integer, not \(entry.value)")
         }
-        for entry in alphaPattern where !(entry.value > 0 && entry.value.isFinite) {
-            throw AdapterError(.invalidConfig, "alpha_pattern[\"\(entry.key)\"] must be positive and finite, not \(entry.value)")
-        }
+        for entry in alphaPattern { try Self.checkLoraAlpha(entry.value, field: "alpha_pattern[\"\(entry.key)\"]") }
         self.rank = rank
         self.loraAlpha = loraAlpha
         self.useRSLoRA = useRSLoRA
         self.rankPattern = rankPattern
         self.alphaPattern = alphaPattern
         matchers = try Self.matchers(for: rankPattern.map(\.key) + alphaPattern.map(\.key))
+    }
+
+    /// The `lora_alpha` values accepted. Far wider than any PEFT config in use, and narrow enough
+    /// that folding and unfolding finite F32 factors stay finite in the Float64 sums.
+    public static let loraAlphaRange: ClosedRange<Double> = 1e-6...1e6
+
+    public static func checkLoraAlpha(_ value: Double, field: String) throws(AdapterError) {
+        guard loraAlphaRange.contains(value) else {
+            throw AdapterError(.invalidConfig, "\(field) must be a number from 1e-6 to 1e6, not \(value)")
+        }
     }
 
     /// Scale 1 for every module at `rank` (`lora_alpha = r`): an upload tagged with its rank alone.

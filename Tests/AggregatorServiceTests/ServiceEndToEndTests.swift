@@ -6,7 +6,8 @@ import Testing
 
 @testable import AggregatorService
 
-private func expectProblem(_ response: RawClient.Response, _ status: Int, sourceLocation: SourceLocation = #_sourceLocation) {
+/// A problem+json answer (RFC 9457) with `status`; shared by the service suites.
+func expectProblem(_ response: RawClient.Response, _ status: Int, sourceLocation: SourceLocation = #_sourceLocation) {
     #expect(response.statusCode == status, "\(response.text)", sourceLocation: sourceLocation)
     #expect(response.header("Content-Type") == "application/problem+json", sourceLocation: sourceLocation)
     let json = response.json
@@ -89,9 +90,7 @@ private func uploadPath(_ client: String, rank: Int, weight: Double = 1, round: 
         let aggregate = try await client.get("/v1/federations/fed/rounds/1/aggregate?dtype=BF16")
         let zipped = try await client.get("/v1/federations/fed/rounds/1/aggregate?dtype=BF16", headers: [("Accept-Encoding", "gzip")])
         #expect(zipped.header("Content-Encoding") == "gzip" && zipped.header("Vary") == "Accept-Encoding")
-        let inflater = try Inflater(coding: .gzip, limit: 1 << 30)
-        try inflater.append(zipped.body)
-        #expect(try inflater.finish() == aggregate.body)
+        #expect(try ContentDecoding.inflate(zipped.body, coding: "gzip", limit: 1 << 30) == aggregate.body)
         let metadata = try SafetensorsFile(bytes: aggregate.body).metadata
         #expect(metadata == ["format": "pt", "federation": "fed", "round": "1", "strategy": "replication", "rank": "4", "clients": "1"])
         #expect(aggregate.header("ETag") == "\"\(ContentDigest.sha256Hex(aggregate.body))\"")

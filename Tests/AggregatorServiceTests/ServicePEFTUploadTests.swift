@@ -96,7 +96,7 @@ import Testing
     }
 
     @Test func refusedUploadsStoreNothingAndSayWhy() async throws {
-        let service = try await ServiceProcess.start()
+        let service = try await ServiceProcess.start(arguments: ["--max-upload-bytes", "200000"])
         let client = service.client
         let participant = TestClient(
             id: "alice", rank: 4, weight: 1, dtype: .f32, tensors: TestRound.random(seed: 3, ranks: [4])[0].tensors, loraAlpha: 16)
@@ -128,6 +128,13 @@ import Testing
             ("?rank=4&lora_alpha=0", [], other, 400, "lora_alpha"),
             ("?rank=4&use_rslora=yes", [], other, 400, "use_rslora"),
             ("?rank=4", [Self.multipartType], Array(Self.multipart(model: other, config: config(#"{"r":4}"#)).dropLast(10)), 400, "close delimiter"),
+            // A model part over the upload limit, sent as is and as a gzip'd bomb (inflated as it arrives, so refused at the limit).
+            ("", [Self.multipartType], Self.multipart(model: Array(repeating: 0, count: 200_001), config: config(#"{"r":4}"#)), 413, "exceeds 200000 bytes"),
+            (
+                "", [Self.multipartType, ("Content-Encoding", "gzip")],
+                ContentCoding.gzip.compress(Self.multipart(model: Array(repeating: 0, count: 20_000_000), config: config(#"{"r":4}"#)), level: 9), 413,
+                "exceeds 200000 bytes"
+            ),
         ]
         for (query, headers, body, status, reason) in refusals {
             let response = try await client.request("PUT", path + query, headers: headers, body: body)
@@ -197,6 +204,32 @@ import Testing
                 #expect((json["alpha_pattern"] as? [String: Int]) == rankPattern, "scale 1 in every module: lora_alpha = its rank")
             }
         }
+        #expect(await service.stop() == 0)
+    }
+
+    @Test func theRoundsMaxRankIsItsLargestModuleRank() async throws {
+        let service = try await ServiceProcess.start()
+        let client = service.client
+        // r = 2, with q_proj raised to 6 by rank_pattern: the round's global rank is 6, not r.
+        var tensors = TestRound.random(seed: 31, ranks: [2])[0].tensors
+        for (name, shape) in TestModule.query.tensors(rank: 6) {
+            tensors[name] = TestTensor(shape: shape, values: (0..<shape.reduce(1, *)).map { Double($0 % 5) / 4 })
+        }
+        let participant = TestClient(id: "a", rank: 2, weight: 1, dtype: .f32, tensors: tensors, rankPattern: [("q_proj", 6)])
+        let path = "/v1/federations/f/rounds/0/uploads/a"
+        let body = Self.multipart(model: try participant.safetensors().bytes, config: Self.configJSON(participant))
+        #expect(try await client.request("PUT", path, headers: [Self.multipartType], body: body).statusCode == 201)
+        #expect(try await client.get("/v1/federations/f/rounds/0").json["max_rank"] as? Int == 6)
+        #expect((try await client.get("/v1/federations/f/rounds").json["rounds"] as? [[String: Any]])?.first?["max_rank"] as? Int == 6)
+        let aggregate = try SafetensorsFile(bytes: try await client.get("/v1/federations/f/rounds/0/aggregate").body)
+        #expect(aggregate.metadata["rank"] == "6")
+        // Replaced by an upload without the pattern, the round's rank follows.
+        let plain = try TestClient(id: "a", rank: 3, weight: 1, dtype: .f32, tensors: TestRound.random(seed: 32, ranks: [3])[0].tensors).safetensors()
+        #expect(try await client.request("PUT", path + "?rank=3", body: plain.bytes).statusCode == 200)
+        #expect(try await client.get("/v1/federations/f/rounds/0").json["max_rank"] as? Int == 3)
+        // Scales far outside any PEFT config are refused rather than folded into non-finite sums.
+        expectProblem(try await client.request("PUT", path + "?rank=3&lora_alpha=1e300", body: plain.bytes), 422)
+        expectProblem(try await client.get("/v1/federations/f/rounds/0/aggregate?lora_alpha=1e-300"), 400)
         #expect(await service.stop() == 0)
     }
 
