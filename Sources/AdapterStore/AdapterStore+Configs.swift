@@ -18,7 +18,8 @@ extension AdapterStore {
         let names = try connection.statement(
             "SELECT DISTINCT t.name FROM tensors t JOIN uploads u ON t.upload_id = u.id WHERE u.federation = ?1 AND u.round = ?2")
         try names.bind(.id(federation), .round(round))
-        let modules = Set(try names.rows { TensorRole.moduleName(ofTensor: $0.text(0)) }.compactMap { $0 })
-        return RoundConfigs(uploads: uploads, modules: modules)
+        let baseRanks = try baseRanks(connection, federation, round)
+        let modules = Set(try names.rows { TensorRole.moduleName(ofTensor: $0.text(0)) }.compactMap { $0 }).union(baseRanks.keys)
+        return RoundConfigs(uploads: uploads, modules: modules, baseRanks: baseRanks)
     }
 }

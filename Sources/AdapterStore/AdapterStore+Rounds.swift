@@ -1,5 +1,5 @@
 extension AdapterStore {
-    /// The round with its uploads; nil when it has none and is not sealed.
+    /// The round with its uploads and base; nil when it has neither and is not sealed.
     public func round(federation: FederationID, round: RoundNumber) async throws -> RoundRecord? {
         try await reader.read { connection in try Self.roundRecord(connection, federation, round) }
     }
@@ -10,7 +10,9 @@ extension AdapterStore {
                 """
                 SELECT r.round, r.sealed, count(u.id), r.max_rank FROM rounds r
                 LEFT JOIN uploads u ON u.federation = r.federation AND u.round = r.round
-                WHERE r.federation = ?1 GROUP BY r.round HAVING count(u.id) > 0 OR r.sealed ORDER BY r.round
+                WHERE r.federation = ?1 GROUP BY r.round
+                HAVING count(u.id) > 0 OR r.sealed OR EXISTS (SELECT 1 FROM bases b WHERE b.federation = r.federation AND b.round = r.round)
+                ORDER BY r.round
                 """)
             try statement.bind(.id(federation))
             return try statement.rows(RoundSummary.init(row:))
@@ -32,7 +34,9 @@ extension AdapterStore {
         let exists = try statement.step()
         let sealed = exists && statement.integer(0) != 0
         let uploads = try uploadRecords(connection, federation, round)
-        guard sealed || !uploads.isEmpty else { return nil }
-        return RoundRecord(federation: federation, round: round, sealed: sealed, uploads: uploads, maxRank: exists ? Int(statement.integer(1)) : 0)
+        let base = try baseRecord(connection, federation, round)
+        guard sealed || !uploads.isEmpty || base != nil else { return nil }
+        return RoundRecord(
+            federation: federation, round: round, sealed: sealed, uploads: uploads, maxRank: exists ? Int(statement.integer(1)) : 0, base: base)
     }
 }

@@ -13,7 +13,6 @@ extension AdapterStore {
             try existing.bind(.id(upload.federation), .round(upload.round), .id(upload.client)).run()
             let replaced = connection.changes > 0
 
-            let headerLength = 8 + Int(upload.file.bytes.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) })
             try connection.statement(
                 """
                 INSERT INTO uploads (federation, round, client, rank, weight, bytes, sha256, uploaded_at, header, lora_alpha, use_rslora, config)
@@ -22,21 +21,10 @@ extension AdapterStore {
             ).bind(
                 .id(upload.federation), .round(upload.round), .id(upload.client), .integer(Int64(upload.rank)),
                 .real(upload.weight), .integer(Int64(upload.file.bytes.count)), .text(upload.sha256),
-                .blob(Array(upload.file.bytes[0..<headerLength])), .real(upload.config.loraAlpha), .integer(upload.config.useRSLoRA ? 1 : 0),
+                .blob(upload.file.headerBytes), .real(upload.config.loraAlpha), .integer(upload.config.useRSLoRA ? 1 : 0),
                 upload.configJSON.map { .blob($0) } ?? .null
             ).run()
-            let uploadID = connection.lastInsertedRowID
-            let insertTensor = try connection.statement(
-                "INSERT INTO tensors (upload_id, name, dtype, shape, data_offset, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
-            for tensor in upload.file.tensors {
-                try upload.file.withBytes(of: tensor) { data in
-                    insertTensor.reset()
-                    try insertTensor.bind(
-                        .integer(uploadID), .text(tensor.name), .text(tensor.dtype.rawValue), .text(SQLiteAdapterSource.shapeText(tensor.shape)),
-                        .integer(Int64(tensor.byteRange.lowerBound)), .borrowedBlob(data)
-                    ).run()
-                }
-            }
+            try Self.insertTensors(of: upload.file, into: "tensors", owner: "upload_id", ownerID: connection.lastInsertedRowID, connection)
             try Self.roundChanged(connection, upload.federation, upload.round)
             let record = try Self.uploadRecords(connection, upload.federation, upload.round, client: upload.client)[0]
             return (record, !replaced)
@@ -72,6 +60,20 @@ extension AdapterStore {
         }
     }
 
+    /// One row per tensor of `file` in `table` (`tensors` or `base_tensors`), under its owner's id.
+    static func insertTensors(of file: SafetensorsFile, into table: String, owner: String, ownerID: Int64, _ connection: SQLiteConnection) throws {
+        let insert = try connection.statement("INSERT INTO \(table) (\(owner), name, dtype, shape, data_offset, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
+        for tensor in file.tensors {
+            try file.withBytes(of: tensor) { data in
+                insert.reset()
+                try insert.bind(
+                    .integer(ownerID), .text(tensor.name), .text(tensor.dtype.rawValue), .text(SQLiteAdapterSource.shapeText(tensor.shape)),
+                    .integer(Int64(tensor.byteRange.lowerBound)), .borrowedBlob(data)
+                ).run()
+            }
+        }
+    }
+
     /// The round's upload records (or only `client`'s), sorted by client id.
     static func uploadRecords(_ connection: SQLiteConnection, _ federation: FederationID, _ round: RoundNumber, client: ClientID? = nil) throws
         -> [UploadRecord]
@@ -85,7 +87,7 @@ extension AdapterStore {
         return try statement.rows(UploadRecord.init(row:))
     }
 
-    private static func ensureRoundOpen(_ connection: SQLiteConnection, _ federation: FederationID, _ round: RoundNumber) throws {
+    static func ensureRoundOpen(_ connection: SQLiteConnection, _ federation: FederationID, _ round: RoundNumber) throws {
         try connection.statement("INSERT INTO rounds (federation, round) VALUES (?1, ?2) ON CONFLICT DO NOTHING")
             .bind(.id(federation), .round(round)).run()
         let sealed = try connection.statement("SELECT sealed FROM rounds WHERE federation = ?1 AND round = ?2")
@@ -95,24 +97,37 @@ extension AdapterStore {
         }
     }
 
-    /// Every tensor of `upload` against the same name in the round's other uploads.
+    /// Every tensor of `upload` against the same name in the round's other uploads and its base.
     private static func checkShapes(of upload: NewUpload, against connection: SQLiteConnection) throws {
+        try checkShapes(of: upload.file, in: upload.federation, upload.round, except: upload.client, base: true, connection)
+    }
+
+    /// Every tensor of `file` against the same name in the round's uploads (but `client`'s) and,
+    /// with `base`, the round's base.
+    static func checkShapes(
+        of file: SafetensorsFile, in federation: FederationID, _ round: RoundNumber, except client: ClientID?, base: Bool, _ connection: SQLiteConnection
+    ) throws {
         let statement = try connection.statement(
             """
             SELECT t.name, t.shape FROM uploads u JOIN tensors t ON t.upload_id = u.id
-            WHERE u.federation = ?1 AND u.round = ?2 AND u.client != ?3 GROUP BY t.name
+            WHERE u.federation = ?1 AND u.round = ?2 AND (?3 IS NULL OR u.client != ?3)
+            UNION ALL
+            SELECT t.name, t.shape FROM bases b JOIN base_tensors t ON t.base_id = b.id
+            WHERE ?4 AND b.federation = ?1 AND b.round = ?2
             """)
-        try statement.bind(.id(upload.federation), .round(upload.round), .id(upload.client))
+        try statement.bind(.id(federation), .round(round), client.map { .id($0) } ?? .null, .integer(base ? 1 : 0))
+        var checked: Set<String> = []
         while try statement.step() {
-            guard let tensor = upload.file.tensor(named: statement.text(0)) else { continue }
+            let name = statement.text(0)
+            guard let tensor = file.tensor(named: name), checked.insert(name).inserted else { continue }
             try RoundShapeCheck.check(name: tensor.name, shape: tensor.shape, against: SQLiteAdapterSource.shape(statement.text(1)))
         }
     }
 
     /// A change to a round's uploads: a new revision, so no cached aggregate or recorded digest of
     /// it matches any more (and the recorded ones can go), and its global rank anew.
-    private static func roundChanged(_ connection: SQLiteConnection, _ federation: FederationID, _ round: RoundNumber) throws {
-        let globalRank = try roundConfigs(connection, federation, round)?.globalRank ?? 0
+    static func roundChanged(_ connection: SQLiteConnection, _ federation: FederationID, _ round: RoundNumber) throws {
+        let globalRank = try roundConfigs(connection, federation, round)?.globalRank ?? baseRanks(connection, federation, round).values.max() ?? 0
         try connection.statement("UPDATE rounds SET revision = revision + 1, max_rank = ?3 WHERE federation = ?1 AND round = ?2")
             .bind(.id(federation), .round(round), .integer(Int64(globalRank))).run()
         try connection.statement("DELETE FROM aggregate_digests WHERE federation = ?1 AND round = ?2")

@@ -2,13 +2,17 @@ import LoRAAdapters
 
 /// A round in the database as the aggregation engine's source: one tensor name across all clients
 /// at a time, in client-id order (SQLite's BINARY collation is byte order), each blob read into one
-/// reused buffer. Used inside a read transaction, so the round cannot change underneath.
+/// reused buffer, and its base as one more row per tensor. Used inside a transaction, so the round
+/// cannot change underneath.
 struct SQLiteAdapterSource: AdapterSource {
     let connection: SQLiteConnection
     let federation: FederationID
     let round: RoundNumber
+    /// False to read the base alone, as a round without uploads.
+    var includesUploads = true
 
     func participants() throws -> [RoundParticipant] {
+        guard includesUploads else { return [] }
         let statement = try connection.statement(
             "SELECT client, weight, \(AdapterConfig.storedColumns) FROM uploads WHERE federation = ?1 AND round = ?2")
         try statement.bind(.id(federation), .round(round))
@@ -16,6 +20,7 @@ struct SQLiteAdapterSource: AdapterSource {
     }
 
     func holdings() throws -> [TensorHolding] {
+        guard includesUploads else { return [] }
         let statement = try connection.statement(
             """
             SELECT u.client, t.name, t.dtype, t.shape FROM uploads u JOIN tensors t ON t.upload_id = u.id
@@ -26,6 +31,7 @@ struct SQLiteAdapterSource: AdapterSource {
     }
 
     func forEachContribution(toTensor tensorName: String, _ body: (TensorContribution) throws -> Void) throws {
+        guard includesUploads else { return }
         let statement = try connection.statement(
             """
             SELECT u.client, t.dtype, t.shape, t.rowid FROM uploads u JOIN tensors t ON t.upload_id = u.id AND t.name = ?3
@@ -39,6 +45,27 @@ struct SQLiteAdapterSource: AdapterSource {
                     try body(TensorContribution(clientID: contribution.client, dtype: contribution.dtype, shape: contribution.shape, bytes: bytes))
                 }
             }
+        }
+    }
+
+    func baseTensors() throws -> [BaseTensor] {
+        let statement = try connection.statement(
+            "SELECT t.name, t.dtype, t.shape FROM bases b JOIN base_tensors t ON t.base_id = b.id WHERE b.federation = ?1 AND b.round = ?2")
+        try statement.bind(.id(federation), .round(round))
+        return try statement.rows { BaseTensor(name: $0.text(0), dtype: try Self.dtype($0.text(1)), shape: Self.shape($0.text(2))) }
+    }
+
+    func withBaseTensor(named tensorName: String, _ body: (TensorContribution) throws -> Void) throws {
+        let statement = try connection.statement(
+            """
+            SELECT t.dtype, t.shape, t.rowid FROM bases b JOIN base_tensors t ON t.base_id = b.id AND t.name = ?3
+            WHERE b.federation = ?1 AND b.round = ?2
+            """)
+        try statement.bind(.id(federation), .round(round), .text(tensorName))
+        guard try statement.step() else { return }
+        let (dtype, shape) = (try Self.dtype(statement.text(0)), Self.shape(statement.text(1)))
+        try connection.withBlobReader(table: "base_tensors", column: "data") { blobs in
+            try blobs.withBlob(rowID: statement.integer(2)) { try body(TensorContribution(clientID: "", dtype: dtype, shape: shape, bytes: $0)) }
         }
     }
 

@@ -95,6 +95,32 @@ enum Schema {
         UPDATE rounds SET max_rank = coalesce(
             (SELECT max(u.rank) FROM uploads u WHERE u.federation = rounds.federation AND u.round = rounds.round), 0);
         """,
+        // Round bases: the global adapter a round started from, at scale 1, stored like an upload
+        // (its header, one row per tensor) and read as one more source row per tensor.
+        """
+        CREATE TABLE bases (
+            id INTEGER PRIMARY KEY,
+            federation TEXT NOT NULL,
+            round INTEGER NOT NULL,
+            rank INTEGER NOT NULL,
+            bytes INTEGER NOT NULL,
+            sha256 TEXT NOT NULL,
+            source TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            header BLOB NOT NULL,
+            UNIQUE (federation, round),
+            FOREIGN KEY (federation, round) REFERENCES rounds (federation, round)
+        );
+        CREATE TABLE base_tensors (
+            base_id INTEGER NOT NULL REFERENCES bases (id) ON DELETE CASCADE,
+            name TEXT NOT NULL,
+            dtype TEXT NOT NULL,
+            shape TEXT NOT NULL,
+            data_offset INTEGER NOT NULL,
+            data BLOB NOT NULL,
+            PRIMARY KEY (base_id, name)
+        );
+        """,
     ]
 
     /// Brings the schema up to date. The version is read inside the write transaction, so two

@@ -21,8 +21,9 @@ public struct RoundRecord: Sendable, Equatable {
     public let sealed: Bool
     /// Sorted by client id.
     public let uploads: [UploadRecord]
-    /// The largest rank of any module (`rank_pattern` included), the global rank by default.
+    /// The largest rank of any module (`rank_pattern` and the base included), the global rank by default.
     public let maxRank: Int
+    public let base: BaseRecord?
     public var totalWeight: Double { uploads.reduce(0) { $0 + $1.weight } }
 }
 
@@ -119,14 +120,35 @@ public struct RoundConfigs: Sendable {
 
     /// Sorted by client id.
     public let uploads: [Upload]
-    /// Every LoRA module that any upload holds.
+    /// Every LoRA module that any upload or the base holds.
     public let modules: Set<String>
+    /// The base's rank of each module it holds.
+    public let baseRanks: [String: Int]
 
-    /// Each module's global rank: the largest any upload gives it.
+    /// Each module's global rank: the largest any upload or the base gives it.
     public func globalModuleRanks() -> [String: Int] {
-        Dictionary(uniqueKeysWithValues: modules.map { module in (module, uploads.map { $0.config.rank(ofModule: module) }.max()!) })
+        let ranks = ModuleRanks(configs: uploads.map(\.config), baseRanks: baseRanks)
+        return Dictionary(uniqueKeysWithValues: modules.map { ($0, ranks.globalRank(ofModule: $0)) })
     }
 
     /// The round's global rank: the largest of its modules'.
     public var globalRank: Int { globalModuleRanks().values.max() ?? 0 }
+}
+
+/// Where a round's base came from.
+public enum BaseSource: String, Sendable {
+    /// `PUT …/base`.
+    case upload
+    /// The previous round's aggregate, stored when that round was sealed with `chain` on.
+    case chain
+}
+
+/// A round's base: the global adapter it started from, held at scale 1.
+public struct BaseRecord: Sendable, Equatable {
+    /// The largest rank of its modules.
+    public let rank: Int
+    /// Size and SHA-256 of the stored (scale-1) safetensors file.
+    public let bytes: Int
+    public let sha256: String
+    public let source: BaseSource
 }

@@ -109,22 +109,33 @@ func benchmarkEngine(directory: URL, repeats: Int) throws {
                 file: $0.file)
         })
     let scaledOptions = AggregationOptions(strategy: .replication, dtype: .f32, scaling: .uniform(loraAlpha: 16, useRSLoRA: false))
+    let unscaledOptions = AggregationOptions(strategy: .replication, dtype: .f32)
+    // A round whose highest-rank slices nobody trained: the clients below the top rank, with one
+    // top-rank adapter as the round's base (every LoRA tensor reads its base row for those slices),
+    // against the same clients with that adapter as one more upload (the same bytes read).
+    let topRank = adapters.map(\.participant.rank).max()!
+    let lowerClients = adapters.filter { $0.participant.rank < topRank }
+    let topClient = adapters.first { $0.participant.rank == topRank }!
+    let variants: [(source: InMemoryAdapterSource, options: AggregationOptions)] = [
+        (source, unscaledOptions), (scaledSource, scaledOptions),
+        (InMemoryAdapterSource(lowerClients, base: topClient.file), unscaledOptions), (InMemoryAdapterSource(lowerClients + [topClient]), unscaledOptions),
+    ]
     let inputBytes = adapters.reduce(0) { total, adapter in total + adapter.file.tensors.reduce(0) { $0 + $1.byteRange.count } }
 
     let clock = ContinuousClock()
-    var engineTimes: [Double] = []
-    var scaledTimes: [Double] = []
+    var times = Array(repeating: [Double](), count: variants.count)
     var output: AggregatedAdapter?
     // Two untimed warm-up runs: a fresh process's first aggregations wait on the kernel for new memory.
-    for _ in 0..<2 { _ = try AdapterAggregator.aggregate(source, options: .init(strategy: .replication, dtype: .f32)) }
-    // Unscaled and scaled alternate, so both see the same machine.
-    for _ in 0..<repeats {
-        var start = clock.now
-        output = try AdapterAggregator.aggregate(source, options: .init(strategy: .replication, dtype: .f32))
-        engineTimes.append(seconds(clock.now - start))
-        start = clock.now
-        _ = try AdapterAggregator.aggregate(scaledSource, options: scaledOptions)
-        scaledTimes.append(seconds(clock.now - start))
+    for _ in 0..<2 { _ = try AdapterAggregator.aggregate(source, options: unscaledOptions) }
+    // The variants take turns, each starting the turn in rotation, so all see the same machine.
+    for iteration in 0..<repeats {
+        for offset in 0..<variants.count {
+            let index = (iteration + offset) % variants.count
+            let start = clock.now
+            let result = try AdapterAggregator.aggregate(variants[index].source, options: variants[index].options)
+            times[index].append(seconds(clock.now - start))
+            if index == 0 { output = result }
+        }
     }
     try Data(output!.bytes).write(to: directory.appendingPathComponent("engine_output.safetensors"))
 
@@ -145,7 +156,7 @@ func benchmarkEngine(directory: URL, repeats: Int) throws {
         copyTimes.append(seconds(clock.now - start))
     }
     print(
-        #"{"input_bytes":\#(inputBytes),"output_bytes":\#(output!.bytes.count),"engine_seconds":\#(median(engineTimes)),"scaled_seconds":\#(median(scaledTimes)),"memcpy_seconds":\#(median(copyTimes))}"#
+        #"{"input_bytes":\#(inputBytes),"output_bytes":\#(output!.bytes.count),"engine_seconds":\#(median(times[0])),"scaled_seconds":\#(median(times[1])),"base_seconds":\#(median(times[2])),"base_as_upload_seconds":\#(median(times[3])),"memcpy_seconds":\#(median(copyTimes))}"#
     )
 }
 
@@ -153,13 +164,18 @@ func benchmarkEngine(directory: URL, repeats: Int) throws {
 /// would from its pages, so the process holds no more input than one tensor.
 final class FileBackedSource: AdapterSource {
     let round: RoundFile
+    /// A client file of the round directory read as the round's base (its values at scale 1).
+    let base: RoundFile.Client?
     let descriptors: [String: Int32]
     var buffer: [UInt8] = []
 
-    init(round: RoundFile, directory: URL) {
+    init(round: RoundFile, directory: URL, base: RoundFile.Client? = nil) {
         self.round = round
+        self.base = base
         var descriptors: [String: Int32] = [:]
-        for client in round.clients { descriptors[client.client] = open(directory.appendingPathComponent(client.file).path, O_RDONLY) }
+        for client in round.clients + (base.map { [$0] } ?? []) {
+            descriptors[client.file] = open(directory.appendingPathComponent(client.file).path, O_RDONLY)
+        }
         self.descriptors = descriptors
     }
 
@@ -177,18 +193,29 @@ final class FileBackedSource: AdapterSource {
 
     func forEachContribution(toTensor tensorName: String, _ body: (TensorContribution) throws -> Void) throws {
         for client in round.clients.sorted(by: { $0.client < $1.client }) {
-            guard let tensor = client.tensors[tensorName] else { continue }
-            let count = tensor.end - tensor.begin
-            if buffer.count < count { buffer = [UInt8](repeating: 0, count: count) }
-            try buffer.withUnsafeMutableBytes { raw in
-                guard pread(descriptors[client.client]!, raw.baseAddress!, count, off_t(tensor.begin)) == count else {
-                    throw CocoaError(.fileReadUnknown)
-                }
-                try body(
-                    TensorContribution(
-                        clientID: client.client, dtype: DType(rawValue: tensor.dtype)!, shape: tensor.shape,
-                        bytes: UnsafeRawBufferPointer(rebasing: raw[0..<count])))
+            try read(tensorName, of: client, as: client.client, body)
+        }
+    }
+
+    func baseTensors() -> [BaseTensor] {
+        base?.tensors.map { BaseTensor(name: $0.key, dtype: DType(rawValue: $0.value.dtype)!, shape: $0.value.shape) } ?? []
+    }
+
+    func withBaseTensor(named tensorName: String, _ body: (TensorContribution) throws -> Void) throws {
+        if let base { try read(tensorName, of: base, as: "", body) }
+    }
+
+    private func read(_ tensorName: String, of client: RoundFile.Client, as clientID: String, _ body: (TensorContribution) throws -> Void) throws {
+        guard let tensor = client.tensors[tensorName] else { return }
+        let count = tensor.end - tensor.begin
+        if buffer.count < count { buffer = [UInt8](repeating: 0, count: count) }
+        try buffer.withUnsafeMutableBytes { raw in
+            guard pread(descriptors[client.file]!, raw.baseAddress!, count, off_t(tensor.begin)) == count else {
+                throw CocoaError(.fileReadUnknown)
             }
+            try body(
+                TensorContribution(
+                    clientID: clientID, dtype: DType(rawValue: tensor.dtype)!, shape: tensor.shape, bytes: UnsafeRawBufferPointer(rebasing: raw[0..<count])))
         }
     }
 }

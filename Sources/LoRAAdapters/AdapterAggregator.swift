@@ -17,14 +17,15 @@ public enum AdapterAggregator {
     public static func aggregate(
         _ source: some AdapterSource, options: AggregationOptions = .init(), observer: (any AggregationOutputObserver)? = nil
     ) throws -> AggregatedAdapter {
-        let participants = try checkedParticipants(try source.participants())
+        let base = try source.baseTensors()
+        let participants = try checkedParticipants(try source.participants(), hasBase: !base.isEmpty)
         let holdings = try source.holdings()
-        let modules = Set(holdings.lazy.compactMap { TensorRole.moduleName(ofTensor: $0.name) })
-        // A module's global rank is the largest any upload gives it, whether or not it holds it.
+        let ranks = ModuleRanks(participants: Array(participants.values), base: base)
+        let modules = Set(holdings.lazy.compactMap { TensorRole.moduleName(ofTensor: $0.name) }).union(ranks.baseModules)
         let globalRank =
             modules.isEmpty
             ? participants.values.map(\.rank).max()!
-            : modules.map { module in participants.values.map { $0.config.rank(ofModule: module) }.max()! }.max()!
+            : modules.map { ranks.globalRank(ofModule: $0) }.max()!
         var rankLimit: Int?
         if case .client = options.scaling {
         } else {
@@ -36,7 +37,7 @@ public enum AdapterAggregator {
         }
 
         let plans = try TensorPlan.plans(
-            for: holdings, participants: participants, rankLimit: rankLimit, scaling: options.scaling, strategy: options.strategy)
+            for: holdings, base: base, participants: participants, ranks: ranks, rankLimit: rankLimit, scaling: options.scaling, strategy: options.strategy)
         let rank = plans.filter(\.isLoRA).map(\.outputRank).max() ?? rankLimit ?? globalRank
         var metadata = options.metadata
         metadata["format"] = "pt"
@@ -72,8 +73,10 @@ public enum AdapterAggregator {
         if end > start { _ = madvise(UnsafeMutableRawPointer(bitPattern: start), end - start, MADV_HUGEPAGE) }
     }
 
-    private static func checkedParticipants(_ list: [RoundParticipant]) throws(AdapterError) -> [String: RoundParticipant] {
-        guard !list.isEmpty else { throw AdapterError(.emptyRound, "the round has no uploads") }
+    /// A round without uploads aggregates to its base (at the asked rank and scale), so only a
+    /// round with neither is empty.
+    private static func checkedParticipants(_ list: [RoundParticipant], hasBase: Bool) throws(AdapterError) -> [String: RoundParticipant] {
+        guard !list.isEmpty || hasBase else { throw AdapterError(.emptyRound, "the round has no uploads") }
         var byClient: [String: RoundParticipant] = [:]
         for participant in list {
             guard participant.weight > 0, participant.weight.isFinite else {
@@ -106,13 +109,28 @@ public enum AdapterAggregator {
                 throw AdapterError(
                     .inconsistentSource, "client '\(holder.clientID)' delivered bytes that disagree with its announced dtype and shape", tensor: plan.name)
             }
-            if let base = contribution.bytes.baseAddress {
-                plan.add(base, dtype: holder.dtype, clientRank: holder.rank, weight: holder.foldedWeight, into: sums)
+            if let bytes = contribution.bytes.baseAddress {
+                plan.add(
+                    bytes, dtype: holder.dtype, clientRank: holder.rank, slices: 0..<min(holder.rank, plan.outputRank), weight: holder.foldedWeight, into: sums)
             }
             next += 1
         }
         guard next == plan.holders.count else {
             throw AdapterError(.inconsistentSource, "the source delivered \(next) of \(plan.holders.count) announced clients", tensor: plan.name)
         }
+        guard let base = plan.base, !plan.baseSlices.isEmpty else { return }
+        var delivered = false
+        try source.withBaseTensor(named: plan.name) { contribution in
+            guard !delivered, contribution.dtype == base.dtype, contribution.shape == base.shape,
+                contribution.bytes.count == base.shape.reduce(1, *) * base.dtype.byteWidth
+            else {
+                throw AdapterError(.inconsistentSource, "the base delivered bytes that disagree with its announced dtype and shape", tensor: plan.name)
+            }
+            if let bytes = contribution.bytes.baseAddress {
+                plan.add(bytes, dtype: base.dtype, clientRank: plan.baseRank, slices: plan.baseSlices, weight: 1, into: sums)
+            }
+            delivered = true
+        }
+        guard delivered else { throw AdapterError(.inconsistentSource, "the base did not deliver the tensor it announced", tensor: plan.name) }
     }
 }

@@ -36,7 +36,22 @@ public struct TensorHolding: Sendable, Hashable {
     }
 }
 
-/// One client's bytes of one tensor, valid only inside the callback that receives it.
+/// One tensor of the round's base (the global adapter the round started from, held at scale 1):
+/// metadata only, no data.
+public struct BaseTensor: Sendable, Hashable {
+    public let name: String
+    public let dtype: DType
+    public let shape: [Int]
+
+    public init(name: String, dtype: DType, shape: [Int]) {
+        self.name = name
+        self.dtype = dtype
+        self.shape = shape
+    }
+}
+
+/// One client's bytes of one tensor (or the base's, with an empty client id), valid only inside the
+/// callback that receives it.
 public struct TensorContribution {
     public let clientID: String
     public let dtype: DType
@@ -62,6 +77,10 @@ public protocol AdapterSource {
     /// Calls `body` once for each client holding `tensorName`, in ascending client-id order
     /// (byte-wise), with that client's bytes of the tensor.
     func forEachContribution(toTensor tensorName: String, _ body: (TensorContribution) throws -> Void) throws
+    /// Every tensor of the round's base; empty when the round has none.
+    func baseTensors() throws -> [BaseTensor]
+    /// Calls `body` once with the base's bytes of `tensorName`, one of `baseTensors()`.
+    func withBaseTensor(named tensorName: String, _ body: (TensorContribution) throws -> Void) throws
 }
 
 /// One client's parsed upload held in memory.
@@ -82,9 +101,12 @@ public struct ClientAdapter: Sendable {
 /// A round held in memory: for tests, benchmarks, and callers that already have the files.
 public struct InMemoryAdapterSource: AdapterSource, Sendable {
     private let adapters: [ClientAdapter]
+    /// At scale 1, as a base is held.
+    private let base: SafetensorsFile?
 
-    public init(_ adapters: [ClientAdapter]) {
+    public init(_ adapters: [ClientAdapter], base: SafetensorsFile? = nil) {
         self.adapters = adapters.sorted { $0.participant.clientID < $1.participant.clientID }
+        self.base = base
     }
 
     public func participants() -> [RoundParticipant] { adapters.map(\.participant) }
@@ -104,5 +126,12 @@ public struct InMemoryAdapterSource: AdapterSource, Sendable {
                 try body(TensorContribution(clientID: adapter.participant.clientID, dtype: tensor.dtype, shape: tensor.shape, bytes: bytes))
             }
         }
+    }
+
+    public func baseTensors() -> [BaseTensor] { base?.tensors.map { BaseTensor(name: $0.name, dtype: $0.dtype, shape: $0.shape) } ?? [] }
+
+    public func withBaseTensor(named tensorName: String, _ body: (TensorContribution) throws -> Void) throws {
+        guard let base, let tensor = base.tensor(named: tensorName) else { return }
+        try base.withBytes(of: tensor) { try body(TensorContribution(clientID: "", dtype: tensor.dtype, shape: tensor.shape, bytes: $0)) }
     }
 }

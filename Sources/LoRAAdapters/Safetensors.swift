@@ -51,6 +51,9 @@ public struct SafetensorsFile: Sendable {
     public var tensors: [TensorInfo] { header.tensors }
     public var metadata: [String: String] { header.metadata }
 
+    /// The length prefix and JSON header: what precedes the data section.
+    public var headerBytes: [UInt8] { Array(bytes[0..<(8 + Int(bytes.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) }))]) }
+
     public func tensor(named name: String) -> TensorInfo? { header.tensor(named: name) }
 
     /// Calls `body` with the raw little-endian bytes of `tensor`, which must belong to this file.

@@ -27,33 +27,48 @@ struct TensorPlan {
     let outputRank: Int
     /// Divisor of each output rank slice: the strategy's weight sum times `√s_t`, which unfolds the
     /// mean to the target scale in the same single division (times 1 at scale 1, so those bytes are
-    /// unchanged); +∞ where no client owns the slice (the slice stays 0).
+    /// unchanged); `√s_t` alone for a slice taken from the base; +∞ where neither an upload nor the
+    /// base gives the slice (it stays 0).
     let denominators: [Double]
+    /// The round's base's tensor of this name, if it has one.
+    let base: BaseTensor?
+    /// The base's rank for this tensor (1 for a dense tensor).
+    let baseRank: Int
+    /// The output slices the base gives: under replication, those no upload owns; a dense tensor
+    /// that no upload holds, under every strategy.
+    let baseSlices: Range<Int>
 
     let isLoRA: Bool
 
     /// - Parameter rankLimit: the largest output rank (nil for a client's own ranks, from `scaling`).
     static func plans(
-        for holdings: [TensorHolding], participants: [String: RoundParticipant], rankLimit: Int?, scaling: TargetScaling,
-        strategy: AggregationStrategy
+        for holdings: [TensorHolding], base: [BaseTensor], participants: [String: RoundParticipant], ranks: ModuleRanks, rankLimit: Int?,
+        scaling: TargetScaling, strategy: AggregationStrategy
     ) throws(AdapterError) -> [TensorPlan] {
         let byName = Dictionary(grouping: holdings, by: \.name)
+        let baseByName = Dictionary(base.map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first })
+        let names = Set(byName.keys).union(baseByName.keys)
         var plans: [TensorPlan] = []
-        plans.reserveCapacity(byName.count)
-        for name in byName.keys.sorted() {
-            let group = byName[name]!.sorted { $0.clientID < $1.clientID }
-            plans.append(try TensorPlan(name: name, holdings: group, participants: participants, rankLimit: rankLimit, scaling: scaling, strategy: strategy))
+        plans.reserveCapacity(names.count)
+        for name in names.sorted() {
+            let group = (byName[name] ?? []).sorted { $0.clientID < $1.clientID }
+            plans.append(
+                try TensorPlan(
+                    name: name, holdings: group, base: baseByName[name], participants: participants, ranks: ranks, rankLimit: rankLimit, scaling: scaling,
+                    strategy: strategy))
         }
         return plans
     }
 
     private init(
-        name: String, holdings: [TensorHolding], participants: [String: RoundParticipant], rankLimit: Int?, scaling: TargetScaling,
-        strategy: AggregationStrategy
+        name: String, holdings: [TensorHolding], base: BaseTensor?, participants: [String: RoundParticipant], ranks: ModuleRanks, rankLimit: Int?,
+        scaling: TargetScaling, strategy: AggregationStrategy
     ) throws(AdapterError) {
         let role = TensorRole(tensorName: name)
         let module = role.factor != nil ? TensorRole.moduleName(ofTensor: name) : nil
-        let reference = holdings[0]
+        // Every plan has an upload or the base holding its tensor.
+        let referenceShape = holdings.first?.shape ?? base!.shape
+        if let base { try RoundShapeCheck.check(name: name, shape: base.shape, against: referenceShape) }
         var holders: [Holder] = []
         for (index, holding) in holdings.enumerated() {
             guard let participant = participants[holding.clientID] else {
@@ -62,7 +77,7 @@ struct TensorPlan {
             if index > 0, holdings[index - 1].clientID == holding.clientID {
                 throw AdapterError(.inconsistentSource, "client '\(holding.clientID)' holds the tensor twice", tensor: name)
             }
-            try RoundShapeCheck.check(name: name, shape: holding.shape, against: reference.shape)
+            try RoundShapeCheck.check(name: name, shape: holding.shape, against: referenceShape)
             let clientRank: Int
             var foldedWeight = participant.weight
             if let module {
@@ -87,7 +102,7 @@ struct TensorPlan {
         var rank = 1
         var unfoldingDivisor = 1.0
         if let module {
-            let moduleGlobalRank = participants.values.map { $0.config.rank(ofModule: module) }.max()!
+            let moduleGlobalRank = ranks.globalRank(ofModule: module)
             switch scaling {
             case .unit:
                 rank = min(rankLimit ?? moduleGlobalRank, moduleGlobalRank)
@@ -106,22 +121,29 @@ struct TensorPlan {
         switch role.factor {
         case .a:
             outer = 1
-            inner = reference.shape.dropFirst().reduce(1, *)
+            inner = referenceShape.dropFirst().reduce(1, *)
             outputRank = rank
         case .b:
-            outer = reference.shape[0]
-            inner = reference.shape.dropFirst(2).reduce(1, *)
+            outer = referenceShape[0]
+            inner = referenceShape.dropFirst(2).reduce(1, *)
             outputRank = rank
         case nil:
             outer = 1
-            inner = reference.shape.reduce(1, *)
+            inner = referenceShape.reduce(1, *)
             outputRank = 1
         }
-        outputShape = role.shape(reference.shape, withRank: rank)
+        outputShape = role.shape(referenceShape, withRank: rank)
         outputElementCount = outer * outputRank * inner
 
+        self.base = base
+        baseRank = base.map { module != nil ? role.rank(of: $0.shape) ?? 0 : 1 } ?? 0
+        // Slice j is owned when some holder's rank exceeds j, so the unowned slices are a suffix.
+        let ownedRank = holders.map(\.rank).max() ?? 0
+        let baseFills = base != nil && (module == nil || strategy == .replication)
+        baseSlices = baseFills ? ownedRank..<max(ownedRank, min(baseRank, outputRank)) : 0..<0
         let totalWeight = holders.reduce(0) { $0 + $1.weight }
-        denominators = (0..<outputRank).map { slice in
+        denominators = (0..<outputRank).map { [baseSlices] slice in
+            if baseSlices.contains(slice) { return unfoldingDivisor }
             let weight =
                 switch strategy {
                 case .zeroPadding: totalWeight
@@ -131,31 +153,37 @@ struct TensorPlan {
         }
     }
 
-    /// Adds `weight ·` one client's tensor (of rank `clientRank`) to `sums`, truncating to the output rank.
-    func add(_ source: UnsafeRawPointer, dtype: DType, clientRank: Int, weight: Double, into sums: UnsafeMutableBufferPointer<Double>) {
+    /// Adds `weight ·` the given output `slices` of one tensor of rank `clientRank` (a client's, or
+    /// the base's) to `sums`.
+    func add(
+        _ source: UnsafeRawPointer, dtype: DType, clientRank: Int, slices: Range<Int>, weight: Double, into sums: UnsafeMutableBufferPointer<Double>
+    ) {
         switch dtype {
-        case .f32: add(source, as: F32Codec.self, clientRank: clientRank, weight: weight, into: sums)
-        case .f16: add(source, as: F16Codec.self, clientRank: clientRank, weight: weight, into: sums)
-        case .bf16: add(source, as: BF16Codec.self, clientRank: clientRank, weight: weight, into: sums)
-        case .f64: add(source, as: F64Codec.self, clientRank: clientRank, weight: weight, into: sums)
+        case .f32: add(source, as: F32Codec.self, clientRank: clientRank, slices: slices, weight: weight, into: sums)
+        case .f16: add(source, as: F16Codec.self, clientRank: clientRank, slices: slices, weight: weight, into: sums)
+        case .bf16: add(source, as: BF16Codec.self, clientRank: clientRank, slices: slices, weight: weight, into: sums)
+        case .f64: add(source, as: F64Codec.self, clientRank: clientRank, slices: slices, weight: weight, into: sums)
         }
     }
 
     private func add<Codec: ElementCodec>(
-        _ source: UnsafeRawPointer, as _: Codec.Type, clientRank: Int, weight: Double, into sums: UnsafeMutableBufferPointer<Double>
+        _ source: UnsafeRawPointer, as _: Codec.Type, clientRank: Int, slices: Range<Int>, weight: Double, into sums: UnsafeMutableBufferPointer<Double>
     ) {
-        let runLength = min(clientRank, outputRank) * inner
+        let runLength = slices.count * inner
+        guard runLength > 0 else { return }
         let sourceBlockBytes = clientRank * inner * Codec.dtype.byteWidth
         let destinationBlock = outputRank * inner
-        if clientRank == outputRank {
+        if clientRank == outputRank && slices == 0..<outputRank {
             // Same rank on both sides: the blocks are back to back in both, so it is one long run.
             addRun(from: source, as: Codec.self, weight: weight, into: sums.baseAddress!, count: outer * runLength)
             return
         }
+        let sourceStart = source + slices.lowerBound &* inner &* Codec.dtype.byteWidth
+        let destinationStart = sums.baseAddress! + slices.lowerBound &* inner
         for block in 0..<outer {
             addRun(
-                from: source + block &* sourceBlockBytes, as: Codec.self, weight: weight,
-                into: sums.baseAddress! + block &* destinationBlock, count: runLength)
+                from: sourceStart + block &* sourceBlockBytes, as: Codec.self, weight: weight,
+                into: destinationStart + block &* destinationBlock, count: runLength)
         }
     }
 

@@ -116,7 +116,7 @@ private func expectMatches(
                     "m.lora_B.weight": TestTensor(shape: [2, 1], values: [3, 4]),
                 ])
         }
-        let source = ReversedSource(base: try TestRound.source(clients))
+        let source = ReversedSource(wrapped: try TestRound.source(clients))
         let observer = CopyingObserver()
         #expect { try AdapterAggregator.aggregate(source, observer: observer) } throws: { ($0 as? AdapterError)?.code == .inconsistentSource }
         #expect(observer.completions == 1, "the observer is released from the buffer on failure too")
@@ -239,7 +239,7 @@ private func expectMatches(
 
     @Test func theEngineStreamsOneTensorNameAtATimeInNameOrder() throws {
         let clients = TestRound.random(seed: 10)
-        let source = RecordingSource(base: try TestRound.source(clients))
+        let source = RecordingSource(wrapped: try TestRound.source(clients))
         _ = try AdapterAggregator.aggregate(source)
         #expect(source.requestedNames == Set(clients.flatMap(\.tensors.keys)).sorted())
     }
@@ -247,14 +247,16 @@ private func expectMatches(
 
 /// Delivers each tensor's contributions in descending client-id order, breaking the protocol.
 private struct ReversedSource: AdapterSource {
-    let base: InMemoryAdapterSource
-    func participants() throws -> [RoundParticipant] { base.participants() }
-    func holdings() throws -> [TensorHolding] { base.holdings() }
+    let wrapped: InMemoryAdapterSource
+    func participants() throws -> [RoundParticipant] { wrapped.participants() }
+    func holdings() throws -> [TensorHolding] { wrapped.holdings() }
+    func baseTensors() throws -> [BaseTensor] { wrapped.baseTensors() }
+    func withBaseTensor(named tensorName: String, _ body: (TensorContribution) throws -> Void) throws { try wrapped.withBaseTensor(named: tensorName, body) }
     func forEachContribution(toTensor tensorName: String, _ body: (TensorContribution) throws -> Void) throws {
         var ids: [String] = []
-        try base.forEachContribution(toTensor: tensorName) { ids.append($0.clientID) }
+        try wrapped.forEachContribution(toTensor: tensorName) { ids.append($0.clientID) }
         for id in ids.reversed() {
-            try base.forEachContribution(toTensor: tensorName) { if $0.clientID == id { try body($0) } }
+            try wrapped.forEachContribution(toTensor: tensorName) { if $0.clientID == id { try body($0) } }
         }
     }
 }
@@ -269,13 +271,15 @@ private final class CopyingObserver: AggregationOutputObserver {
 
 /// Records which tensor names the engine asks for, in order.
 private final class RecordingSource: AdapterSource {
-    let base: InMemoryAdapterSource
+    let wrapped: InMemoryAdapterSource
     var requestedNames: [String] = []
-    init(base: InMemoryAdapterSource) { self.base = base }
-    func participants() throws -> [RoundParticipant] { base.participants() }
-    func holdings() throws -> [TensorHolding] { base.holdings() }
+    init(wrapped: InMemoryAdapterSource) { self.wrapped = wrapped }
+    func participants() throws -> [RoundParticipant] { wrapped.participants() }
+    func holdings() throws -> [TensorHolding] { wrapped.holdings() }
+    func baseTensors() throws -> [BaseTensor] { wrapped.baseTensors() }
+    func withBaseTensor(named tensorName: String, _ body: (TensorContribution) throws -> Void) throws { try wrapped.withBaseTensor(named: tensorName, body) }
     func forEachContribution(toTensor tensorName: String, _ body: (TensorContribution) throws -> Void) throws {
         requestedNames.append(tensorName)
-        try base.forEachContribution(toTensor: tensorName, body)
+        try wrapped.forEachContribution(toTensor: tensorName, body)
     }
 }

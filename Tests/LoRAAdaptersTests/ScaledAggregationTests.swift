@@ -5,18 +5,6 @@ import Testing
 /// Folding and unfolding PEFT scales (openapi.yaml's aggregation semantics, steps 1 and 3), per-module
 /// ranks from `rank_pattern`, against the literal reference that pads folded factors by hand.
 @Suite struct ScaledAggregationTests {
-    /// Every tensor of `bytes` within `tolerance` (relative) of the reference; same names and shapes.
-    private func expectMatches(_ bytes: [UInt8], _ reference: [String: TestTensor], tolerance: Double, _ context: String) throws {
-        let file = try SafetensorsFile(bytes: bytes)
-        #expect(Set(file.tensors.map(\.name)) == Set(reference.keys), "\(context)")
-        for tensor in file.tensors {
-            guard let expected = reference[tensor.name] else { continue }
-            #expect(tensor.shape == expected.shape, "\(context) \(tensor.name)")
-            let worst = zip(file.values(of: tensor), expected.values).map { abs($0 - $1) / (abs($1) + 1e-12) }.max() ?? 0
-            #expect(worst <= tolerance, "\(context) \(tensor.name): worst relative error \(worst)")
-        }
-    }
-
     @Test(arguments: 0..<40)
     func theGlobalAdapterAtScaleOneMatchesLiteralFoldedPadding(seed: UInt64) throws {
         let clients = TestRound.randomScaled(seed: 7000 + seed)

@@ -209,15 +209,24 @@ public enum LiteralReference {
     }
 
     /// Folds each client's factors by `√s`, pads every client literally up to the module's global
-    /// rank (with the owners' aggregate or zeros), averages over the holders, cuts to the target rank
-    /// and divides by `√s_t`.
-    public static func aggregate(_ clients: [TestClient], padding: Padding, target: Target) -> [String: TestTensor] {
-        let names = Set(clients.flatMap(\.tensors.keys))
+    /// rank (with the owners' aggregate, or, for a slice nobody owns, the base's slice under
+    /// replication; or zeros), averages over the holders, cuts to the target rank and divides by
+    /// `√s_t`. `base` is the round's base at scale 1; a tensor only it holds is its own (a LoRA
+    /// tensor under replication, a dense one always).
+    public static func aggregate(_ clients: [TestClient], padding: Padding, target: Target, base: [String: TestTensor] = [:]) -> [String: TestTensor] {
+        let names = Set(clients.flatMap(\.tensors.keys)).union(base.keys)
+        func baseRank(ofModule module: String) -> Int {
+            base.compactMap { name, tensor in TestModule.name(ofTensor: name) == module ? rankAxis(of: name).map { tensor.shape[$0] } : nil }.max() ?? 0
+        }
         var result: [String: TestTensor] = [:]
         for name in names {
             let holders = clients.filter { $0.tensors[name] != nil }
             let totalWeight = holders.map(\.weight).reduce(0, +)
             guard let axis = rankAxis(of: name), let module = TestModule.name(ofTensor: name) else {
+                guard !holders.isEmpty else {
+                    result[name] = base[name]!
+                    continue
+                }
                 let count = holders[0].tensors[name]!.values.count
                 var mean = [Double](repeating: 0, count: count)
                 for client in holders {
@@ -226,27 +235,31 @@ public enum LiteralReference {
                 result[name] = TestTensor(shape: holders[0].tensors[name]!.shape, values: mean)
                 continue
             }
-            let globalRank = clients.map { $0.rank(ofModule: module) }.max()!
+            let globalRank = max(clients.map { $0.rank(ofModule: module) }.max() ?? 0, baseRank(ofModule: module))
             // Every client's own slices along the rank axis, folded, then each padded up to the global rank.
             let ownSlices = holders.map { client in
                 (0..<client.rank(ofModule: module)).map { index in
                     slice(client.tensors[name]!, axis: axis, index: index).map { $0 * client.scale(ofModule: module).squareRoot() }
                 }
             }
-            let sliceSize = ownSlices[0][0].count
+            let baseSlices = base[name].map { tensor in (0..<tensor.shape[axis]).map { slice(tensor, axis: axis, index: $0) } } ?? []
+            let sliceSize = (ownSlices.first?.first ?? baseSlices.first)!.count
+            let zeros = [Double](repeating: 0, count: sliceSize)
             let ownerAggregate: [[Double]] = (0..<globalRank).map { j in
                 let owners = holders.indices.filter { ownSlices[$0].count > j }
+                guard !owners.isEmpty else { return padding == .replication && j < baseSlices.count ? baseSlices[j] : zeros }
                 let ownerWeight = owners.map { holders[$0].weight }.reduce(0, +)
-                var aggregate = [Double](repeating: 0, count: sliceSize)
+                var aggregate = zeros
                 for owner in owners {
                     for (index, value) in ownSlices[owner][j].enumerated() { aggregate[index] += holders[owner].weight * value / ownerWeight }
                 }
                 return aggregate
             }
-            var globalSlices = [[Double]](repeating: [Double](repeating: 0, count: sliceSize), count: globalRank)
+            // With no holder, the global tensor is what every holder would have been padded with.
+            var globalSlices = holders.isEmpty ? ownerAggregate : [[Double]](repeating: zeros, count: globalRank)
             for (client, own) in zip(holders, ownSlices) {
                 for j in 0..<globalRank {
-                    let padded: [Double] = j < own.count ? own[j] : (padding == .replication ? ownerAggregate[j] : [Double](repeating: 0, count: sliceSize))
+                    let padded: [Double] = j < own.count ? own[j] : (padding == .replication ? ownerAggregate[j] : zeros)
                     for index in 0..<sliceSize { globalSlices[j][index] += client.weight * padded[index] / totalWeight }
                 }
             }
@@ -257,7 +270,7 @@ public enum LiteralReference {
                     (min(rank, globalRank), rsLoRA ? alpha / Double(min(rank, globalRank)).squareRoot() : alpha / Double(min(rank, globalRank)))
                 case .client(let client): (client.rank(ofModule: module), client.scale(ofModule: module))
                 }
-            var shape = holders[0].tensors[name]!.shape
+            var shape = (holders.first?.tensors[name] ?? base[name]!).shape
             shape[axis] = targetRank
             let unfolded = globalSlices.prefix(targetRank).map { $0.map { $0 / targetScale.squareRoot() } }
             result[name] = TestTensor(shape: shape, values: assemble(unfolded, shape: shape, axis: axis))
