@@ -19,32 +19,52 @@ extension AggregatorService {
         let federation = try parameters.federation
         let client = try parameters.client
         let round = try parameters.round
-        let rank = try parameters.positiveInteger("rank")
         let weight = try parameters.positiveNumber("weight") ?? 1
+        let adapter = try await receiveAdapter(request, body, parameters)
+        let (record, created) = try await store.put(
+            NewUpload(
+                federation: federation, round: round, client: client, weight: weight, config: adapter.config, configJSON: adapter.configJSON,
+                file: adapter.file, sha256: adapter.sha256))
+        metrics.uploadStored()
+        return .json(
+            created ? .created : .ok,
+            UploadAccepted(
+                federation: federation, round: round, client: client, rank: adapter.config.rank, weight: weight, loraAlpha: adapter.config.loraAlpha,
+                useRslora: adapter.config.useRSLoRA, tensors: adapter.summary.tensorCount, loraModules: adapter.summary.loraModuleCount, bytes: record.bytes,
+                sha256: record.sha256))
+    }
+
+    /// An adapter as a client sends one (openapi.yaml, "Upload"), decompressed, split and checked on
+    /// its own: what an upload and a round base share.
+    struct ReceivedAdapter: Sendable {
+        let file: SafetensorsFile
+        let config: AdapterConfig
+        /// `adapter_config.json` as sent (multipart only).
+        let configJSON: [UInt8]?
+        let summary: AdapterSummary
+        /// Of the safetensors file as sent.
+        let sha256: String
+    }
+
+    /// Reads the body in either form (`rank`, `lora_alpha` and `use_rslora` from the query), refusing
+    /// what the head alone rules out before the body is sent.
+    func receiveAdapter(_ request: HTTPRequest, _ body: HTTPRequestBody, _ parameters: RequestParameters) async throws -> ReceivedAdapter {
         let coding = try Self.contentCoding(of: request)
         // Checked before the body is read, so Expect: 100-continue clients never send it.
-        let form = try UploadForm(request, rank: rank, loraAlpha: try parameters.positiveNumber("lora_alpha"), useRSLoRA: try parameters.flag("use_rslora"))
+        let form = try UploadForm(
+            request, rank: try parameters.positiveInteger("rank"), loraAlpha: try parameters.positiveNumber("lora_alpha"),
+            useRSLoRA: try parameters.flag("use_rslora"))
         let receiver = try UploadReceiver(
             form, coding: coding, declaredLength: request.headers["content-length"].flatMap { Int($0) }, maxFileBytes: configuration.maxUploadBytes)
         for try await chunk in body {
             if coding == .identity { try receiver.take(chunk) } else { try await offload { try receiver.take(chunk) } }
         }
-        let upload = try await offload { () throws -> (SafetensorsFile, AdapterConfig, [UInt8]?, AdapterSummary, String) in
+        return try await offload {
             let (fileBytes, config, configJSON) = try form.read(try receiver.finish())
             let file = try SafetensorsFile(bytes: fileBytes)
             let summary = try AdapterValidator.validate(file, config: config)
-            return (file, config, configJSON, summary, ContentDigest.sha256Hex(fileBytes))
+            return ReceivedAdapter(file: file, config: config, configJSON: configJSON, summary: summary, sha256: ContentDigest.sha256Hex(fileBytes))
         }
-        let (file, config, configJSON, summary, digest) = upload
-        let (record, created) = try await store.put(
-            NewUpload(
-                federation: federation, round: round, client: client, weight: weight, config: config, configJSON: configJSON, file: file, sha256: digest))
-        metrics.uploadStored()
-        return .json(
-            created ? .created : .ok,
-            UploadAccepted(
-                federation: federation, round: round, client: client, rank: config.rank, weight: weight, loraAlpha: config.loraAlpha,
-                useRslora: config.useRSLoRA, tensors: summary.tensorCount, loraModules: summary.loraModuleCount, bytes: record.bytes, sha256: record.sha256))
     }
 
     /// Room for a multipart body's config part and framing on top of the file's own limit.

@@ -49,6 +49,7 @@ public final class AggregatorService: Sendable {
         var routes = AuthorizedRoutes(router: Router(defaultMaxBodyBytes: 0), authorization: authorization)
         registerUploadRoutes(on: &routes)
         registerRoundRoutes(on: &routes)
+        registerBaseRoutes(on: &routes)
         registerAggregateRoutes(on: &routes)
         registerConfigRoutes(on: &routes)
         registerTokenRoutes(on: &routes)
