@@ -32,6 +32,22 @@ extension AdapterStore {
         }
     }
 
+    /// The round's base as stored (at scale 1; a chained base is the previous round's aggregate,
+    /// byte for byte), with its record; nil when the round has none.
+    public func storedBase(federation: FederationID, round: RoundNumber) async throws -> (record: BaseRecord, file: [UInt8])? {
+        try await reader.read { connection in
+            guard let record = try Self.baseRecord(connection, federation, round) else { return nil }
+            let header = try connection.statement("SELECT id, header FROM bases WHERE federation = ?1 AND round = ?2")
+            try header.bind(.id(federation), .round(round))
+            _ = try header.step()
+            return (
+                record,
+                try Self.storedFile(
+                    header: header.blob(1), tensors: "base_tensors", owner: "base_id", ownerID: header.integer(0), byteCount: record.bytes, connection)
+            )
+        }
+    }
+
     /// The round's base truncated to `rank` and unfolded to `scaling`, as an aggregate of a round
     /// with no uploads would be; nil when the round has no base. Throws `rankOutOfRange`.
     public func baseAdapter(federation: FederationID, round: RoundNumber, rank: Int?, dtype: DType, scaling: TargetScaling) async throws -> [UInt8]? {

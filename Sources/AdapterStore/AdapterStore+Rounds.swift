@@ -19,17 +19,8 @@ extension AdapterStore {
         }
     }
 
-    /// Seals the round (idempotent; an empty round can be sealed too) and returns it.
-    public func seal(federation: FederationID, round: RoundNumber) async throws -> RoundRecord {
-        try await writer.write { connection in
-            try connection.statement("INSERT INTO rounds (federation, round, sealed) VALUES (?1, ?2, 1) ON CONFLICT DO UPDATE SET sealed = 1")
-                .bind(.id(federation), .round(round)).run()
-            return try Self.roundRecord(connection, federation, round)!
-        }
-    }
-
-    private static func roundRecord(_ connection: SQLiteConnection, _ federation: FederationID, _ round: RoundNumber) throws -> RoundRecord? {
-        let statement = try connection.statement("SELECT sealed, max_rank FROM rounds WHERE federation = ?1 AND round = ?2")
+    static func roundRecord(_ connection: SQLiteConnection, _ federation: FederationID, _ round: RoundNumber) throws -> RoundRecord? {
+        let statement = try connection.statement("SELECT sealed, max_rank, sealed_by, deadline_missed FROM rounds WHERE federation = ?1 AND round = ?2")
         try statement.bind(.id(federation), .round(round))
         let exists = try statement.step()
         let sealed = exists && statement.integer(0) != 0
@@ -37,6 +28,7 @@ extension AdapterStore {
         let base = try baseRecord(connection, federation, round)
         guard sealed || !uploads.isEmpty || base != nil else { return nil }
         return RoundRecord(
-            federation: federation, round: round, sealed: sealed, uploads: uploads, maxRank: exists ? Int(statement.integer(1)) : 0, base: base)
+            federation: federation, round: round, sealed: sealed, sealedBy: sealed ? SealReason(rawValue: statement.text(2)) : nil,
+            deadlineMissed: exists && statement.integer(3) != 0, uploads: uploads, maxRank: exists ? Int(statement.integer(1)) : 0, base: base)
     }
 }

@@ -1,10 +1,12 @@
 import LoRAAdapters
 
 extension AdapterStore {
-    /// Stores `upload` in one transaction, replacing the client's earlier upload; returns its record
-    /// and whether it is new. Throws `roundSealed`, or `shapeMismatch` when a tensor disagrees with
-    /// the round's other uploads apart from the rank axis; nothing is written then.
-    public func put(_ upload: NewUpload) async throws -> (record: UploadRecord, created: Bool) {
+    /// Stores `upload` in one transaction, replacing the client's earlier upload; returns its record,
+    /// whether it is new, and why it sealed the round if it did (`max_uploads`, a quorum without
+    /// grace). Throws
+    /// `roundSealed`, or `shapeMismatch` when a tensor disagrees with the round's other uploads or
+    /// base apart from the rank axis; nothing is written then.
+    public func put(_ upload: NewUpload) async throws -> (record: UploadRecord, created: Bool, sealed: SealReason?) {
         defer { scheduleCheckpoint() }
         return try await writer.write { connection in
             try Self.ensureRoundOpen(connection, upload.federation, upload.round)
@@ -27,7 +29,7 @@ extension AdapterStore {
             try Self.insertTensors(of: upload.file, into: "tensors", owner: "upload_id", ownerID: connection.lastInsertedRowID, connection)
             try Self.roundChanged(connection, upload.federation, upload.round)
             let record = try Self.uploadRecords(connection, upload.federation, upload.round, client: upload.client)[0]
-            return (record, !replaced)
+            return (record, !replaced, try Self.roundReceivedUpload(connection, upload.federation, upload.round))
         }
     }
 
@@ -38,13 +40,24 @@ extension AdapterStore {
             let header = try connection.statement("SELECT id, header FROM uploads WHERE federation = ?1 AND round = ?2 AND client = ?3")
             try header.bind(.id(federation), .round(round), .id(client))
             guard try header.step() else { return nil }
-            var file = header.blob(1)
-            file.reserveCapacity(record.bytes)
-            let tensors = try connection.statement("SELECT data FROM tensors WHERE upload_id = ?1 ORDER BY data_offset")
-            try tensors.bind(.integer(header.integer(0)))
-            while try tensors.step() { tensors.withBlob(0) { file.append(contentsOf: $0) } }
-            return (record, file)
+            return (
+                record,
+                try Self.storedFile(
+                    header: header.blob(1), tensors: "tensors", owner: "upload_id", ownerID: header.integer(0), byteCount: record.bytes, connection)
+            )
         }
+    }
+
+    /// A stored file rebuilt: its header, then its tensors' bytes in offset order (they tile the data section).
+    static func storedFile(header: [UInt8], tensors table: String, owner: String, ownerID: Int64, byteCount: Int, _ connection: SQLiteConnection) throws
+        -> [UInt8]
+    {
+        var file = header
+        file.reserveCapacity(byteCount)
+        let tensors = try connection.statement("SELECT data FROM \(table) WHERE \(owner) = ?1 ORDER BY data_offset")
+        try tensors.bind(.integer(ownerID))
+        while try tensors.step() { tensors.withBlob(0) { file.append(contentsOf: $0) } }
+        return file
     }
 
     /// Deletes the client's upload; false when there was none. Throws `roundSealed`.

@@ -121,6 +121,28 @@ enum Schema {
             PRIMARY KEY (base_id, name)
         );
         """,
+        // Federations that run themselves: settings, why each round was sealed, and deadlines as
+        // rows (unix seconds), so that they survive restarts and any process on the file fires them.
+        """
+        CREATE TABLE federations (
+            federation TEXT PRIMARY KEY,
+            settings TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        ) WITHOUT ROWID;
+        ALTER TABLE rounds ADD COLUMN sealed_by TEXT;
+        ALTER TABLE rounds ADD COLUMN deadline_missed INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE rounds ADD COLUMN first_upload_at REAL;
+        ALTER TABLE rounds ADD COLUMN quorum_at REAL;
+        UPDATE rounds SET sealed_by = 'request' WHERE sealed;
+        CREATE TABLE deadlines (
+            federation TEXT NOT NULL,
+            round INTEGER NOT NULL,
+            reason TEXT NOT NULL,
+            due_at REAL NOT NULL,
+            PRIMARY KEY (federation, round, reason)
+        ) WITHOUT ROWID;
+        CREATE INDEX deadlines_by_time ON deadlines (due_at);
+        """,
     ]
 
     /// Brings the schema up to date. The version is read inside the write transaction, so two

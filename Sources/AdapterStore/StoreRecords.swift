@@ -19,6 +19,10 @@ public struct RoundRecord: Sendable, Equatable {
     public let federation: FederationID
     public let round: RoundNumber
     public let sealed: Bool
+    /// Nil while open.
+    public let sealedBy: SealReason?
+    /// Its timeout passed without `min_uploads`; it stays open.
+    public let deadlineMissed: Bool
     /// Sorted by client id.
     public let uploads: [UploadRecord]
     /// The largest rank of any module (`rank_pattern` and the base included), the global rank by default.

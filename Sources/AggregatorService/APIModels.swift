@@ -53,6 +53,8 @@ struct RoundBody: Encodable {
     let federation: FederationID
     let round: RoundNumber
     let sealed: Bool
+    let sealedBy: String?
+    let deadlineMissed: Bool
     let maxRank: Int
     let totalWeight: Double
     let uploads: [Upload]
@@ -63,6 +65,8 @@ struct RoundBody: Encodable {
         federation = record.federation
         round = record.round
         sealed = record.sealed
+        sealedBy = record.sealedBy?.rawValue
+        deadlineMissed = record.deadlineMissed
         maxRank = record.maxRank
         totalWeight = record.totalWeight
         base = record.base.map { Base(rank: $0.rank, sha256: $0.sha256, source: $0.source.rawValue) }
@@ -74,7 +78,7 @@ struct RoundBody: Encodable {
     }
 
     private enum CodingKeys: String, CodingKey {
-        case federation, round, sealed, maxRank, totalWeight, uploads, base
+        case federation, round, sealed, sealedBy, deadlineMissed, maxRank, totalWeight, uploads, base
     }
 
     /// Spelled out so that members without a value are null, not missing (openapi.yaml, "Round").
@@ -83,6 +87,8 @@ struct RoundBody: Encodable {
         try container.encode(federation, forKey: .federation)
         try container.encode(round, forKey: .round)
         try container.encode(sealed, forKey: .sealed)
+        try container.encode(sealedBy, forKey: .sealedBy)
+        try container.encode(deadlineMissed, forKey: .deadlineMissed)
         try container.encode(maxRank, forKey: .maxRank)
         try container.encode(totalWeight, forKey: .totalWeight)
         try container.encode(uploads, forKey: .uploads)

@@ -20,7 +20,7 @@ extension AggregatorService {
         // needs no computing, and a GET streams the body while it is computed. A gzip'd answer
         // needs the whole file first.
         let outcome = try await store.aggregate(
-            federation: federation, round: round, client: client, strategy: try parameters.strategy,
+            federation: federation, round: round, client: client, strategy: try await strategy(parameters),
             rank: try parameters.integer("rank"), dtype: try parameters.outputDType, scaling: try Self.targetScaling(parameters)
         ) { digest in
             if request.method == "HEAD" || Self.notModified(request, sha256: digest.sha256, gzip: gzip) { return .digestOnly }

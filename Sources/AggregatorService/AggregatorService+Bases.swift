@@ -31,17 +31,24 @@ extension AggregatorService {
                 source: record.source.rawValue))
     }
 
-    /// The base cut to `rank` and unfolded to `lora_alpha` / `use_rslora`, like the aggregate.
+    /// The base as stored, or, with any of `rank`, `dtype`, `lora_alpha`, `use_rslora`, cut and
+    /// unfolded like the aggregate.
     private func getBase(_ request: HTTPRequest) async throws -> HTTPResponse {
         let parameters = try RequestParameters(request)
-        try parameters.allowOnly(["rank", "dtype", "lora_alpha", "use_rslora"])
+        let options: Set = ["rank", "dtype", "lora_alpha", "use_rslora"]
+        try parameters.allowOnly(options)
         let federation = try parameters.federation
         let round = try parameters.round
+        let notFound = ServiceError(.notFound, "round \(round) of federation '\(federation)' has no base")
+        if !parameters.givesAny(of: options) {
+            guard let (record, file) = try await store.storedBase(federation: federation, round: round) else { throw notFound }
+            return try await download(file, sha256: record.sha256, for: request)
+        }
         guard
             let bytes = try await store.baseAdapter(
                 federation: federation, round: round, rank: try parameters.integer("rank"), dtype: try parameters.outputDType,
                 scaling: try Self.targetScaling(parameters))
-        else { throw ServiceError(.notFound, "round \(round) of federation '\(federation)' has no base") }
+        else { throw notFound }
         return try await download(bytes, sha256: try await offload { ContentDigest.sha256Hex(bytes) }, for: request)
     }
 

@@ -1,3 +1,4 @@
+import AdapterStore
 import HTTPServer
 
 extension AggregatorService {
@@ -13,7 +14,7 @@ extension AggregatorService {
         let federation = try parameters.federation
         let round = try parameters.round
         guard let record = try await store.round(federation: federation, round: round) else {
-            throw ServiceError(.notFound, "round \(round) of federation '\(federation)' has no uploads and is not sealed")
+            throw ServiceError(.notFound, "round \(round) of federation '\(federation)' has no uploads, no base and is not sealed")
         }
         return .json(.ok, RoundBody(record))
     }
@@ -21,7 +22,8 @@ extension AggregatorService {
     private func sealRound(_ request: HTTPRequest) async throws -> HTTPResponse {
         let parameters = try RequestParameters(request)
         try parameters.allowOnly([])
-        let record = try await store.seal(federation: try parameters.federation, round: try parameters.round)
+        let (record, sealedNow) = try await store.seal(federation: try parameters.federation, round: try parameters.round)
+        if sealedNow { metrics.roundSealed(by: .request) }
         return .json(.ok, RoundBody(record))
     }
 

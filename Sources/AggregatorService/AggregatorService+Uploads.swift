@@ -21,11 +21,14 @@ extension AggregatorService {
         let round = try parameters.round
         let weight = try parameters.positiveNumber("weight") ?? 1
         let adapter = try await receiveAdapter(request, body, parameters)
-        let (record, created) = try await store.put(
+        let (record, created, sealed) = try await store.put(
             NewUpload(
                 federation: federation, round: round, client: client, weight: weight, config: adapter.config, configJSON: adapter.configJSON,
                 file: adapter.file, sha256: adapter.sha256))
         metrics.uploadStored()
+        if let sealed { metrics.roundSealed(by: sealed) }
+        // Always: a deadline another process added is armed here too at this process's next write.
+        await deadlines.rearm()
         return .json(
             created ? .created : .ok,
             UploadAccepted(

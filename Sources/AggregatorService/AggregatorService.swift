@@ -13,6 +13,7 @@ public final class AggregatorService: Sendable {
     let store: AdapterStore
     let metrics = ServiceMetrics()
     let authorization: Authorization
+    let deadlines: DeadlineTimer
     private let work = DispatchQueue(label: "lora-aggregator.work", attributes: .concurrent)
 
     /// Opens the database. Refuses a configuration that would expose `/v1` to the network without
@@ -30,10 +31,13 @@ public final class AggregatorService: Sendable {
         self.configuration = configuration
         self.store = try AdapterStore(path: configuration.databasePath, aggregateCacheBytes: configuration.aggregateCacheBytes)
         self.authorization = Authorization(adminToken: configuration.adminToken, store: store)
+        deadlines = DeadlineTimer(store: store, metrics: metrics)
     }
 
-    /// An HTTP server for this service, not yet started.
+    /// An HTTP server for this service, not yet started. The round deadlines on record are armed.
     public func makeServer() -> HTTPServer {
+        let deadlines = self.deadlines
+        Task { await deadlines.rearm() }
         var http = configuration.http
         http.errorResponder = { Problem.response(for: $0) }
         let metrics = self.metrics
@@ -47,6 +51,7 @@ public final class AggregatorService: Sendable {
 
     public func makeRouter() -> Router {
         var routes = AuthorizedRoutes(router: Router(defaultMaxBodyBytes: 0), authorization: authorization)
+        registerFederationRoutes(on: &routes)
         registerUploadRoutes(on: &routes)
         registerRoundRoutes(on: &routes)
         registerBaseRoutes(on: &routes)

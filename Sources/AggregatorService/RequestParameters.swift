@@ -77,11 +77,13 @@ struct RequestParameters {
         return value
     }
 
-    var strategy: AggregationStrategy {
+    /// The strategy the request names; nil means its federation's.
+    var strategy: AggregationStrategy? {
         get throws(ServiceError) {
-            guard let text = query["strategy"] else { return .replication }
+            guard let text = query["strategy"] else { return nil }
             guard let strategy = AggregationStrategy(rawValue: text) else {
-                throw ServiceError(.badRequest, "strategy must be 'replication' or 'zero_padding', got '\(text)'")
+                throw ServiceError(
+                    .badRequest, "strategy must be one of \(AggregationStrategy.allCases.map { "'\($0.rawValue)'" }.joined(separator: ", ")), got '\(text)'")
             }
             return strategy
         }
@@ -96,6 +98,9 @@ struct RequestParameters {
             return dtype
         }
     }
+
+    /// Whether the query gives any of `names`.
+    func givesAny(of names: Set<String>) -> Bool { names.contains { query[$0] != nil } }
 
     /// Rejects query parameters the endpoint does not define.
     func allowOnly(_ names: Set<String>) throws(ServiceError) {

@@ -1,3 +1,4 @@
+import AdapterStore
 import HTTPServer
 import Synchronization
 
@@ -15,6 +16,7 @@ final class ServiceMetrics: Sendable {
         var bytesIn = 0
         var bytesOut = 0
         var uploadsStored = 0
+        var roundsSealed: [SealReason: Int] = [:]
         var aggregationSeconds = 0.0
         var aggregations = 0
     }
@@ -33,6 +35,8 @@ final class ServiceMetrics: Sendable {
     }
 
     func uploadStored() { state.withLock { $0.uploadsStored += 1 } }
+
+    func roundSealed(by reason: SealReason) { state.withLock { $0.roundsSealed[reason, default: 0] += 1 } }
 
     func aggregationFinished(seconds: Double) {
         state.withLock { state in
@@ -65,8 +69,13 @@ final class ServiceMetrics: Sendable {
             # TYPE lora_aggregator_aggregation_seconds summary
             lora_aggregator_aggregation_seconds_sum \(state.aggregationSeconds)
             lora_aggregator_aggregation_seconds_count \(state.aggregations)
+            # HELP lora_aggregator_rounds_sealed_total Rounds this process sealed, by reason (request, quorum, max_uploads, timeout).
+            # TYPE lora_aggregator_rounds_sealed_total counter
 
             """
+        for reason in SealReason.allCases {
+            text += "lora_aggregator_rounds_sealed_total{reason=\"\(reason.rawValue)\"} \(state.roundsSealed[reason] ?? 0)\n"
+        }
         return text
     }
 }

@@ -1,6 +1,6 @@
 /// How the slices of LoRA tensors that only some clients own are averaged (openapi.yaml, "Aggregation
 /// semantics"). Slice `j` is row `j` of A or column `j` of B; its owners are the clients with rank > j.
-public enum AggregationStrategy: String, Sendable, CaseIterable {
+public enum AggregationStrategy: String, Sendable, CaseIterable, Codable {
     /// Byun & Lee (arXiv 2406.17477): missing slices are padded with the owners' aggregate, which
     /// equals the owner-weighted mean `Σ_owners w·x / Σ_owners w`.
     case replication

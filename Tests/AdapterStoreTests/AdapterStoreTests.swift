@@ -35,7 +35,7 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
     @Test func storesAndReturnsTheExactFile() async throws {
         let store = try AdapterStore(path: temporaryDatabase())
         let first = try upload("alice", rank: 4, weight: 3)
-        let (record, created) = try await store.put(first)
+        let (record, created, _) = try await store.put(first)
         #expect(created)
         #expect(record.client == "alice" && record.rank == 4 && record.weight == 3 && record.bytes == first.file.bytes.count)
         #expect(record.uploadedAt.hasSuffix("Z"))
@@ -49,7 +49,7 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
         let store = try AdapterStore(path: temporaryDatabase())
         _ = try await store.put(upload("alice", rank: 4, seed: 1))
         let replacement = try upload("alice", rank: 2, seed: 2)
-        let (_, created) = try await store.put(replacement)
+        let (_, created, _) = try await store.put(replacement)
         #expect(!created)
         #expect(try await store.upload(federation: "fed", round: 0, client: "alice")?.file == replacement.file.bytes)
         let round = try #require(try await store.round(federation: "fed", round: 0))
@@ -59,13 +59,14 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
     @Test func aSealedRoundRefusesUploadsAndDeletes() async throws {
         let store = try AdapterStore(path: temporaryDatabase())
         _ = try await store.put(upload("alice", rank: 4))
-        let sealed = try await store.seal(federation: "fed", round: 0)
-        #expect(sealed.sealed && sealed.uploads.count == 1)
-        #expect(try await store.seal(federation: "fed", round: 0) == sealed, "sealing is idempotent")
+        let (sealed, sealedNow) = try await store.seal(federation: "fed", round: 0)
+        #expect(sealed.sealed && sealed.sealedBy == .request && sealed.uploads.count == 1 && sealedNow)
+        let again = try await store.seal(federation: "fed", round: 0)
+        #expect(again.record == sealed && !again.sealedNow, "sealing is idempotent")
         await #expect { _ = try await store.put(upload("bob", rank: 2)) } throws: { ($0 as? StoreError)?.code == .roundSealed }
         await #expect { _ = try await store.deleteUpload(federation: "fed", round: 0, client: "alice") } throws: { ($0 as? StoreError)?.code == .roundSealed }
         // An empty round can be sealed and then shows up.
-        let empty = try await store.seal(federation: "fed", round: 5)
+        let empty = try await store.seal(federation: "fed", round: 5).record
         #expect(empty.sealed && empty.uploads.isEmpty)
         #expect(try await store.rounds(federation: "fed").map(\.round) == [0, 5])
     }

@@ -1,0 +1,189 @@
+import Digests
+import Foundation
+import LoRAAdapters
+
+/// A federation as `GET /v1/federations/{federation}` shows it.
+public struct FederationRecord: Sendable, Equatable {
+    public let settings: FederationSettings
+    /// One past the highest sealed round (0 when none is sealed): where clients upload next.
+    public let currentRound: RoundNumber
+    /// Rounds with uploads, a base, or sealed.
+    public let rounds: Int
+}
+
+extension AdapterStore {
+    /// Stores the federation's settings; true when it had none before.
+    public func putSettings(_ settings: FederationSettings, federation: FederationID) async throws -> Bool {
+        try await writer.write { connection in
+            let existing = try connection.statement("SELECT 1 FROM federations WHERE federation = ?1")
+            try existing.bind(.id(federation))
+            let created = try !existing.step()
+            try connection.statement(
+                """
+                INSERT INTO federations (federation, settings, updated_at) VALUES (?1, ?2, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+                ON CONFLICT DO UPDATE SET settings = excluded.settings, updated_at = excluded.updated_at
+                """
+            ).bind(.id(federation), .text(settings.encoded())).run()
+            return created
+        }
+    }
+
+    public func federation(_ federation: FederationID) async throws -> FederationRecord {
+        try await reader.read { connection in
+            let rounds = try connection.statement(
+                """
+                SELECT coalesce(max(CASE WHEN r.sealed THEN r.round END) + 1, 0),
+                       count(CASE WHEN r.sealed OR EXISTS (SELECT 1 FROM uploads u WHERE u.federation = r.federation AND u.round = r.round)
+                                  OR EXISTS (SELECT 1 FROM bases b WHERE b.federation = r.federation AND b.round = r.round) THEN 1 END)
+                FROM rounds r WHERE r.federation = ?1
+                """)
+            try rounds.bind(.id(federation))
+            _ = try rounds.step()
+            return FederationRecord(
+                settings: try Self.settings(connection, federation), currentRound: RoundNumber(stored: rounds.integer(0)), rounds: Int(rounds.integer(1)))
+        }
+    }
+
+    /// Seals the round (idempotent; an empty round can be sealed too) and returns it, with the reason
+    /// when this call sealed it.
+    public func seal(federation: FederationID, round: RoundNumber) async throws -> (record: RoundRecord, sealedNow: Bool) {
+        try await writer.write { connection in
+            let sealedNow = try Self.seal(connection, federation, round, by: .request)
+            return (try Self.roundRecord(connection, federation, round)!, sealedNow)
+        }
+    }
+
+    /// The earliest deadline of any federation, in unix seconds; nil when none is set.
+    public func nextDeadline() async throws -> Double? {
+        try await reader.read { connection in
+            let statement = try connection.statement("SELECT min(due_at) FROM deadlines")
+            _ = try statement.step()
+            return statement.isNull(0) ? nil : statement.real(0)
+        }
+    }
+
+    /// Fires every deadline due by now, in one transaction; returns why each round it sealed was sealed.
+    /// Safe with several processes: a deadline is fired by whichever gets the write lock first, and
+    /// its row is gone for the others.
+    public func fireDueDeadlines() async throws -> [SealReason] {
+        try await writer.write { connection in
+            let due = try connection.statement("SELECT federation, round, reason FROM deadlines WHERE due_at <= ?1 ORDER BY due_at")
+            try due.bind(.real(Date().timeIntervalSince1970))
+            let deadlines = try due.rows { (FederationID(stored: $0.text(0)), RoundNumber(stored: $0.integer(1)), $0.text(2)) }
+            var sealed: [SealReason] = []
+            for (federation, round, reason) in deadlines {
+                try connection.statement("DELETE FROM deadlines WHERE federation = ?1 AND round = ?2 AND reason = ?3")
+                    .bind(.id(federation), .round(round), .text(reason)).run()
+                let settings = try Self.settings(connection, federation)
+                let uploads = try Self.uploadCount(connection, federation, round)
+                switch SealReason(rawValue: reason) {
+                case .quorum?:
+                    if uploads >= settings.quorum?.minUploads ?? 1 {
+                        if try Self.seal(connection, federation, round, by: .quorum) { sealed.append(.quorum) }
+                    } else {
+                        // Uploads were deleted during the grace period: the quorum is to be reached again.
+                        try connection.statement("UPDATE rounds SET quorum_at = NULL WHERE federation = ?1 AND round = ?2")
+                            .bind(.id(federation), .round(round)).run()
+                    }
+                case .timeout?:
+                    if uploads >= settings.uploadsToSealOnTimeout {
+                        if try Self.seal(connection, federation, round, by: .timeout) { sealed.append(.timeout) }
+                    } else {
+                        try connection.statement("UPDATE rounds SET deadline_missed = 1 WHERE federation = ?1 AND round = ?2 AND NOT sealed")
+                            .bind(.id(federation), .round(round)).run()
+                    }
+                default:
+                    break
+                }
+            }
+            return sealed
+        }
+    }
+
+    /// Seals the round unless it is sealed; with the federation's `chain` on, stores its aggregate
+    /// as the next round's base in the same transaction. True when this call sealed it.
+    static func seal(_ connection: SQLiteConnection, _ federation: FederationID, _ round: RoundNumber, by reason: SealReason) throws -> Bool {
+        try connection.statement("INSERT INTO rounds (federation, round) VALUES (?1, ?2) ON CONFLICT DO NOTHING").bind(.id(federation), .round(round)).run()
+        try connection.statement("UPDATE rounds SET sealed = 1, sealed_by = ?3, deadline_missed = 0 WHERE federation = ?1 AND round = ?2 AND NOT sealed")
+            .bind(.id(federation), .round(round), .text(reason.rawValue)).run()
+        guard connection.changes > 0 else { return false }
+        try connection.statement("DELETE FROM deadlines WHERE federation = ?1 AND round = ?2").bind(.id(federation), .round(round)).run()
+        let settings = try settings(connection, federation)
+        if settings.chain { try chain(connection, federation, from: round, strategy: settings.strategy) }
+        return true
+    }
+
+    /// Round t's global aggregate (the strategy, F32, scale 1) becomes round t+1's base, unless that
+    /// round has one or is sealed, or round t has nothing to aggregate.
+    private static func chain(_ connection: SQLiteConnection, _ federation: FederationID, from round: RoundNumber, strategy: AggregationStrategy) throws {
+        guard let next = RoundNumber(rawValue: round.rawValue + 1) else { return }
+        let source = SQLiteAdapterSource(connection: connection, federation: federation, round: round)
+        guard try !source.participants().isEmpty || !source.baseTensors().isEmpty else { return }
+        try connection.statement("INSERT INTO rounds (federation, round) VALUES (?1, ?2) ON CONFLICT DO NOTHING").bind(.id(federation), .round(next)).run()
+        let state = try connection.statement("SELECT sealed FROM rounds WHERE federation = ?1 AND round = ?2")
+        try state.bind(.id(federation), .round(next))
+        _ = try state.step()
+        guard state.integer(0) == 0, try baseRecord(connection, federation, next) == nil else { return }
+        // The bytes a GET of round t's aggregate with this strategy answers, byte for byte.
+        let options = AggregationOptions(strategy: strategy, dtype: .f32, metadata: ["federation": federation.rawValue, "round": round.description])
+        let aggregate = try SafetensorsFile(bytes: AdapterAggregator.aggregate(source, options: options).bytes)
+        _ = try storeBase(aggregate, sha256: ContentDigest.sha256Hex(aggregate.bytes), source: .chain, federation, next, connection)
+        try roundChanged(connection, federation, next)
+    }
+
+    /// After an upload was stored: the round's first upload starts its timeout; reaching
+    /// `min_uploads` starts the grace period (sealing at once without one); `max_uploads` seals.
+    /// Returns the reason when the upload sealed the round.
+    static func roundReceivedUpload(_ connection: SQLiteConnection, _ federation: FederationID, _ round: RoundNumber) throws -> SealReason? {
+        let settings = try settings(connection, federation)
+        guard settings.quorum != nil || settings.roundTimeoutSeconds != nil else { return nil }
+        let now = Date().timeIntervalSince1970
+        let state = try connection.statement("SELECT first_upload_at, quorum_at FROM rounds WHERE federation = ?1 AND round = ?2")
+        try state.bind(.id(federation), .round(round))
+        _ = try state.step()
+        let (firstUpload, quorumReached) = (state.isNull(0) ? nil : state.real(0), !state.isNull(1))
+        state.reset()
+        if firstUpload == nil {
+            try connection.statement("UPDATE rounds SET first_upload_at = ?3 WHERE federation = ?1 AND round = ?2")
+                .bind(.id(federation), .round(round), .real(now)).run()
+            if let timeout = settings.roundTimeoutSeconds { try setDeadline(connection, federation, round, .timeout, at: now + timeout) }
+        }
+        guard let quorum = settings.quorum else { return nil }
+        let uploads = try uploadCount(connection, federation, round)
+        if let maxUploads = quorum.maxUploads, uploads >= maxUploads {
+            return try seal(connection, federation, round, by: .maxUploads) ? .maxUploads : nil
+        }
+        if let minUploads = quorum.minUploads, uploads >= minUploads, !quorumReached {
+            try connection.statement("UPDATE rounds SET quorum_at = ?3 WHERE federation = ?1 AND round = ?2")
+                .bind(.id(federation), .round(round), .real(now)).run()
+            if quorum.graceSeconds == 0 { return try seal(connection, federation, round, by: .quorum) ? .quorum : nil }
+            try setDeadline(connection, federation, round, .quorum, at: now + quorum.graceSeconds)
+        }
+        return nil
+    }
+
+    private static func setDeadline(_ connection: SQLiteConnection, _ federation: FederationID, _ round: RoundNumber, _ reason: SealReason, at due: Double)
+        throws
+    {
+        try connection.statement("INSERT OR REPLACE INTO deadlines (federation, round, reason, due_at) VALUES (?1, ?2, ?3, ?4)")
+            .bind(.id(federation), .round(round), .text(reason.rawValue), .real(due)).run()
+    }
+
+    static func settings(_ connection: SQLiteConnection, _ federation: FederationID) throws -> FederationSettings {
+        let statement = try connection.statement("SELECT settings FROM federations WHERE federation = ?1")
+        try statement.bind(.id(federation))
+        guard try statement.step() else { return FederationSettings() }
+        do {
+            return try FederationSettings.decode(statement.text(0))
+        } catch {
+            throw StoreError(.database, "a federation's stored settings cannot be read", detail: "\(error)")
+        }
+    }
+
+    private static func uploadCount(_ connection: SQLiteConnection, _ federation: FederationID, _ round: RoundNumber) throws -> Int {
+        let statement = try connection.statement("SELECT count(*) FROM uploads WHERE federation = ?1 AND round = ?2")
+        try statement.bind(.id(federation), .round(round))
+        _ = try statement.step()
+        return Int(statement.integer(0))
+    }
+}
