@@ -15,19 +15,21 @@ extension AggregatorService {
         let round = try parameters.round
         let client = perClient ? try parameters.client : nil
         let gzip = Self.acceptsGzip(request)
+        let strategy = try await strategy(parameters)
         let started = ContinuousClock.now
         // An aggregate computed before has its ETag on record: a matching If-None-Match or a HEAD
         // needs no computing, and a GET streams the body while it is computed. A gzip'd answer
         // needs the whole file first.
         let outcome = try await store.aggregate(
-            federation: federation, round: round, client: client, strategy: try await strategy(parameters),
+            federation: federation, round: round, client: client, strategy: strategy,
             rank: try parameters.integer("rank"), dtype: try parameters.outputDType, scaling: try Self.targetScaling(parameters)
         ) { digest in
             if request.method == "HEAD" || Self.notModified(request, sha256: digest.sha256, gzip: gzip) { return .digestOnly }
             return gzip ? .compute : .stream
         }
         let metrics = self.metrics
-        let recordAggregation = { @Sendable in metrics.aggregationFinished(seconds: Double((ContinuousClock.now - started) / .microseconds(1)) / 1e6) }
+        let recordAggregation = { @Sendable in metrics.aggregationFinished(strategy, seconds: Double((ContinuousClock.now - started) / .microseconds(1)) / 1e6)
+        }
         switch outcome {
         case nil:
             throw ServiceError(

@@ -1,5 +1,6 @@
 import AdapterStore
 import HTTPServer
+import LoRAAdapters
 import Synchronization
 
 /// Counters for `/metrics`, in the Prometheus text exposition format (version 0.0.4).
@@ -17,8 +18,8 @@ final class ServiceMetrics: Sendable {
         var bytesOut = 0
         var uploadsStored = 0
         var roundsSealed: [SealReason: Int] = [:]
-        var aggregationSeconds = 0.0
-        var aggregations = 0
+        /// By strategy: seconds spent and aggregates computed.
+        var aggregations: [AggregationStrategy: (seconds: Double, count: Int)] = [:]
     }
 
     // Updated from the event loop (requests) and from handlers' tasks (uploads, aggregations).
@@ -38,10 +39,10 @@ final class ServiceMetrics: Sendable {
 
     func roundSealed(by reason: SealReason) { state.withLock { $0.roundsSealed[reason, default: 0] += 1 } }
 
-    func aggregationFinished(seconds: Double) {
+    func aggregationFinished(_ strategy: AggregationStrategy, seconds: Double) {
         state.withLock { state in
-            state.aggregationSeconds += seconds
-            state.aggregations += 1
+            let sofar = state.aggregations[strategy] ?? (0, 0)
+            state.aggregations[strategy] = (sofar.seconds + seconds, sofar.count + 1)
         }
     }
 
@@ -65,10 +66,16 @@ final class ServiceMetrics: Sendable {
             # HELP lora_aggregator_uploads_stored_total Uploads durably stored (created or replaced).
             # TYPE lora_aggregator_uploads_stored_total counter
             lora_aggregator_uploads_stored_total \(state.uploadsStored)
-            # HELP lora_aggregator_aggregation_seconds Time spent computing aggregates (cache misses; a body streamed while computed counts until its last byte is sent).
+            # HELP lora_aggregator_aggregation_seconds Time spent computing aggregates, by strategy (cache misses; a body streamed while computed counts until its last byte is sent).
             # TYPE lora_aggregator_aggregation_seconds summary
-            lora_aggregator_aggregation_seconds_sum \(state.aggregationSeconds)
-            lora_aggregator_aggregation_seconds_count \(state.aggregations)
+
+            """
+        for strategy in AggregationStrategy.allCases {
+            let (seconds, count) = state.aggregations[strategy] ?? (0, 0)
+            text += "lora_aggregator_aggregation_seconds_sum{strategy=\"\(strategy.rawValue)\"} \(seconds)\n"
+            text += "lora_aggregator_aggregation_seconds_count{strategy=\"\(strategy.rawValue)\"} \(count)\n"
+        }
+        text += """
             # HELP lora_aggregator_rounds_sealed_total Rounds this process sealed, by reason (request, quorum, max_uploads, timeout).
             # TYPE lora_aggregator_rounds_sealed_total counter
 

@@ -1,5 +1,6 @@
 import Digests
 import Foundation
+import LoRAAdapters
 import TestSupport
 import Testing
 
@@ -143,11 +144,12 @@ import Testing
         #expect(process.terminationStatus == 0)
     }
 
-    /// `lora_aggregator_aggregation_seconds_count` from `/metrics`: aggregates computed so far.
+    /// `lora_aggregator_aggregation_seconds_count` from `/metrics`, over every strategy: aggregates computed so far.
     private func aggregations(_ service: ServiceProcess) async throws -> Int {
         let metrics = String(decoding: try await service.client.get("/metrics").body, as: UTF8.self)
-        let line = try #require(metrics.split(separator: "\n").first { $0.hasPrefix("lora_aggregator_aggregation_seconds_count ") })
-        return try #require(Int(line.split(separator: " ")[1]))
+        let lines = metrics.split(separator: "\n").filter { $0.hasPrefix("lora_aggregator_aggregation_seconds_count{") }
+        #expect(lines.count == AggregationStrategy.allCases.count)
+        return try lines.reduce(0) { total, line in total + (try #require(Int(line.split(separator: " ")[1]))) }
     }
 
     @Test func sigtermFinishesTheRequestInFlightAndExitsZero() async throws {
