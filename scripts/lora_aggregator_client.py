@@ -7,6 +7,12 @@
                                                  [--strategy S] [--dtype D] (--output PATH | --peft-dir DIR)
     lora-aggregator-client --server URL status --federation F --round N
     lora-aggregator-client --server URL seal --federation F --round N
+    lora-aggregator-client --server URL federation show --federation F
+    lora-aggregator-client --server URL federation set --federation F [--strategy S] [--chain | --no-chain]
+                                                       [--min-uploads N] [--grace-seconds G] [--max-uploads M] [--round-timeout-seconds T]
+    lora-aggregator-client --server URL base put --federation F --round N (--rank R [--lora-alpha A] [--use-rslora] FILE | --peft-dir DIR)
+    lora-aggregator-client --server URL base get --federation F --round N [--rank R] [--lora-alpha A] [--use-rslora] [--dtype D] --output PATH
+    lora-aggregator-client --server URL base delete --federation F --round N
 
 (`pip install ./scripts` installs the command; from a clone, `python3 scripts/lora_aggregator_client.py`
 works the same.) FILE is a .safetensors file or a PEFT adapter directory (its
@@ -16,7 +22,14 @@ sends a directory as save_pretrained wrote it, adapter_model.safetensors with it
 A download whose PATH is an existing directory lands in PATH/adapter_model.safetensors; --peft-dir DIR
 also writes DIR/adapter_config.json, the service's config that loads it with PeftModel.from_pretrained
 (GET .../adapter_config for the global adapter at the same rank and scale, .../adapter_config/C for
---client: the config C uploaded with), written as the service sent it.
+--client: the config C uploaded with), written as the service sent it. Without --strategy, a download
+uses the federation's strategy (its settings; replication unless set otherwise).
+
+A federation's settings (`federation set`) replace the earlier ones as a whole: a member not given
+is back at its default. With chain on, sealing round t makes its aggregate round t+1's base, the
+adapter that round's clients start from (`base get` at their rank and lora_alpha); `base put` sets
+one by hand, for example round 0's. A client's loop, as a module: Client.start_round (the round to
+upload to, its base at the client's rank and scale, the config to upload with), train, upload.
 
 Errors, in the manner of httpx: a refusal by the service (its problem+json answer) raises
 AggregatorError with the status, type, title and detail; no answer at all (connection refused or
@@ -25,7 +38,8 @@ prints one line and exits 1 for a refusal, 3 when the service cannot be reached 
 file or input problem (2 is a usage error).
 
 With numpy: encode_safetensors / decode_safetensors. With torch and PEFT: upload_peft_model and
-load_peft_aggregate (a model's adapter up, its own download back in). upload_peft_directory and
+load_peft_aggregate (a model's adapter up, its own download back in), load_peft_state (bytes already
+at the model's ranks and scales, such as a RoundStart's base). upload_peft_directory and
 save_peft_aggregate (a directory that PeftModel.from_pretrained loads) need neither.
 """
 from __future__ import annotations
@@ -43,7 +57,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypedDict
 
 if TYPE_CHECKING:  # optional dependencies, imported where they are used
     import numpy.typing as npt
@@ -51,6 +66,8 @@ if TYPE_CHECKING:  # optional dependencies, imported where they are used
 
 ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
+STRATEGIES = ("replication", "zero_padding")
+DTYPES = ("F32", "F16", "BF16")
 
 EXIT_REFUSED = 1
 EXIT_UNREACHABLE = 3  # after argparse's 2 for a usage error
@@ -103,10 +120,9 @@ def _round_path(federation: str, round: int) -> str:
     return f"/v1/federations/{_segment(federation)}/rounds/{int(round)}"
 
 
-def _download_query(client: str | None, rank: int | None, lora_alpha: float | None, use_rslora: bool | None) -> dict[str, str | int]:
-    """The rank and scale parameters of a download or its config (none for a client's own)."""
-    if client is not None and (rank is not None or lora_alpha is not None or use_rslora is not None):
-        raise ValueError("a client's download has that client's ranks and scales: give client, or rank / lora_alpha / use_rslora")
+def _rank_and_scale_query(rank: int | None, lora_alpha: float | None, use_rslora: bool | None) -> dict[str, str | int]:
+    """The `rank`, `lora_alpha` and `use_rslora` query parameters, those given only: one spelling for
+    an upload's or a base's tags and a download's target, so the service parses them alike."""
     query: dict[str, str | int] = {}
     if rank is not None:
         query["rank"] = int(rank)
@@ -115,6 +131,34 @@ def _download_query(client: str | None, rank: int | None, lora_alpha: float | No
     if use_rslora is not None:
         query["use_rslora"] = "true" if use_rslora else "false"
     return query
+
+
+def _download_query(client: str | None, rank: int | None, lora_alpha: float | None, use_rslora: bool | None) -> dict[str, str | int]:
+    """The rank and scale parameters of a download or its config (none for a client's own)."""
+    if client is not None and (rank is not None or lora_alpha is not None or use_rslora is not None):
+        raise ValueError("a client's download has that client's ranks and scales: give client, or rank / lora_alpha / use_rslora")
+    return _rank_and_scale_query(rank, lora_alpha, use_rslora)
+
+
+class Quorum(TypedDict, total=False):
+    """A federation's quorum (FederationSettings.quorum): sealed `grace_seconds` after it holds
+    `min_uploads` uploads, at once at `max_uploads`; at least one of the two."""
+    min_uploads: int
+    grace_seconds: float
+    max_uploads: int
+
+
+@dataclass(frozen=True)
+class RoundStart:
+    """Where a client starts a round: the round it uploads to (the federation's current_round), the
+    adapter it trains from (safetensors bytes, the round's base at the client's rank and unfolded to
+    its scale; None when the round has no base) and the adapter_config.json that loads that base
+    into PEFT and that the client uploads with (upload_peft), so the service folds its upload at the
+    scale it trained at."""
+    federation: str
+    round: int
+    base: bytes | None
+    config: dict[str, Any]
 
 
 class Client:
@@ -148,31 +192,17 @@ class Client:
         answer: dict[str, Any] = json.loads(payload)
         return answer
 
-    def upload(self, data: bytes, *, federation: str, round: int, client: str, rank: int, weight: float = 1.0,
-               lora_alpha: float | None = None, use_rslora: bool | None = None) -> dict[str, Any]:
-        """Uploads safetensors bytes (sent gzip'd) as `client`'s adapter, every LoRA tensor of rank
-        `rank`, trained at PEFT's scale lora_alpha / rank (lora_alpha / √rank with `use_rslora`;
-        `lora_alpha` defaults to the rank, scale 1); returns the service's receipt."""
-        path = _round_path(federation, round) + f"/uploads/{_segment(client)}"
-        query: dict[str, str | int] = {"rank": int(rank), "weight": repr(float(weight))}
-        if lora_alpha is not None:
-            query["lora_alpha"] = repr(float(lora_alpha))
-        if use_rslora is not None:
-            query["use_rslora"] = "true" if use_rslora else "false"
+    def _put_safetensors(self, path: str, query: Mapping[str, str | int], data: bytes) -> dict[str, Any]:
+        """PUTs a bare safetensors body gzip'd (an upload's or a base's, tagged by `query`); returns
+        the service's receipt."""
         return self._request_json("PUT", path, query, gzip.compress(data, compresslevel=6),
                                   {"Content-Encoding": "gzip", "Content-Type": "application/octet-stream"})
 
-    def upload_peft(self, adapter: bytes, config: bytes | Mapping[str, Any], *, federation: str, round: int, client: str,
-                    weight: float = 1.0, rank: int | None = None, compress: bool = True) -> dict[str, Any]:
-        """Uploads a PEFT adapter with its config: `adapter` is adapter_model.safetensors, `config` its
-        adapter_config.json (bytes, sent as they are, or a dict serialised as save_pretrained does),
-        both in one multipart/form-data body (gzip'd unless `compress` is false). The service takes
-        r, lora_alpha, use_rslora, rank_pattern and alpha_pattern from the config; `rank`, if given,
-        must equal its r. Returns the service's receipt."""
-        path = _round_path(federation, round) + f"/uploads/{_segment(client)}"
-        query: dict[str, str | int] = {"weight": repr(float(weight))}
-        if rank is not None:
-            query["rank"] = int(rank)
+    def _put_peft(self, path: str, query: Mapping[str, str | int], adapter: bytes, config: bytes | Mapping[str, Any],
+                  compress: bool = True) -> dict[str, Any]:
+        """PUTs an adapter with its config as one multipart/form-data body (an upload's or a base's;
+        gzip'd unless `compress` is false): `config` as bytes is sent as it is, a dict serialised as
+        save_pretrained does. Returns the service's receipt."""
         config_bytes = config if isinstance(config, bytes) else peft_config_json(config)
         body, content_type = encode_multipart([(ADAPTER_FILE, adapter, "application/octet-stream"),
                                                (CONFIG_FILE, config_bytes, "application/json")])
@@ -182,37 +212,57 @@ class Client:
             headers["Content-Encoding"] = "gzip"
         return self._request_json("PUT", path, query, body, headers)
 
+    def _get_safetensors(self, path: str, query: Mapping[str, str | int]) -> bytes:
+        """A safetensors answer, asked for gzip'd (adapters compress well) and returned decompressed."""
+        payload, headers = self._request("GET", path, query, headers={"Accept-Encoding": "gzip"})
+        return gzip.decompress(payload) if headers.get("Content-Encoding") == "gzip" else payload
+
+    def upload(self, data: bytes, *, federation: str, round: int, client: str, rank: int, weight: float = 1.0,
+               lora_alpha: float | None = None, use_rslora: bool | None = None) -> dict[str, Any]:
+        """Uploads safetensors bytes (sent gzip'd) as `client`'s adapter, every LoRA tensor of rank
+        `rank`, trained at PEFT's scale lora_alpha / rank (lora_alpha / √rank with `use_rslora`;
+        `lora_alpha` defaults to the rank, scale 1); returns the service's receipt."""
+        path = _round_path(federation, round) + f"/uploads/{_segment(client)}"
+        query = {**_rank_and_scale_query(rank, lora_alpha, use_rslora), "weight": repr(float(weight))}
+        return self._put_safetensors(path, query, data)
+
+    def upload_peft(self, adapter: bytes, config: bytes | Mapping[str, Any], *, federation: str, round: int, client: str,
+                    weight: float = 1.0, rank: int | None = None, compress: bool = True) -> dict[str, Any]:
+        """Uploads a PEFT adapter with its config: `adapter` is adapter_model.safetensors, `config` its
+        adapter_config.json (bytes, sent as they are, or a dict serialised as save_pretrained does),
+        both in one multipart/form-data body (gzip'd unless `compress` is false). The service takes
+        r, lora_alpha, use_rslora, rank_pattern and alpha_pattern from the config; `rank`, if given,
+        must equal its r. Returns the service's receipt."""
+        path = _round_path(federation, round) + f"/uploads/{_segment(client)}"
+        query = {**_rank_and_scale_query(rank, None, None), "weight": repr(float(weight))}
+        return self._put_peft(path, query, adapter, config, compress)
+
     def upload_file(self, path: str | os.PathLike[str], *, federation: str, round: int, client: str, rank: int, weight: float = 1.0,
                     lora_alpha: float | None = None, use_rslora: bool | None = None) -> dict[str, Any]:
         """Uploads a .safetensors file or a PEFT adapter directory's weights alone, tagged with `rank`
         and scale (see upload; upload_peft_directory sends the directory's config too)."""
-        if os.path.isdir(path):
-            path = os.path.join(path, ADAPTER_FILE)
-        with open(path, "rb") as handle:
-            return self.upload(handle.read(), federation=federation, round=round, client=client, rank=rank, weight=weight,
-                               lora_alpha=lora_alpha, use_rslora=use_rslora)
+        return self.upload(read_adapter_file(path), federation=federation, round=round, client=client, rank=rank, weight=weight,
+                           lora_alpha=lora_alpha, use_rslora=use_rslora)
 
     def aggregate(self, *, federation: str, round: int, client: str | None = None, rank: int | None = None,
-                  strategy: str = "replication", dtype: str = "F32", lora_alpha: float | None = None,
+                  strategy: str | None = None, dtype: str = "F32", lora_alpha: float | None = None,
                   use_rslora: bool | None = None) -> bytes:
         """The global adapter as bytes: at scale 1 (PEFT's lora_alpha = r), at `rank` (default the
         round's largest), or unfolded for a PEFT model with this one `lora_alpha` (and `use_rslora`);
-        or `client`'s own download, cut to its module ranks and unfolded to its scales."""
-        query: dict[str, str | int] = {"strategy": strategy, "dtype": dtype, **_download_query(client, rank, lora_alpha, use_rslora)}
+        or `client`'s own download, cut to its module ranks and unfolded to its scales. `strategy`
+        None leaves it to the federation's settings (what its chained bases were built with)."""
+        query: dict[str, str | int] = {"dtype": dtype, **_download_query(client, rank, lora_alpha, use_rslora)}
+        if strategy is not None:
+            query["strategy"] = strategy
         path = _round_path(federation, round) + "/aggregate" + (f"/{_segment(client)}" if client is not None else "")
-        payload, headers = self._request("GET", path, query, headers={"Accept-Encoding": "gzip"})
-        return gzip.decompress(payload) if headers.get("Content-Encoding") == "gzip" else payload
+        return self._get_safetensors(path, query)
 
     def download(self, output: str | os.PathLike[str], *, federation: str, round: int, client: str | None = None, rank: int | None = None,
-                 strategy: str = "replication", dtype: str = "F32", lora_alpha: float | None = None,
+                 strategy: str | None = None, dtype: str = "F32", lora_alpha: float | None = None,
                  use_rslora: bool | None = None) -> str:
         """Writes the aggregate (see aggregate) to `output` (a directory receives adapter_model.safetensors); returns the path."""
-        data = self.aggregate(federation=federation, round=round, client=client, rank=rank, strategy=strategy, dtype=dtype,
-                              lora_alpha=lora_alpha, use_rslora=use_rslora)
-        path = os.path.join(output, ADAPTER_FILE) if os.path.isdir(output) else os.fspath(output)
-        with open(path, "wb") as handle:
-            handle.write(data)
-        return path
+        return write_adapter_file(output, self.aggregate(federation=federation, round=round, client=client, rank=rank, strategy=strategy,
+                                                         dtype=dtype, lora_alpha=lora_alpha, use_rslora=use_rslora))
 
     def adapter_config(self, *, federation: str, round: int, client: str | None = None, rank: int | None = None,
                        lora_alpha: float | None = None, use_rslora: bool | None = None) -> bytes:
@@ -230,6 +280,83 @@ class Client:
 
     def seal(self, *, federation: str, round: int) -> dict[str, Any]:
         return self._request_json("POST", _round_path(federation, round) + "/seal")
+
+    # --- federations and round bases ---
+
+    def set_federation(self, federation: str, *, strategy: str | None = None, chain: bool | None = None, quorum: Quorum | None = None,
+                       round_timeout_seconds: float | None = None) -> dict[str, Any]:
+        """Sets the federation's settings (admin) and returns the federation as federation() does.
+        Only the members given are sent, but the service replaces the settings as a whole: a member
+        not given is back at its default (replication, no chain, no quorum, no timeout), not kept. To
+        change one, send the others from federation()["settings"] too. A member the service refuses
+        (unknown, out of range) raises AggregatorError 422 naming it; nothing is changed then."""
+        settings: dict[str, Any] = {}
+        if strategy is not None:
+            settings["strategy"] = strategy
+        if chain is not None:
+            settings["chain"] = bool(chain)
+        if quorum is not None:
+            settings["quorum"] = dict(quorum)
+        if round_timeout_seconds is not None:
+            settings["round_timeout_seconds"] = float(round_timeout_seconds)
+        return self._request_json("PUT", f"/v1/federations/{_segment(federation)}", body=json.dumps(settings).encode("utf-8"),
+                                  headers={"Content-Type": "application/json"})
+
+    def federation(self, federation: str) -> dict[str, Any]:
+        """The federation: its settings, `current_round` (one past its highest sealed round, 0 while
+        none is: the round clients upload to next) and how many rounds it has. A federation never
+        configured answers with the defaults."""
+        return self._request_json("GET", f"/v1/federations/{_segment(federation)}")
+
+    def put_base(self, data: bytes, *, federation: str, round: int, rank: int, lora_alpha: float | None = None,
+                 use_rslora: bool | None = None) -> dict[str, Any]:
+        """Sets the round's base (admin), the global adapter its clients start from and whose slices
+        fill those no upload owns under replication: safetensors bytes (sent gzip'd) tagged like an
+        upload, every LoRA tensor of rank `rank` at PEFT's scale from `lora_alpha` and `use_rslora`
+        (`lora_alpha` defaults to the rank, scale 1); the service stores it folded to scale 1.
+        Replaces an earlier base; 409 once the round is sealed. Returns the service's receipt."""
+        return self._put_safetensors(_round_path(federation, round) + "/base", _rank_and_scale_query(rank, lora_alpha, use_rslora), data)
+
+    def put_base_peft(self, adapter: bytes, config: bytes | Mapping[str, Any], *, federation: str, round: int,
+                      compress: bool = True) -> dict[str, Any]:
+        """Sets the round's base from a PEFT adapter with its config, as upload_peft sends an upload
+        (one multipart body; ranks and scales from the config). Returns the service's receipt."""
+        return self._put_peft(_round_path(federation, round) + "/base", {}, adapter, config, compress)
+
+    def base(self, *, federation: str, round: int, rank: int | None = None, lora_alpha: float | None = None,
+             use_rslora: bool | None = None, dtype: str | None = None) -> bytes:
+        """The round's base as bytes: with no option, the stored file (at scale 1; a chained base is
+        the previous round's aggregate byte for byte); with any of `rank`, `lora_alpha`, `use_rslora`,
+        `dtype`, cut to `rank` and unfolded for a PEFT model with that `lora_alpha` like aggregate
+        (a rank past the base's is 422). AggregatorError 404 when the round has no base."""
+        query = _rank_and_scale_query(rank, lora_alpha, use_rslora)
+        if dtype is not None:
+            query["dtype"] = dtype
+        return self._get_safetensors(_round_path(federation, round) + "/base", query)
+
+    def delete_base(self, *, federation: str, round: int) -> None:
+        """Removes the round's base (admin); 404 without one, 409 once the round is sealed."""
+        self._request("DELETE", _round_path(federation, round) + "/base")
+
+    def start_round(self, federation: str, *, rank: int, lora_alpha: float | None = None, use_rslora: bool = False) -> RoundStart:
+        """The start of the client loop every node runs each round: the round to upload to (the
+        federation's current_round), its base cut to `rank` and unfolded to this client's scale
+        (lora_alpha / rank, / √rank with `use_rslora`; `lora_alpha` defaults to the rank), so it
+        loads into the client's PEFT model as it is, or None when the round has no base (round 0
+        before one is put, or a federation without chain), and the config to upload with. Then train
+        from it and upload_peft(adapter, start.config, round=start.round, ...). An upload refused
+        with 409 means the round was sealed meanwhile (a quorum): start again."""
+        alpha: float = rank if lora_alpha is None else lora_alpha
+        round_ = int(self.federation(federation)["current_round"])
+        try:
+            base: bytes | None = self.base(federation=federation, round=round_, rank=rank, lora_alpha=alpha,
+                                           use_rslora=True if use_rslora else None)
+        except AggregatorError as error:
+            if error.status != 404:
+                raise
+            base = None
+        config = {"peft_type": "LORA", "r": int(rank), "lora_alpha": alpha, "use_rslora": bool(use_rslora)}
+        return RoundStart(federation=federation, round=round_, base=base, config=config)
 
 
 # --- multipart/form-data (RFC 7578) -----------------------------------------------------------
@@ -425,21 +552,43 @@ def _config_dict(config: Mapping[str, Any] | LoraConfig) -> dict[str, Any]:
     return {key: list(value) if isinstance(value, (set, frozenset)) else value for key, value in dictionary.items()}
 
 
+def read_adapter_file(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of a .safetensors file, or of a PEFT adapter directory's adapter_model.safetensors."""
+    if os.path.isdir(path):
+        path = os.path.join(path, ADAPTER_FILE)
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def write_adapter_file(output: str | os.PathLike[str], data: bytes) -> str:
+    """Writes safetensors bytes to `output` (a directory receives adapter_model.safetensors); returns the path."""
+    path = os.path.join(output, ADAPTER_FILE) if os.path.isdir(output) else os.fspath(output)
+    with open(path, "wb") as handle:
+        handle.write(data)
+    return path
+
+
+def read_peft_directory(path: str | os.PathLike[str]) -> tuple[bytes, bytes]:
+    """(adapter_model.safetensors, adapter_config.json) of a directory as save_pretrained wrote it,
+    both as they are: the config's bytes are sent untouched, since the service keeps them."""
+    with open(os.path.join(path, ADAPTER_FILE), "rb") as handle:
+        adapter = handle.read()
+    with open(os.path.join(path, CONFIG_FILE), "rb") as handle:
+        return adapter, handle.read()
+
+
 def upload_peft_directory(service: Client, path: str | os.PathLike[str], *, federation: str, round: int, client: str,
                           weight: float = 1.0) -> dict[str, Any]:
     """Uploads a PEFT adapter directory as save_pretrained wrote it (adapter_model.safetensors and
     adapter_config.json, both sent as they are, multipart and gzip'd); ranks and scales come from the
     config. Returns the service's receipt."""
-    with open(os.path.join(path, ADAPTER_FILE), "rb") as handle:
-        adapter = handle.read()
-    with open(os.path.join(path, CONFIG_FILE), "rb") as handle:
-        config = handle.read()
+    adapter, config = read_peft_directory(path)
     return service.upload_peft(adapter, config, federation=federation, round=round, client=client, weight=weight)
 
 
 def save_peft_aggregate(service: Client, directory: str | os.PathLike[str], *, federation: str, round: int, client: str | None = None,
                         rank: int | None = None, lora_alpha: float | None = None, use_rslora: bool | None = None,
-                        strategy: str = "replication", dtype: str = "F32", attempts: int = 3) -> str:
+                        strategy: str | None = None, dtype: str = "F32", attempts: int = 3) -> str:
     """Writes the global adapter (or `client`'s own download) as a PEFT adapter directory that
     PeftModel.from_pretrained loads as it is (made if missing): adapter_model.safetensors and the
     service's adapter_config.json for it (Client.adapter_config with the same client, rank,
@@ -491,15 +640,13 @@ def _model_ranks(model: PeftModel, adapter_name: str, config: Mapping[str, Any])
 
 
 def load_peft_aggregate(service: Client, model: PeftModel, *, federation: str, round: int, client: str | None = None,
-                        adapter_name: str = "default", strategy: str = "replication") -> dict[str, str]:
+                        adapter_name: str = "default", strategy: str | None = None) -> dict[str, str]:
     """Loads the round's aggregate into the PEFT model with set_peft_model_state_dict: `client`'s own
     download (cut to its module ranks and unfolded to its scales by the service; the model must have
     the config that client uploaded with), else the global adapter cut to the model's module ranks
     and unfolded to its scales. Checks every module's rank against the model's config (rank_pattern
     aware) and that no tensor is foreign to the model. Returns the aggregate's metadata."""
     import numpy as np
-    import torch
-    from peft import set_peft_model_state_dict
     config = _config_dict(model.peft_config[adapter_name])
     expected = _model_ranks(model, adapter_name, config)
     if not expected:
@@ -533,9 +680,32 @@ def load_peft_aggregate(service: Client, model: PeftModel, *, federation: str, r
             module, axis = found
             cut = array[:expected[module]] if axis == 0 else array[:, :expected[module]]
             arrays[name] = (cut.astype(np.float64) / math.sqrt(module_scale(config, module))).astype(array.dtype)
+    _set_peft_state(model, arrays, adapter_name)
+    return metadata
+
+
+def _set_peft_state(model: PeftModel, arrays: Mapping[str, npt.NDArray[Any]], adapter_name: str) -> None:
+    """set_peft_model_state_dict with numpy arrays; a tensor foreign to the model is refused (PEFT
+    would skip it silently, leaving that module where it was)."""
+    import torch
+    from peft import set_peft_model_state_dict
     result = set_peft_model_state_dict(model, {name: torch.from_numpy(array.copy()) for name, array in arrays.items()}, adapter_name=adapter_name)
     if result.unexpected_keys:
-        raise ValueError(f"the aggregate has tensors the model does not: {sorted(result.unexpected_keys)[:3]}")
+        raise ValueError(f"the adapter has tensors the model does not: {sorted(result.unexpected_keys)[:3]}")
+
+
+def load_peft_state(model: PeftModel, data: bytes, adapter_name: str = "default") -> dict[str, str]:
+    """Loads safetensors bytes that are already at the model's module ranks and scales into the PEFT
+    model: a RoundStart's base (Client.start_round with the model's r, lora_alpha and use_rslora),
+    a base or a client's download. Every module's rank must be the model's (rank_pattern aware),
+    checked first so that a mismatch names the module. Returns the file's metadata."""
+    config = _config_dict(model.peft_config[adapter_name])
+    expected = _model_ranks(model, adapter_name, config)
+    for module, rank in module_ranks(data).items():
+        if module in expected and rank != expected[module]:
+            raise ValueError(f"module {module!r}: the adapter has rank {rank} but the model's adapter has r={expected[module]}")
+    arrays, metadata = decode_safetensors(data)
+    _set_peft_state(model, arrays, adapter_name)
     return metadata
 
 
@@ -553,16 +723,20 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--federation", required=True)
         command.add_argument("--round", type=int, required=True)
 
+    def adapter_arguments(command: argparse.ArgumentParser) -> None:
+        """An adapter sent up (an upload, a base): a tagged file or a PEFT directory with its config."""
+        command.add_argument("--rank", type=int, help="every LoRA tensor's rank (required with FILE)")
+        command.add_argument("--lora-alpha", type=float, help="with FILE: PEFT's lora_alpha it was trained with (default the rank: scale 1)")
+        command.add_argument("--use-rslora", action="store_true", help="with FILE: it was trained with rsLoRA (scale lora_alpha / sqrt(rank))")
+        sources = command.add_mutually_exclusive_group(required=True)
+        sources.add_argument("--peft-dir", help="a directory as save_pretrained wrote it: its weights and adapter_config.json are sent as they are")
+        sources.add_argument("file", nargs="?", help="a .safetensors file or a PEFT adapter directory's weights alone, tagged with --rank")
+
     upload = commands.add_parser("upload", help="upload a .safetensors file or a PEFT adapter directory (gzip'd)")
     round_arguments(upload)
     upload.add_argument("--client", required=True)
-    upload.add_argument("--rank", type=int, help="every LoRA tensor's rank (required with FILE)")
     upload.add_argument("--weight", type=float, default=1.0)
-    upload.add_argument("--lora-alpha", type=float, help="with FILE: PEFT's lora_alpha it was trained with (default the rank: scale 1)")
-    upload.add_argument("--use-rslora", action="store_true", help="with FILE: it was trained with rsLoRA (scale lora_alpha / sqrt(rank))")
-    sources = upload.add_mutually_exclusive_group(required=True)
-    sources.add_argument("--peft-dir", help="a directory as save_pretrained wrote it: its weights and adapter_config.json are sent as they are")
-    sources.add_argument("file", nargs="?", help="a .safetensors file or a PEFT adapter directory's weights alone, tagged with --rank")
+    adapter_arguments(upload)
     download = commands.add_parser("download", help="download the global adapter or a client's own download")
     round_arguments(download)
     chosen = download.add_mutually_exclusive_group()
@@ -570,33 +744,99 @@ def _parser() -> argparse.ArgumentParser:
     chosen.add_argument("--rank", type=int)
     download.add_argument("--lora-alpha", type=float, help="the global adapter unfolded for a PEFT model with this lora_alpha (default scale 1)")
     download.add_argument("--use-rslora", action="store_true", help="with --lora-alpha: for a model with use_rslora")
-    download.add_argument("--strategy", default="replication", choices=["replication", "zero_padding"])
-    download.add_argument("--dtype", default="F32", choices=["F32", "F16", "BF16"])
+    download.add_argument("--strategy", choices=STRATEGIES, help="default the federation's strategy")
+    download.add_argument("--dtype", default="F32", choices=DTYPES)
     outputs = download.add_mutually_exclusive_group(required=True)
     outputs.add_argument("--output", help="a file, or a directory that receives adapter_model.safetensors")
     outputs.add_argument("--peft-dir", help="a directory (made if missing) that receives adapter_model.safetensors and the service's "
                                             "adapter_config.json for it (PeftModel.from_pretrained loads it)")
     for name, text in (("status", "show a round"), ("seal", "seal a round")):
         round_arguments(commands.add_parser(name, help=text))
+
+    federation = commands.add_parser("federation", help="show or set a federation's settings").add_subparsers(dest="action", required=True)
+    federation.add_parser("show", help="its settings and current_round, the round clients upload to next").add_argument("--federation", required=True)
+    settings = federation.add_parser("set", help="replace its settings (a setting not given is back at its default)")
+    settings.add_argument("--federation", required=True)
+    settings.add_argument("--strategy", choices=STRATEGIES, help="for downloads that name none and for chaining (default replication)")
+    settings.add_argument("--chain", action=argparse.BooleanOptionalAction, help="sealing round t makes its aggregate round t+1's base")
+    settings.add_argument("--min-uploads", type=int, help="quorum: seal once the round holds this many uploads (after --grace-seconds)")
+    settings.add_argument("--grace-seconds", type=float, help="quorum: how long after --min-uploads")
+    settings.add_argument("--max-uploads", type=int, help="quorum: seal at once at this many uploads")
+    settings.add_argument("--round-timeout-seconds", type=float, help="seal this long after a round's first upload, if it holds the quorum")
+
+    base = commands.add_parser("base", help="put, get or delete a round's base, the adapter its clients start from").add_subparsers(dest="action", required=True)
+    put = base.add_parser("put", help="set the round's base from a .safetensors file or a PEFT adapter directory (gzip'd)")
+    round_arguments(put)
+    adapter_arguments(put)
+    get = base.add_parser("get", help="the stored base, or cut to --rank and unfolded for --lora-alpha")
+    round_arguments(get)
+    get.add_argument("--rank", type=int)
+    get.add_argument("--lora-alpha", type=float, help="unfolded for a PEFT model with this lora_alpha (default scale 1)")
+    get.add_argument("--use-rslora", action="store_true", help="with --lora-alpha: for a model with use_rslora")
+    get.add_argument("--dtype", choices=DTYPES)
+    get.add_argument("--output", required=True, help="a file, or a directory that receives adapter_model.safetensors")
+    round_arguments(base.add_parser("delete", help="remove the round's base"))
     return parser
 
 
 def _check_usage(parser: argparse.ArgumentParser, arguments: argparse.Namespace) -> None:
     """What argparse cannot say: exits 2 with a usage error."""
-    if arguments.command == "upload":
+    action = getattr(arguments, "action", None)
+    if arguments.command == "upload" or (arguments.command, action) == ("base", "put"):
+        name = "upload" if arguments.command == "upload" else "base put"
         if arguments.file is not None and arguments.rank is None:
-            parser.error("upload FILE needs --rank (or send the PEFT directory with its config: --peft-dir DIR)")
+            parser.error(f"{name} FILE needs --rank (or send the PEFT directory with its config: --peft-dir DIR)")
         if arguments.peft_dir is not None and (arguments.rank is not None or arguments.lora_alpha is not None or arguments.use_rslora):
             parser.error("--peft-dir takes rank and scale from its adapter_config.json: drop --rank, --lora-alpha and --use-rslora")
-    if arguments.command == "download":
-        if arguments.client is not None and (arguments.lora_alpha is not None or arguments.use_rslora):
-            parser.error("a client's download has that client's own scales: drop --lora-alpha and --use-rslora")
-        if arguments.use_rslora and arguments.lora_alpha is None:
-            parser.error("--use-rslora needs --lora-alpha")
+    if arguments.command == "download" and arguments.client is not None and (arguments.lora_alpha is not None or arguments.use_rslora):
+        parser.error("a client's download has that client's own scales: drop --lora-alpha and --use-rslora")
+    if arguments.command in ("download", "base") and getattr(arguments, "use_rslora", False) and arguments.lora_alpha is None:
+        parser.error("--use-rslora needs --lora-alpha")
+    if (arguments.command, action) == ("federation", "set") and arguments.grace_seconds is not None \
+            and arguments.min_uploads is None and arguments.max_uploads is None:
+        parser.error("--grace-seconds belongs to a quorum: give --min-uploads or --max-uploads")
+
+
+def _run_federation(client: Client, arguments: argparse.Namespace) -> dict[str, Any]:
+    """`federation show` and `federation set`."""
+    if arguments.action == "show":
+        return client.federation(arguments.federation)
+    quorum: Quorum | None = None
+    if arguments.min_uploads is not None or arguments.max_uploads is not None:
+        quorum = {}
+        if arguments.min_uploads is not None:
+            quorum["min_uploads"] = arguments.min_uploads
+        if arguments.grace_seconds is not None:
+            quorum["grace_seconds"] = arguments.grace_seconds
+        if arguments.max_uploads is not None:
+            quorum["max_uploads"] = arguments.max_uploads
+    return client.set_federation(arguments.federation, strategy=arguments.strategy, chain=arguments.chain, quorum=quorum,
+                                 round_timeout_seconds=arguments.round_timeout_seconds)
+
+
+def _run_base(client: Client, arguments: argparse.Namespace) -> dict[str, Any]:
+    """`base put`, `base get` and `base delete`."""
+    ids = {"federation": arguments.federation, "round": arguments.round}
+    if arguments.action == "put":
+        if arguments.peft_dir is not None:
+            return client.put_base_peft(*read_peft_directory(arguments.peft_dir), **ids)
+        return client.put_base(read_adapter_file(arguments.file), **ids, rank=arguments.rank, lora_alpha=arguments.lora_alpha,
+                               use_rslora=True if arguments.use_rslora else None)
+    if arguments.action == "get":
+        data = client.base(**ids, rank=arguments.rank, lora_alpha=arguments.lora_alpha, use_rslora=True if arguments.use_rslora else None,
+                           dtype=arguments.dtype)
+        path = write_adapter_file(arguments.output, data)
+        return {"written": path, "bytes": len(data)}
+    client.delete_base(**ids)
+    return {**ids, "deleted": "base"}
 
 
 def _run(arguments: argparse.Namespace) -> dict[str, Any]:
     client = Client(arguments.server, arguments.token)
+    if arguments.command == "federation":
+        return _run_federation(client, arguments)
+    if arguments.command == "base":
+        return _run_base(client, arguments)
     ids = {"federation": arguments.federation, "round": arguments.round}
     if arguments.command == "upload":
         if arguments.peft_dir is not None:

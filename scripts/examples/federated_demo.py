@@ -4,10 +4,13 @@
 A small MLP is pre-trained on digits 0-4 of scikit-learn's handwritten digits, frozen, and then
 fine-tuned with PEFT LoRA by clients that each hold a non-IID share (Dirichlet label skew) of all ten
 digits. The few clients with the most data train at a high rank, the rest at a low one (LoRA
-alpha = r, so every client's update has the same scale). Every round each client loads its truncation of the last global adapter
-from the service, trains locally on CPU, and uploads its adapter weighted by its sample count; the
-service aggregates. The whole run is done twice, identically seeded, once per padding strategy, as
-two federations on one server.
+alpha = r, so every client's update has the same scale). Each federation is set to chain (its
+strategy, `chain: true`): sealing a round makes its aggregate the next round's base. Every round each
+client runs the client loop, Client.start_round (the federation's current round and its base cut to
+the client's rank and scale), trains from that base locally on CPU, and uploads its adapter weighted
+by its sample count; the service aggregates. The demo keeps no state across rounds but the service's.
+The whole run is done twice, identically seeded, once per padding strategy, as two federations on
+one server.
 
     python3 scripts/examples/federated_demo.py --server http://127.0.0.1:8080 [--rounds 10] [--output-dir DIR]
 
@@ -104,6 +107,16 @@ def initial_adapter(base, rank, seed):
     return {name: tensor.detach().numpy().copy() for name, tensor in get_peft_model_state_dict(model).items()}
 
 
+def start_federation(service, federation, strategy, initial, top_rank):
+    """Sets the federation to aggregate with `strategy` and chain its rounds, and gives it the initial
+    adapter (safetensors bytes, scale 1) as the base of round 1, where training starts. Round 0 is
+    sealed without uploads so that the federation's current round is 1; sealing it chains nothing,
+    since round 1 already has a base (an empty round's aggregate under zero padding would be zeros)."""
+    service.set_federation(federation, strategy=strategy, chain=True)
+    service.put_base(initial, federation=federation, round=1, rank=top_rank)
+    service.seal(federation=federation, round=0)
+
+
 @functools.lru_cache(maxsize=2)
 def load_task(seed):
     """(frozen pre-trained base, x_train, y_train, x_test, y_test): the same for every caller and process."""
@@ -135,24 +148,28 @@ def run(arguments):
                "settings": {key: value for key, value in vars(arguments).items() if key not in ("server", "token", "output_dir")}, "strategies": {}}
     for strategy in STRATEGIES:
         federation = f"{run_id}-{strategy.replace('_', '-')}"
-        service.upload(initial, federation=federation, round=0, client="initial", rank=top_rank)
+        start_federation(service, federation, strategy, initial, top_rank)
         history, diagnostic = [], {}
         for round_ in range(1, arguments.rounds + 1):
             local = {}
             for client in clients:
+                # The client loop: the round to upload to and its base at this client's rank and
+                # scale (round 1: the initial adapter; later: the last global adapter, chained).
+                start = service.start_round(federation, rank=client["rank"], lora_alpha=client["rank"])
+                if start.round != round_ or start.base is None:
+                    raise RuntimeError(f"{federation}: the service's current round is {start.round} (base: {start.base is not None}), expected {round_} with a base")
                 model = lora_model(base, client["rank"])
-                # Round 1 starts from the initial adapter truncated to the client's rank; later rounds
-                # from the client's own truncation of the last aggregate.
-                lac.load_peft_aggregate(service, model, federation=federation, round=round_ - 1, client=None if round_ == 1 else client["id"], strategy=strategy)
+                lac.load_peft_state(model, start.base)
                 x, y = x_train[client["indices"]], y_train[client["indices"]]
                 train(model, x, y, epochs=arguments.local_epochs, learning_rate=arguments.learning_rate, seed=arguments.seed * 1000 + round_ * 100 + int(client["id"][-2:]))
                 local[client["id"]] = accuracy(model, x_test, y_test)
-                lac.upload_peft_model(service, model, federation=federation, round=round_, client=client["id"], num_samples=len(client["indices"]))
-            service.seal(federation=federation, round=round_)
+                lac.upload_peft_model(service, model, federation=federation, round=start.round, client=client["id"], num_samples=len(client["indices"]))
+            service.seal(federation=federation, round=round_)  # and round_ + 1's base is this round's aggregate
+            # Downloads name no strategy: the federation's applies.
             global_model = lora_model(base, top_rank)
-            lac.load_peft_aggregate(service, global_model, federation=federation, round=round_, strategy=strategy)
+            lac.load_peft_aggregate(service, global_model, federation=federation, round=round_)
             low_model = lora_model(base, arguments.low_rank)
-            lac.load_peft_aggregate(service, low_model, federation=federation, round=round_, strategy=strategy)
+            lac.load_peft_aggregate(service, low_model, federation=federation, round=round_)
             entry = {"round": round_, "global_accuracy": accuracy(global_model, x_test, y_test),
                      "low_rank_truncation_accuracy": accuracy(low_model, x_test, y_test),
                      "mean_local_accuracy": float(np.mean(list(local.values())))}
@@ -160,7 +177,7 @@ def run(arguments):
             if round_ == 1:
                 high = next(client for client in clients if client["rank"] == top_rank)
                 after = lora_model(base, high["rank"])
-                lac.load_peft_aggregate(service, after, federation=federation, round=1, client=high["id"], strategy=strategy)
+                lac.load_peft_aggregate(service, after, federation=federation, round=1, client=high["id"])
                 diagnostic = {"client": high["id"], "rank": high["rank"], "before_aggregation": local[high["id"]],
                               "after_aggregation": accuracy(after, x_test, y_test)}
             print(f"{strategy:>12} round {round_:2d}: global {entry['global_accuracy']:.3f}  rank-{arguments.low_rank} truncation "

@@ -315,6 +315,242 @@ class ScaleAndMultipartTests(ServerTestCase):
         self.assertEqual((json.loads(stdout.getvalue())["lora_alpha"], json.loads(stdout.getvalue())["use_rslora"]), (32, True))
 
 
+def based_adapter(seed, rank, dense=True):
+    """One LoRA module `q` of rank `rank` (A [rank, 6], B [5, rank]) and, with `dense`, a dense `head`."""
+    rng = np.random.default_rng(seed)
+    arrays = {"base_model.model.q.lora_A.weight": rng.standard_normal((rank, 6)).astype(np.float32),
+              "base_model.model.q.lora_B.weight": rng.standard_normal((5, rank)).astype(np.float32)}
+    if dense:
+        arrays["base_model.model.head.weight"] = rng.standard_normal((3, 3)).astype(np.float32)
+    return arrays
+
+
+class Recorder:
+    """Wraps a Client's _request: each call's (method, path, query, body, headers) and answer headers."""
+
+    def __init__(self, client):
+        self.calls, self.request = [], client._request
+
+    def __call__(self, method, path, query=None, body=None, headers=None):
+        payload, answer_headers = self.request(method, path, query, body, headers)
+        self.calls.append({"method": method, "path": path, "query": dict(query or {}), "body": body, "headers": dict(headers or {}),
+                           "answer": answer_headers})
+        return payload, answer_headers
+
+
+class FederationTests(ServerTestCase):
+    """Federation settings, round bases and a client's start of a round, through Client."""
+
+    def test_set_federation_sends_only_the_members_given_and_federation_reads_them_back(self):
+        client = lac.Client(self.url)
+        recorder = Recorder(client)
+        with mock.patch.object(client, "_request", recorder):
+            answer = client.set_federation("settings", strategy="zero_padding", chain=True, quorum={"min_uploads": 3, "grace_seconds": 1.5},
+                                           round_timeout_seconds=60)
+            client.set_federation("settings-defaults")
+        self.assertEqual(json.loads(recorder.calls[0]["body"]), {"strategy": "zero_padding", "chain": True,
+                                                                  "quorum": {"min_uploads": 3, "grace_seconds": 1.5}, "round_timeout_seconds": 60})
+        self.assertEqual((recorder.calls[0]["method"], recorder.calls[0]["headers"]["Content-Type"]), ("PUT", "application/json"))
+        self.assertEqual(json.loads(recorder.calls[1]["body"]), {})
+        self.assertEqual((answer["federation"], answer["current_round"], answer["rounds"]), ("settings", 0, 0))
+        self.assertEqual(answer["settings"]["strategy"], "zero_padding")
+        self.assertEqual(answer["settings"]["quorum"]["min_uploads"], 3)
+        self.assertEqual(client.federation("settings"), answer)
+        # The settings are replaced as a whole: a member not given is back at its default.
+        changed = client.set_federation("settings", chain=True)
+        self.assertEqual(changed["settings"], {"strategy": "replication", "chain": True, "quorum": None, "round_timeout_seconds": None})
+        # A federation never configured answers with the defaults.
+        self.assertEqual(client.federation("never-configured")["settings"]["chain"], False)
+
+    def test_a_refused_setting_is_an_aggregator_error_422_naming_the_member_and_changes_nothing(self):
+        client = lac.Client(self.url)
+        before = client.set_federation("refused-settings", strategy="zero_padding")
+        for options, member in (({"strategy": "bogus"}, "strategy"), ({"quorum": {"min_uploads": 0}}, "quorum.min_uploads"),
+                                ({"quorum": {"min_uploads": 3, "max_uploads": 2}}, "quorum.max_uploads"),
+                                ({"quorum": {"grace_seconds": 1}}, "quorum"), ({"quorum": {"min_upload": 1}}, "quorum.min_upload"),
+                                ({"round_timeout_seconds": -1}, "round_timeout_seconds")):
+            with self.subTest(member=member), self.assertRaises(lac.AggregatorError) as refused:
+                client.set_federation("refused-settings", **options)
+            self.assertEqual((refused.exception.status, refused.exception.title), (422, "Unprocessable Content"))
+            self.assertIn(f"'{member}'", refused.exception.detail)
+        self.assertEqual(client.federation("refused-settings"), before)
+
+    def test_put_base_is_stored_at_scale_1_and_read_back_as_stored_or_cut_and_unfolded(self):
+        client = lac.Client(self.url)
+        arrays = based_adapter(1, 4)
+        recorder = Recorder(client)
+        with mock.patch.object(client, "_request", recorder):
+            receipt = client.put_base(lac.encode_safetensors(arrays), federation="bases", round=0, rank=4, lora_alpha=8)
+            stored = client.base(federation="bases", round=0)
+        put, got = recorder.calls
+        self.assertEqual((put["query"], put["headers"]["Content-Encoding"]), ({"rank": 4, "lora_alpha": "8.0"}, "gzip"))
+        self.assertEqual((got["query"], got["headers"]["Accept-Encoding"], got["answer"]["Content-Encoding"]), ({}, "gzip", "gzip"))
+        self.assertEqual((receipt["rank"], receipt["lora_alpha"], receipt["use_rslora"], receipt["lora_modules"], receipt["tensors"], receipt["source"]),
+                         (4, 8, False, 1, 3, "upload"))
+        self.assertEqual(receipt["sha256"], hashlib.sha256(stored).hexdigest())
+        self.assertEqual(client.status(federation="bases", round=0)["base"], {"rank": 4, "sha256": receipt["sha256"], "source": "upload"})
+        # Stored folded to scale 1: LoRA factors times √(8/4); the dense tensor as it is.
+        folded, _ = lac.decode_safetensors(stored)
+        for name, array in arrays.items():
+            factor = 1.0 if "head" in name else np.sqrt(2.0)
+            np.testing.assert_allclose(folded[name], array * factor, rtol=1e-6, err_msg=name)
+        # Cut to rank 2 and unfolded for lora_alpha 8 (scale 4, or 8/√2 with rsLoRA), like an aggregate.
+        for use_rslora, scale in ((None, 4.0), (True, 8 / np.sqrt(2))):
+            with self.subTest(use_rslora=use_rslora):
+                data = client.base(federation="bases", round=0, rank=2, lora_alpha=8, use_rslora=use_rslora)
+                unfolded, metadata = lac.decode_safetensors(data)
+                self.assertEqual((lac.module_ranks(data), metadata["base"]), ({"q": 2}, "upload"))
+                expected = lac.truncate_to_rank(folded, 2)
+                for name, array in expected.items():
+                    np.testing.assert_allclose(unfolded[name], array if "head" in name else array / np.sqrt(scale), rtol=1e-6, err_msg=name)
+        half, _ = lac.decode_safetensors(client.base(federation="bases", round=0, dtype="F16"))
+        self.assertEqual(half["base_model.model.q.lora_A.weight"].dtype, np.float16)
+        with self.assertRaises(lac.AggregatorError) as refused:  # past the base's rank
+            client.base(federation="bases", round=0, rank=5)
+        self.assertEqual(refused.exception.status, 422)
+        # The same adapter with its config, multipart: the same stored base.
+        config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q"]}
+        again = client.put_base_peft(lac.encode_safetensors(arrays), config, federation="bases", round=0)
+        self.assertEqual((again["sha256"], again["lora_alpha"], again["source"]), (receipt["sha256"], 8, "upload"))
+        other = client.put_base_peft(lac.encode_safetensors(based_adapter(2, 4)), lac.peft_config_json(config), federation="bases", round=1,
+                                     compress=False)
+        self.assertEqual(other["round"], 1)
+
+    def test_a_base_refused_missing_deleted_or_sealed(self):
+        client = lac.Client(self.url)
+        with self.assertRaises(lac.AggregatorError) as missing:
+            client.base(federation="base-refusals", round=0)
+        self.assertEqual(missing.exception.status, 404)
+        self.assertIn("no base", missing.exception.detail)
+        with self.assertRaises(lac.AggregatorError) as refused:  # the rank tag disagrees with the tensors
+            client.put_base(lac.encode_safetensors(based_adapter(3, 4)), federation="base-refusals", round=0, rank=3)
+        self.assertEqual(refused.exception.status, 422)
+        client.put_base(lac.encode_safetensors(based_adapter(3, 4)), federation="base-refusals", round=0, rank=4)
+        with self.assertRaises(lac.AggregatorError) as refused:  # an upload's shapes are checked against the base
+            client.upload(lac.encode_safetensors(based_adapter(4, 2, dense=False) | {"base_model.model.head.weight": np.zeros((2, 2), np.float32)}),
+                          federation="base-refusals", round=0, client="a", rank=2)
+        self.assertEqual(refused.exception.status, 422)
+        self.assertIsNone(client.delete_base(federation="base-refusals", round=0))
+        with self.assertRaises(lac.AggregatorError) as missing:
+            client.delete_base(federation="base-refusals", round=0)
+        self.assertEqual(missing.exception.status, 404)
+        client.put_base(lac.encode_safetensors(based_adapter(3, 4)), federation="base-refusals", round=0, rank=4)
+        client.seal(federation="base-refusals", round=0)
+        for attempt in (lambda: client.put_base(lac.encode_safetensors(based_adapter(3, 4)), federation="base-refusals", round=0, rank=4),
+                        lambda: client.delete_base(federation="base-refusals", round=0)):
+            with self.assertRaises(lac.AggregatorError) as sealed:
+                attempt()
+            self.assertEqual(sealed.exception.status, 409)
+        self.assertEqual(lac.module_ranks(client.base(federation="base-refusals", round=0)), {"q": 4})  # still readable
+
+    def test_start_round_gives_the_current_round_its_base_at_the_clients_scale_and_the_config(self):
+        client = lac.Client(self.url)
+        client.set_federation("loop", strategy="replication", chain=True)
+        start = client.start_round("loop", rank=2, lora_alpha=16)
+        self.assertEqual((start.federation, start.round, start.base), ("loop", 0, None))
+        self.assertEqual(start.config, {"peft_type": "LORA", "r": 2, "lora_alpha": 16, "use_rslora": False})
+        self.assertEqual(client.start_round("loop", rank=3).config, {"peft_type": "LORA", "r": 3, "lora_alpha": 3, "use_rslora": False})
+        # An explicit round-0 base: each client gets it at its own rank and scale.
+        client.put_base(lac.encode_safetensors(based_adapter(5, 4)), federation="loop", round=0, rank=4)
+        start = client.start_round("loop", rank=2, lora_alpha=16)
+        self.assertEqual(start.round, 0)
+        self.assertEqual(start.base, client.base(federation="loop", round=0, rank=2, lora_alpha=16))
+        # Two clients train (here: a fixed delta) and upload with the config, then the round is sealed.
+        for name, rank, alpha in (("low", 2, 16), ("high", 4, 8)):
+            start = client.start_round("loop", rank=rank, lora_alpha=alpha)
+            arrays, _ = lac.decode_safetensors(start.base)
+            trained = {key: array + np.float32(0.25) for key, array in arrays.items()}
+            receipt = client.upload_peft(lac.encode_safetensors(trained), start.config, federation="loop", round=start.round, client=name)
+            self.assertEqual((receipt["round"], receipt["rank"], receipt["lora_alpha"]), (0, rank, alpha))
+        sealed = client.seal(federation="loop", round=0)
+        self.assertEqual(sealed["sealed_by"], "request")
+        # Chained: round 1 starts from round 0's aggregate at the client's rank and scale.
+        self.assertEqual(client.federation("loop")["current_round"], 1)
+        self.assertEqual(client.status(federation="loop", round=1)["base"]["source"], "chain")
+        self.assertEqual(client.base(federation="loop", round=1), client.aggregate(federation="loop", round=0))
+        for rank, alpha, use_rslora in ((2, 16, False), (4, 8, False), (3, 4, True)):
+            with self.subTest(rank=rank, lora_alpha=alpha, use_rslora=use_rslora):
+                start = client.start_round("loop", rank=rank, lora_alpha=alpha, use_rslora=use_rslora)
+                self.assertEqual((start.round, start.config["use_rslora"]), (1, use_rslora))
+                base, metadata = lac.decode_safetensors(start.base)
+                self.assertEqual((lac.module_ranks(start.base), metadata["base"]), ({"q": rank}, "chain"))
+                expected, _ = lac.decode_safetensors(client.aggregate(federation="loop", round=0, rank=rank, lora_alpha=alpha,
+                                                                      use_rslora=True if use_rslora else None))
+                self.assertEqual(sorted(base), sorted(expected))
+                for name, array in expected.items():
+                    np.testing.assert_allclose(base[name], array, rtol=1e-6, atol=1e-7, err_msg=name)
+        # Without chain a sealed round leaves the next one without a base.
+        client.set_federation("unchained")
+        client.upload(lac.encode_safetensors(based_adapter(6, 2)), federation="unchained", round=0, client="a", rank=2)
+        client.seal(federation="unchained", round=0)
+        start = client.start_round("unchained", rank=2)
+        self.assertEqual((start.round, start.base), (1, None))
+
+    def test_aggregate_without_strategy_follows_the_federations(self):
+        client = lac.Client(self.url)
+        client.set_federation("follows", strategy="zero_padding")
+        client.upload(adapter(2, 1.0), federation="follows", round=0, client="a", rank=2)
+        client.upload(adapter(4, 3.0), federation="follows", round=0, client="b", rank=4)
+        recorder = Recorder(client)
+        with mock.patch.object(client, "_request", recorder):
+            data = client.aggregate(federation="follows", round=0)
+        self.assertNotIn("strategy", recorder.calls[0]["query"])
+        # Zero padding: rows 2-3 only b holds, divided by both weights: 3 / 2.
+        self.assertEqual(lac.safetensors_metadata(data)["strategy"], "zero_padding")
+        self.assertAlmostEqual(read_tensor(data, "base_model.model.q.lora_A.weight")[1][8 * 3], 1.5, places=6)
+        replication = client.aggregate(federation="follows", round=0, strategy="replication")
+        self.assertAlmostEqual(read_tensor(replication, "base_model.model.q.lora_A.weight")[1][8 * 3], 3.0, places=6)
+        output = Path(self.directory.name) / "follows.safetensors"
+        self.assertEqual(Path(client.download(output, federation="follows", round=0)).read_bytes(), data)
+        client.set_federation("follows", strategy="replication")
+        self.assertEqual(client.aggregate(federation="follows", round=0), replication)
+
+    def test_command_line_federation_and_base(self):
+        def run(*arguments):
+            with contextlib.redirect_stdout(io.StringIO()) as stdout, contextlib.redirect_stderr(io.StringIO()) as stderr:
+                code = lac.main(["--server", self.url, *arguments])
+            return code, stdout.getvalue(), stderr.getvalue()
+
+        code, stdout, _ = run("federation", "set", "--federation", "cli-fed", "--strategy", "zero_padding", "--chain", "--min-uploads", "2",
+                              "--grace-seconds", "5", "--round-timeout-seconds", "30")
+        self.assertEqual(code, 0)
+        self.assertEqual(json.loads(stdout)["settings"], {"strategy": "zero_padding", "chain": True, "round_timeout_seconds": 30,
+                                                          "quorum": {"min_uploads": 2, "grace_seconds": 5, "max_uploads": None}})
+        code, stdout, _ = run("federation", "show", "--federation", "cli-fed")
+        self.assertEqual((code, json.loads(stdout)["current_round"]), (0, 0))
+        code, stdout, _ = run("federation", "set", "--federation", "cli-fed", "--no-chain")
+        self.assertEqual((code, json.loads(stdout)["settings"]["chain"], json.loads(stdout)["settings"]["strategy"]), (0, False, "replication"))
+        code, _, stderr = run("federation", "set", "--federation", "cli-fed", "--min-uploads", "0")
+        self.assertEqual(code, lac.EXIT_REFUSED)
+        self.assertIn("422", stderr)
+        self.assertIn("quorum.min_uploads", stderr)
+        with contextlib.redirect_stderr(io.StringIO()), self.assertRaises(SystemExit) as usage:
+            lac.main(["--server", self.url, "federation", "set", "--federation", "cli-fed", "--grace-seconds", "5"])
+        self.assertEqual(usage.exception.code, 2)
+
+        arrays = based_adapter(7, 4)
+        path = Path(self.directory.name) / "cli-base.safetensors"
+        path.write_bytes(lac.encode_safetensors(arrays))
+        code, stdout, _ = run("base", "put", "--federation", "cli-fed", "--round", "0", "--rank", "4", "--lora-alpha", "16", str(path))
+        self.assertEqual((code, json.loads(stdout)["lora_alpha"], json.loads(stdout)["source"]), (0, 16, "upload"))
+        peft_directory = Path(self.directory.name) / "cli-base-peft"
+        peft_directory.mkdir()
+        (peft_directory / "adapter_model.safetensors").write_bytes(lac.encode_safetensors(arrays))
+        (peft_directory / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 16}))
+        code, stdout, _ = run("base", "put", "--federation", "cli-fed", "--round", "0", "--peft-dir", str(peft_directory))
+        self.assertEqual((code, json.loads(stdout)["rank"]), (0, 4))
+        output = Path(self.directory.name) / "cli-base-out"
+        output.mkdir()
+        code, stdout, _ = run("base", "get", "--federation", "cli-fed", "--round", "0", "--rank", "2", "--lora-alpha", "16", "--output", str(output))
+        self.assertEqual((code, json.loads(stdout)["written"]), (0, str(output / "adapter_model.safetensors")))
+        self.assertEqual((output / "adapter_model.safetensors").read_bytes(), lac.Client(self.url).base(federation="cli-fed", round=0, rank=2, lora_alpha=16))
+        code, stdout, _ = run("base", "delete", "--federation", "cli-fed", "--round", "0")
+        self.assertEqual(code, 0)
+        code, _, stderr = run("base", "get", "--federation", "cli-fed", "--round", "0", "--output", str(output))
+        self.assertEqual(code, lac.EXIT_REFUSED)
+        self.assertIn("404", stderr)
+
+
 class LocalHelperTests(unittest.TestCase):
     """Multipart framing, config serialisation and PEFT's pattern resolution, without a server."""
 
