@@ -19,14 +19,16 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
     ],
     targets: [
-        // System libraries, linked through their C APIs (apt: libsqlite3-dev, zlib1g-dev).
+        // System libraries, linked through their C APIs (apt: libsqlite3-dev, zlib1g-dev, libopenblas-dev).
         .systemLibrary(name: "CSQLite3", path: "Sources/CSQLite3", providers: [.apt(["libsqlite3-dev"])]),
         .systemLibrary(name: "CZlib", path: "Sources/CZlib", providers: [.apt(["zlib1g-dev"])]),
+        // LAPACK (QR, SVD) and BLAS from OpenBLAS, for the svd and hetlora strategies (apt: libopenblas-dev).
+        .systemLibrary(name: "CLAPACK", path: "Sources/CLAPACK", providers: [.apt(["libopenblas-dev"])]),
         // epoll, eventfd and accept4 from the C library, which Swift's Glibc module lacks.
         .target(name: "CLinux"),
 
         // The numeric/format core: safetensors codec, PEFT naming, validation, aggregation. No HTTP.
-        .target(name: "LoRAAdapters", swiftSettings: strictSettings),
+        .target(name: "LoRAAdapters", dependencies: ["CLAPACK"], swiftSettings: strictSettings),
 
         // SHA-256 (hex) and CRC-32 of byte strings, for the store and the service alike.
         .target(name: "Digests", dependencies: ["CZlib", .product(name: "Crypto", package: "swift-crypto")], swiftSettings: strictSettings),

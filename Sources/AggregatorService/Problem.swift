@@ -38,7 +38,7 @@ enum Problem {
                 switch error.code {
                 case _ where error.code.isMalformedFile: .badRequest
                 case .emptyRound: .notFound
-                case .inconsistentSource: .internalServerError
+                case .inconsistentSource, .numericalFailure: .internalServerError
                 default: .unprocessableContent
                 }
             if status == .internalServerError { log("internal error: \(error)") }

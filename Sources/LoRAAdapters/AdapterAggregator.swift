@@ -36,8 +36,17 @@ public enum AdapterAggregator {
             rankLimit = rank
         }
 
-        let plans = try TensorPlan.plans(
-            for: holdings, base: base, participants: participants, ranks: ranks, rankLimit: rankLimit, scaling: options.scaling, strategy: options.strategy)
+        func makePlans(loraWeights: [String: [String: Double]] = [:]) throws(AdapterError) -> [TensorPlan] {
+            try TensorPlan.plans(
+                for: holdings, base: base, participants: participants, ranks: ranks, rankLimit: rankLimit, scaling: options.scaling,
+                strategy: options.strategy, loraWeights: loraWeights)
+        }
+        var plans = try makePlans()
+        let pairs = try modulePairs(plans)
+        if options.strategy == .hetlora {
+            // A first pass over each module's factors for its norms, then the plans weighted by them.
+            plans = try makePlans(loraWeights: try pairs.mapValues { try HetLoRANorms.norms(a: $0.a, b: $0.b, from: source) })
+        }
         let rank = plans.filter(\.isLoRA).map(\.outputRank).max() ?? rankLimit ?? globalRank
         var metadata = options.metadata
         metadata["format"] = "pt"
@@ -48,6 +57,8 @@ public enum AdapterAggregator {
 
         let accumulator = UnsafeMutableBufferPointer<Double>.allocate(capacity: max(1, plans.map(\.outputElementCount).max() ?? 1))
         defer { accumulator.deallocate() }
+        // svd: each module's factors, from when its first tensor is written until its second is.
+        var factors: [String: LowRankFactors] = [:]
         let output = try layout.makeFile { base in
             // Even when aggregation fails half-way, the observer is done with the buffer before it goes.
             defer { observer?.outputComplete() }
@@ -55,12 +66,38 @@ public enum AdapterAggregator {
             observer?.regionFinished(UnsafeRawBufferPointer(start: base, count: layout.headerBytes.count))
             for (plan, info) in zip(plans, layout.tensors) {
                 let sums = UnsafeMutableBufferPointer(rebasing: accumulator[0..<plan.outputElementCount])
-                try accumulate(plan, from: source, into: sums)
+                if options.strategy == .svd, let module = plan.module, let pair = pairs[module] {
+                    let moduleFactors =
+                        try factors.removeValue(forKey: module) ?? LowRankFactors(a: pair.a, b: pair.b, rank: ranks.globalRank(ofModule: module), from: source)
+                    moduleFactors.fill(plan, into: sums)
+                    if plan.factor == .a { factors[module] = moduleFactors }
+                } else {
+                    try accumulate(plan, from: source, into: sums)
+                }
                 plan.writeMeans(of: sums, as: options.dtype, to: base + info.byteRange.lowerBound)
                 observer?.regionFinished(UnsafeRawBufferPointer(start: base + info.byteRange.lowerBound, count: info.byteRange.count))
             }
         }
         return AggregatedAdapter(bytes: output, rank: rank, globalRank: globalRank, clientCount: participants.count)
+    }
+
+    /// Each LoRA module's A and B plans.
+    private static func modulePairs(_ plans: [TensorPlan]) throws(AdapterError) -> [String: (a: TensorPlan, b: TensorPlan)] {
+        var a: [String: TensorPlan] = [:]
+        var b: [String: TensorPlan] = [:]
+        for plan in plans {
+            guard let module = plan.module else { continue }
+            if plan.factor == .a { a[module] = plan } else { b[module] = plan }
+        }
+        var pairs: [String: (a: TensorPlan, b: TensorPlan)] = [:]
+        for (module, aPlan) in a {
+            guard let bPlan = b[module] else { throw AdapterError(.unpairedLoRATensor, "the module has an A tensor but no B tensor", tensor: aPlan.name) }
+            pairs[module] = (aPlan, bPlan)
+        }
+        if let unpaired = b.first(where: { a[$0.key] == nil }) {
+            throw AdapterError(.unpairedLoRATensor, "the module has a B tensor but no A tensor", tensor: unpaired.value.name)
+        }
+        return pairs
     }
 
     /// Asks the kernel to back a large fresh buffer with transparent huge pages: one fault per

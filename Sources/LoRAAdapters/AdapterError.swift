@@ -39,6 +39,8 @@ public struct AdapterError: Error, Sendable, Equatable, CustomStringConvertible 
         public static let rankOutOfRange = Code("rank_out_of_range")
         public static let emptyRound = Code("empty_round")
         public static let inconsistentSource = Code("inconsistent_source")
+        /// LAPACK did not converge (the svd strategy); not expected for finite inputs.
+        public static let numericalFailure = Code("numerical_failure")
 
         /// Codes that mean "these bytes are not a safetensors file" rather than "a file we refuse".
         public var isMalformedFile: Bool { Self.malformedFileCodes.contains(self) }

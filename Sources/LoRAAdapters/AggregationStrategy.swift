@@ -6,6 +6,12 @@ public enum AggregationStrategy: String, Sendable, CaseIterable, Codable {
     case replication
     /// The conventional baseline: missing slices are zeros, so `Σ_owners w·x / Σ_all w`.
     case zeroPadding = "zero_padding"
+    /// HetLoRA (Cho et al. 2024): zero padding with each upload's weight replaced, per module, by the
+    /// Frobenius norm of its folded update `‖B̃·Ã‖_F` (by the upload weights when every norm is 0).
+    case hetlora
+    /// The exact low-rank projection (FlexLoRA, HLoRA): the best rank-R approximation of
+    /// `Σ w·B̃·Ã / Σ w`, as balanced factors; every prefix is the best at its rank.
+    case svd
 }
 
 /// The scale an aggregate is unfolded to (openapi.yaml's aggregation semantics, step 3). The engine

@@ -39,11 +39,17 @@ struct TensorPlan {
     let baseSlices: Range<Int>
 
     let isLoRA: Bool
+    /// The LoRA module and factor of the tensor; nil for a dense tensor.
+    let module: String?
+    let factor: LoRAFactor?
 
-    /// - Parameter rankLimit: the largest output rank (nil for a client's own ranks, from `scaling`).
+    /// - Parameters:
+    ///   - rankLimit: the largest output rank (nil for a client's own ranks, from `scaling`).
+    ///   - loraWeights: per module, each client's weight for its LoRA tensors instead of its upload
+    ///     weight (HetLoRA's norms).
     static func plans(
         for holdings: [TensorHolding], base: [BaseTensor], participants: [String: RoundParticipant], ranks: ModuleRanks, rankLimit: Int?,
-        scaling: TargetScaling, strategy: AggregationStrategy
+        scaling: TargetScaling, strategy: AggregationStrategy, loraWeights: [String: [String: Double]] = [:]
     ) throws(AdapterError) -> [TensorPlan] {
         let byName = Dictionary(grouping: holdings, by: \.name)
         let baseByName = Dictionary(base.map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first })
@@ -55,14 +61,14 @@ struct TensorPlan {
             plans.append(
                 try TensorPlan(
                     name: name, holdings: group, base: baseByName[name], participants: participants, ranks: ranks, rankLimit: rankLimit, scaling: scaling,
-                    strategy: strategy))
+                    strategy: strategy, loraWeights: TensorRole.moduleName(ofTensor: name).flatMap { loraWeights[$0] }))
         }
         return plans
     }
 
     private init(
         name: String, holdings: [TensorHolding], base: BaseTensor?, participants: [String: RoundParticipant], ranks: ModuleRanks, rankLimit: Int?,
-        scaling: TargetScaling, strategy: AggregationStrategy
+        scaling: TargetScaling, strategy: AggregationStrategy, loraWeights: [String: Double]?
     ) throws(AdapterError) {
         let role = TensorRole(tensorName: name)
         let module = role.factor != nil ? TensorRole.moduleName(ofTensor: name) : nil
@@ -79,7 +85,7 @@ struct TensorPlan {
             }
             try RoundShapeCheck.check(name: name, shape: holding.shape, against: referenceShape)
             let clientRank: Int
-            var foldedWeight = participant.weight
+            var weight = participant.weight
             if let module {
                 guard let tensorRank = role.rank(of: holding.shape), tensorRank >= 1 else {
                     throw AdapterError(.invalidRank, "client '\(holding.clientID)' has shape \(holding.shape), with no positive rank axis", tensor: name)
@@ -90,14 +96,14 @@ struct TensorPlan {
                         "client '\(holding.clientID)' has rank \(tensorRank) here but \(participant.config.rank(ofModule: module)) in its config", tensor: name)
                 }
                 clientRank = tensorRank
-                foldedWeight *= participant.config.scale(ofModule: module).squareRoot()
+                // HetLoRA's norms replace the weights, unless every one is 0.
+                if let loraWeights, loraWeights.values.contains(where: { $0 > 0 }) { weight = loraWeights[holding.clientID] ?? 0 }
             } else {
                 clientRank = 1
             }
+            let root = module.map { participant.config.scale(ofModule: $0).squareRoot() } ?? 1
             holders.append(
-                Holder(
-                    clientID: holding.clientID, dtype: holding.dtype, shape: holding.shape, rank: clientRank, weight: participant.weight,
-                    foldedWeight: foldedWeight))
+                Holder(clientID: holding.clientID, dtype: holding.dtype, shape: holding.shape, rank: clientRank, weight: weight, foldedWeight: weight * root))
         }
         var rank = 1
         var unfoldingDivisor = 1.0
@@ -118,6 +124,8 @@ struct TensorPlan {
         self.name = name
         self.holders = holders
         isLoRA = module != nil
+        self.module = module
+        factor = role.factor
         switch role.factor {
         case .a:
             outer = 1
@@ -142,12 +150,14 @@ struct TensorPlan {
         let baseFills = base != nil && (module == nil || strategy == .replication)
         baseSlices = baseFills ? ownedRank..<max(ownedRank, min(baseRank, outputRank)) : 0..<0
         let totalWeight = holders.reduce(0) { $0 + $1.weight }
-        denominators = (0..<outputRank).map { [baseSlices] slice in
+        denominators = (0..<outputRank).map { [baseSlices, isLoRA] slice in
             if baseSlices.contains(slice) { return unfoldingDivisor }
             let weight =
                 switch strategy {
-                case .zeroPadding: totalWeight
+                case .zeroPadding, .hetlora: totalWeight
                 case .replication: holders.reduce(0) { $1.rank > slice ? $0 + $1.weight : $0 }
+                // The factors are computed whole (LowRankFactors); the plan only unfolds them.
+                case .svd: isLoRA ? 1 : totalWeight
                 }
             return weight > 0 ? weight * unfoldingDivisor : .infinity
         }

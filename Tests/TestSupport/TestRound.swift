@@ -192,7 +192,9 @@ extension TestModule {
 /// The independent reference: padding materialised literally, as the paper and openapi.yaml describe it,
 /// with none of the engine's code. A LoRA tensor is sliced along its rank axis by plain index maths.
 public enum LiteralReference {
-    public enum Padding { case replication, zeros }
+    /// `normWeighted` is HetLoRA's: zero padding with each client's weight replaced, per module, by
+    /// the Frobenius norm of its folded update `s·B·A`, formed densely here.
+    public enum Padding { case replication, zeros, normWeighted }
 
     /// What the reference is asked for: ranks and the scale to unfold to.
     public enum Target {
@@ -221,12 +223,12 @@ public enum LiteralReference {
         var result: [String: TestTensor] = [:]
         for name in names {
             let holders = clients.filter { $0.tensors[name] != nil }
-            let totalWeight = holders.map(\.weight).reduce(0, +)
             guard let axis = rankAxis(of: name), let module = TestModule.name(ofTensor: name) else {
                 guard !holders.isEmpty else {
                     result[name] = base[name]!
                     continue
                 }
+                let totalWeight = holders.map(\.weight).reduce(0, +)
                 let count = holders[0].tensors[name]!.values.count
                 var mean = [Double](repeating: 0, count: count)
                 for client in holders {
@@ -236,6 +238,9 @@ public enum LiteralReference {
                 continue
             }
             let globalRank = max(clients.map { $0.rank(ofModule: module) }.max() ?? 0, baseRank(ofModule: module))
+            let norms = padding == .normWeighted ? holders.map { updateNorm(of: $0, module: module) } : []
+            let weights = norms.contains(where: { $0 > 0 }) ? norms : holders.map(\.weight)
+            let totalWeight = weights.reduce(0, +)
             // Every client's own slices along the rank axis, folded, then each padded up to the global rank.
             let ownSlices = holders.map { client in
                 (0..<client.rank(ofModule: module)).map { index in
@@ -248,19 +253,19 @@ public enum LiteralReference {
             let ownerAggregate: [[Double]] = (0..<globalRank).map { j in
                 let owners = holders.indices.filter { ownSlices[$0].count > j }
                 guard !owners.isEmpty else { return padding == .replication && j < baseSlices.count ? baseSlices[j] : zeros }
-                let ownerWeight = owners.map { holders[$0].weight }.reduce(0, +)
+                let ownerWeight = owners.map { weights[$0] }.reduce(0, +)
                 var aggregate = zeros
                 for owner in owners {
-                    for (index, value) in ownSlices[owner][j].enumerated() { aggregate[index] += holders[owner].weight * value / ownerWeight }
+                    for (index, value) in ownSlices[owner][j].enumerated() { aggregate[index] += weights[owner] * value / ownerWeight }
                 }
                 return aggregate
             }
             // With no holder, the global tensor is what every holder would have been padded with.
             var globalSlices = holders.isEmpty ? ownerAggregate : [[Double]](repeating: zeros, count: globalRank)
-            for (client, own) in zip(holders, ownSlices) {
+            for (weight, own) in zip(weights, ownSlices) {
                 for j in 0..<globalRank {
                     let padded: [Double] = j < own.count ? own[j] : (padding == .replication ? ownerAggregate[j] : zeros)
-                    for index in 0..<sliceSize { globalSlices[j][index] += client.weight * padded[index] / totalWeight }
+                    for index in 0..<sliceSize { globalSlices[j][index] += weight * padded[index] / totalWeight }
                 }
             }
             let (targetRank, targetScale): (Int, Double) =
@@ -276,6 +281,23 @@ public enum LiteralReference {
             result[name] = TestTensor(shape: shape, values: assemble(unfolded, shape: shape, axis: axis))
         }
         return result
+    }
+
+    /// `‖s·B·A‖_F` of the client's module, with the dense product formed element by element.
+    static func updateNorm(of client: TestClient, module: String) -> Double {
+        let names = client.tensors.keys.filter { TestModule.name(ofTensor: $0) == module }
+        guard let aName = names.first(where: { rankAxis(of: $0) == 0 }), let bName = names.first(where: { rankAxis(of: $0) == 1 }) else { return 0 }
+        let rank = client.rank(ofModule: module)
+        let rows = (0..<rank).map { slice(client.tensors[aName]!, axis: 0, index: $0) }
+        let columns = (0..<rank).map { slice(client.tensors[bName]!, axis: 1, index: $0) }
+        var squares = 0.0
+        for p in columns[0].indices {
+            for q in rows[0].indices {
+                let entry = (0..<rank).reduce(0.0) { $0 + columns[$1][p] * rows[$1][q] }
+                squares += entry * entry
+            }
+        }
+        return client.scale(ofModule: module) * squares.squareRoot()
     }
 
     static func rankAxis(of name: String) -> Int? {

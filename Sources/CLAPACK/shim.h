@@ -1,0 +1,24 @@
+#ifndef CLAPACK_SHIM_H
+#define CLAPACK_SHIM_H
+#include <stddef.h>
+
+// The few LAPACK and BLAS routines the svd strategy uses, from OpenBLAS (Debian's libopenblas-dev),
+// declared with the Fortran calling convention: every argument by reference, matrices column-major,
+// and for each character argument a hidden length after the others (as gfortran passes it).
+
+// Householder QR: A = Q·R, with R in the upper triangle and Q as reflectors below it.
+void dgeqrf_(const int *m, const int *n, double *a, const int *lda, double *tau, double *work, const int *lwork, int *info);
+// The first n columns of Q from dgeqrf's reflectors.
+void dorgqr_(const int *m, const int *n, const int *k, double *a, const int *lda, const double *tau, double *work, const int *lwork, int *info);
+// SVD by divide and conquer: A = U·diag(s)·Vᵀ, singular values descending.
+void dgesdd_(const char *jobz, const int *m, const int *n, double *a, const int *lda, double *s, double *u, const int *ldu, double *vt,
+             const int *ldvt, double *work, const int *lwork, int *iwork, int *info, size_t jobz_length);
+// C = alpha·op(A)·op(B) + beta·C.
+void dgemm_(const char *transa, const char *transb, const int *m, const int *n, const int *k, const double *alpha, const double *a,
+            const int *lda, const double *b, const int *ldb, const double *beta, double *c, const int *ldc, size_t transa_length,
+            size_t transb_length);
+// OpenBLAS runs each call on this many threads; one keeps every sum in one order, so results do not
+// depend on the machine's core count (parallelism comes from factoring modules side by side).
+void openblas_set_num_threads(int count);
+
+#endif

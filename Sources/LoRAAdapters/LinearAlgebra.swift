@@ -1,0 +1,97 @@
+import CLAPACK
+
+/// A dense Float64 matrix, column-major as LAPACK takes it: element (i, j) at `i + j·rows`.
+struct Matrix {
+    let rows: Int
+    let columns: Int
+    var values: [Double]
+
+    init(rows: Int, columns: Int) {
+        self.rows = rows
+        self.columns = columns
+        values = [Double](repeating: 0, count: rows * columns)
+    }
+
+    subscript(row: Int, column: Int) -> Double {
+        get { values[row + column * rows] }
+        set { values[row + column * rows] = newValue }
+    }
+}
+
+/// The LAPACK and BLAS calls of the svd and hetlora strategies, on OpenBLAS with one thread per
+/// call: every sum then runs in one order, so a result depends only on the inputs and the build.
+enum LinearAlgebra {
+    private static let singleThreaded: Void = openblas_set_num_threads(1)
+
+    /// The thin Householder QR `a = q·r` (`dgeqrf`, `dorgqr`): `q` is rows × k with orthonormal
+    /// columns, `r` is k × columns upper triangular, k = min(rows, columns).
+    static func thinQR(_ a: Matrix) throws(AdapterError) -> (q: Matrix, r: Matrix) {
+        _ = singleThreaded
+        let k = min(a.rows, a.columns)
+        var q = a
+        var r = Matrix(rows: k, columns: a.columns)
+        guard k > 0 else { return (Matrix(rows: a.rows, columns: 0), r) }
+        var tau = [Double](repeating: 0, count: k)
+        var (m, n, lda, kk) = (Int32(a.rows), Int32(a.columns), Int32(a.rows), Int32(k))
+        var info: Int32 = 0
+        try withWorkspace { work, lwork in dgeqrf_(&m, &n, &q.values, &lda, &tau, work, lwork, &info) }
+        try check(info, "dgeqrf")
+        for column in 0..<a.columns {
+            for row in 0...min(column, k - 1) { r[row, column] = q[row, column] }
+        }
+        // dorgqr forms the first k columns of Q in place.
+        var factored = Matrix(rows: a.rows, columns: k)
+        factored.values = Array(q.values[0..<(a.rows * k)])
+        try withWorkspace { work, lwork in dorgqr_(&m, &kk, &kk, &factored.values, &lda, &tau, work, lwork, &info) }
+        try check(info, "dorgqr")
+        return (factored, r)
+    }
+
+    /// The thin SVD `a = u·diag(s)·vt` (`dgesdd`), singular values descending.
+    static func svd(_ a: Matrix) throws(AdapterError) -> (u: Matrix, s: [Double], vt: Matrix) {
+        _ = singleThreaded
+        let k = min(a.rows, a.columns)
+        var u = Matrix(rows: a.rows, columns: k)
+        var vt = Matrix(rows: k, columns: a.columns)
+        var s = [Double](repeating: 0, count: k)
+        guard k > 0 else { return (u, s, vt) }
+        var copy = a.values
+        var (m, n, lda, ldu, ldvt) = (Int32(a.rows), Int32(a.columns), Int32(a.rows), Int32(a.rows), Int32(k))
+        var iwork = [Int32](repeating: 0, count: 8 * k)
+        var info: Int32 = 0
+        var job = CChar(UInt8(ascii: "S"))
+        try withWorkspace { work, lwork in
+            dgesdd_(&job, &m, &n, &copy, &lda, &s, &u.values, &ldu, &vt.values, &ldvt, work, lwork, &iwork, &info, 1)
+        }
+        try check(info, "dgesdd")
+        return (u, s, vt)
+    }
+
+    /// `op(a)·op(b)` (`dgemm`), op being the transpose where asked.
+    static func multiply(_ a: Matrix, _ b: Matrix, transposingA transposeA: Bool = false, transposingB transposeB: Bool = false) -> Matrix {
+        _ = singleThreaded
+        let (m, k) = transposeA ? (a.columns, a.rows) : (a.rows, a.columns)
+        let n = transposeB ? b.rows : b.columns
+        var c = Matrix(rows: m, columns: n)
+        guard m > 0, n > 0, k > 0 else { return c }
+        var (mm, nn, kk, lda, ldb, ldc) = (Int32(m), Int32(n), Int32(k), Int32(max(1, a.rows)), Int32(max(1, b.rows)), Int32(m))
+        var (alpha, beta) = (1.0, 0.0)
+        var (opA, opB) = (CChar(UInt8(ascii: transposeA ? "T" : "N")), CChar(UInt8(ascii: transposeB ? "T" : "N")))
+        dgemm_(&opA, &opB, &mm, &nn, &kk, &alpha, a.values, &lda, b.values, &ldb, &beta, &c.values, &ldc, 1, 1)
+        return c
+    }
+
+    /// Runs `call` once to ask for the workspace size, then with a workspace of that size.
+    private static func withWorkspace(_ call: (UnsafeMutablePointer<Double>, UnsafeMutablePointer<Int32>) -> Void) throws(AdapterError) {
+        var query = 0.0
+        var size: Int32 = -1
+        call(&query, &size)
+        var work = [Double](repeating: 0, count: max(1, Int(query)))
+        size = Int32(work.count)
+        work.withUnsafeMutableBufferPointer { call($0.baseAddress!, &size) }
+    }
+
+    private static func check(_ info: Int32, _ routine: String) throws(AdapterError) {
+        guard info == 0 else { throw AdapterError(.numericalFailure, "LAPACK \(routine) failed (info \(info))") }
+    }
+}

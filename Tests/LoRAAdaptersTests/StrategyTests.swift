@@ -1,0 +1,119 @@
+import LoRAAdapters
+import TestSupport
+import Testing
+
+/// `hetlora` against a literal zero-padded, norm-weighted reference, and `svd`'s contract on random
+/// rounds against the dense `M` formed in the test (openapi.yaml, the strategy table).
+@Suite struct StrategyTests {
+    @Test(arguments: 0..<30)
+    func hetloraIsZeroPaddingWeightedByEachUpdatesNorm(seed: UInt64) throws {
+        let clients = TestRound.randomScaled(seed: 21_000 + seed)
+        let source = try TestRound.source(clients)
+        let aggregate = try AdapterAggregator.aggregate(source, options: .init(strategy: .hetlora, dtype: .f64))
+        try expectMatches(aggregate.bytes, LiteralReference.aggregate(clients, padding: .normWeighted, target: .global(rank: .max)), tolerance: 1e-9, "hetlora")
+        for client in clients.prefix(2) {
+            let own = try AdapterAggregator.aggregate(
+                source, options: .init(strategy: .hetlora, dtype: .f64, scaling: .client(try client.participant().config)))
+            try expectMatches(own.bytes, LiteralReference.aggregate(clients, padding: .normWeighted, target: .client(client)), tolerance: 1e-9, client.id)
+        }
+    }
+
+    @Test func hetloraFallsBackToUploadWeightsWhenEveryNormIsZero() throws {
+        var clients = TestRound.random(seed: 22_000, ranks: [2, 4])
+        clients = clients.map { client in
+            TestClient(
+                id: client.id, rank: client.rank, weight: client.weight, dtype: client.dtype,
+                tensors: client.tensors.mapValues { tensor in TestTensor(shape: tensor.shape, values: tensor.values.map { _ in 0 }) })
+        }
+        let aggregate = try AdapterAggregator.aggregate(try TestRound.source(clients), options: .init(strategy: .hetlora, dtype: .f64))
+        try expectMatches(aggregate.bytes, LiteralReference.aggregate(clients, padding: .zeros, target: .global(rank: .max)), tolerance: 0, "all zero")
+    }
+
+    /// The module's factors from a downloaded file: B as `out·rest × r` and A as `r × n` (row-major values).
+    private static func factors(_ file: SafetensorsFile, module: TestModule) throws -> (b: [[Double]], a: [[Double]]) {
+        let names = module.tensors(rank: 1).map(\.0)
+        let a = try #require(file.tensor(named: names[0]))
+        let b = try #require(file.tensor(named: names[1]))
+        let (rank, n) = (a.shape[0], a.shape.dropFirst().reduce(1, *))
+        let (out, rest) = (b.shape[0], b.shape.dropFirst(2).reduce(1, *))
+        let aValues = file.values(of: a)
+        let bValues = file.values(of: b)
+        let aRows = (0..<rank).map { Array(aValues[($0 * n)..<(($0 + 1) * n)]) }
+        let bColumns = (0..<rank).map { j in (0..<out).flatMap { o in (0..<rest).map { x in bValues[(o * rank + j) * rest + x] } } }
+        return (bColumns, aRows)
+    }
+
+    /// `M = Σ w·s·B·A / Σ w` of the module, formed densely from the clients' tensors.
+    private static func denseUpdate(_ clients: [TestClient], module: TestModule) -> [[Double]]? {
+        let names = module.tensors(rank: 1).map(\.0)
+        let holders = clients.filter { $0.tensors[names[0]] != nil }
+        guard !holders.isEmpty else { return nil }
+        let totalWeight = holders.map(\.weight).reduce(0, +)
+        var dense: [[Double]]?
+        for client in holders {
+            let a = client.tensors[names[0]]!
+            let b = client.tensors[names[1]]!
+            let (rank, n) = (a.shape[0], a.shape.dropFirst().reduce(1, *))
+            let (out, rest) = (b.shape[0], b.shape.dropFirst(2).reduce(1, *))
+            let scale = client.scale(ofModule: module.name!) * client.weight / totalWeight
+            var product = [[Double]](repeating: [Double](repeating: 0, count: n), count: out * rest)
+            for o in 0..<out {
+                for x in 0..<rest {
+                    for j in 0..<rank {
+                        let left = b.values[(o * rank + j) * rest + x] * scale
+                        for q in 0..<n { product[o * rest + x][q] += left * a.values[j * n + q] }
+                    }
+                }
+            }
+            dense = dense.map { sum in zip(sum, product).map { zip($0, $1).map(+) } } ?? product
+        }
+        return dense
+    }
+
+    @Test(arguments: 0..<20)
+    func svdFactorsAreBalancedOrderedSignedAndReproduceTheUpdateAtFullRank(seed: UInt64) throws {
+        let clients = TestRound.randomScaled(seed: 23_000 + seed)
+        let source = try TestRound.source(clients)
+        let file = try SafetensorsFile(bytes: AdapterAggregator.aggregate(source, options: .init(strategy: .svd, dtype: .f64)).bytes)
+        for module in TestModule.allCases where module.name != nil {
+            guard let dense = Self.denseUpdate(clients, module: module) else { continue }
+            let (b, a) = try Self.factors(file, module: module)
+            var previous = Double.infinity
+            var reproduced = [[Double]](repeating: [Double](repeating: 0, count: dense[0].count), count: dense.count)
+            for j in b.indices {
+                let (bNorm, aNorm) = (b[j].map { $0 * $0 }.reduce(0, +).squareRoot(), a[j].map { $0 * $0 }.reduce(0, +).squareRoot())
+                #expect(abs(bNorm - aNorm) <= 1e-9 * max(1, bNorm), "balanced: \(module) component \(j)")
+                let sigma = bNorm * aNorm
+                #expect(sigma <= previous * (1 + 1e-9), "descending: \(module) component \(j)")
+                previous = sigma
+                if sigma > 0 {
+                    let largest = b[j].indices.max { abs(b[j][$0]) < abs(b[j][$1]) || (abs(b[j][$0]) == abs(b[j][$1]) && $0 > $1) }!
+                    #expect(b[j][largest] > 0, "sign rule: \(module) component \(j)")
+                } else {
+                    #expect(b[j].allSatisfy { $0 == 0 } && a[j].allSatisfy { $0 == 0 }, "past the rank of M: exact zeros")
+                }
+                for p in dense.indices { for q in dense[p].indices { reproduced[p][q] += b[j][p] * a[j][q] } }
+            }
+            // At the global rank, which is at least M's rank here, the factors give M back.
+            let scale = dense.flatMap { $0 }.map(abs).max() ?? 1
+            let error = zip(reproduced, dense).flatMap { zip($0, $1).map { abs($0 - $1) } }.max() ?? 0
+            let rankOfM = min(
+                dense.count, dense[0].count,
+                clients.filter { $0.tensors[module.tensors(rank: 1)[0].0] != nil }.map { $0.rank(ofModule: module.name!) }.reduce(0, +))
+            if b.count >= rankOfM { #expect(error <= 1e-9 * max(1, scale), "\(module): product error \(error)") }
+        }
+    }
+
+    @Test(arguments: 0..<10)
+    func svdIsTheSameWhateverTheUploadOrderAndEveryPrefixIsItsTruncation(seed: UInt64) throws {
+        let clients = TestRound.randomScaled(seed: 24_000 + seed)
+        let adapters = try clients.map { ClientAdapter(participant: try $0.participant(), file: try $0.safetensors()) }
+        let forward = try AdapterAggregator.aggregate(InMemoryAdapterSource(adapters), options: .init(strategy: .svd, dtype: .f32))
+        let backward = try AdapterAggregator.aggregate(InMemoryAdapterSource(adapters.reversed()), options: .init(strategy: .svd, dtype: .f32))
+        #expect(forward.bytes == backward.bytes)
+        for rank in 1...forward.globalRank {
+            let computed = try AdapterAggregator.aggregate(InMemoryAdapterSource(adapters), options: .init(strategy: .svd, rank: rank, dtype: .f32))
+            #expect(try AdapterAggregator.truncate(SafetensorsFile(bytes: forward.bytes), toRank: rank) == computed.bytes, "rank \(rank)")
+        }
+    }
+}
