@@ -1,3 +1,5 @@
+import LoRAAdapters
+
 extension AdapterStore {
     /// The round with its uploads and base; nil when it has neither and is not sealed.
     public func round(federation: FederationID, round: RoundNumber) async throws -> RoundRecord? {
@@ -30,5 +32,17 @@ extension AdapterStore {
         return RoundRecord(
             federation: federation, round: round, sealed: sealed, sealedBy: sealed ? SealReason(rawValue: statement.text(2)) : nil,
             deadlineMissed: exists && statement.integer(3) != 0, uploads: uploads, maxRank: exists ? Int(statement.integer(1)) : 0, base: base)
+    }
+}
+
+extension AdapterStore {
+    /// The round's uploads and which tensors each holds (no data), as the aggregation sees them;
+    /// nil when the round has no uploads.
+    public func holdings(federation: FederationID, round: RoundNumber) async throws -> (participants: [RoundParticipant], holdings: [TensorHolding])? {
+        try await reader.read { connection in
+            let source = SQLiteAdapterSource(connection: connection, federation: federation, round: round)
+            let participants = try source.participants()
+            return participants.isEmpty ? nil : (participants, try source.holdings())
+        }
     }
 }

@@ -239,6 +239,42 @@ func measureStreamingMemory(directory: URL) throws {
     )
 }
 
+/// The svd or hetlora strategy on the round streamed from its files, as the store streams it: the
+/// median time, the peak RSS over the process's baseline, and the largest module's stacks (the
+/// bound the strategies promise beside the output). Writes the result for the numpy peer to check.
+func benchmarkStrategy(directory: URL, strategy: AggregationStrategy, repeats: Int) throws {
+    let round = try loadRound(directory)
+    let source = FileBackedSource(round: round, directory: directory)
+    var stacks: [String: (rows: Int, columns: Int, ranks: Int)] = [:]
+    for client in round.clients {
+        for (name, tensor) in client.tensors {
+            guard let module = TensorRole.moduleName(ofTensor: name), let factor = TensorRole(tensorName: name).factor else { continue }
+            var entry = stacks[module] ?? (0, 0, 0)
+            if factor == .a {
+                entry.columns = tensor.shape.dropFirst().reduce(1, *)
+                entry.ranks += tensor.shape[0]
+            } else {
+                entry.rows = tensor.shape[0] * tensor.shape.dropFirst(2).reduce(1, *)
+            }
+            stacks[module] = entry
+        }
+    }
+    let largestStacks = stacks.values.map { ($0.rows + $0.columns) * $0.ranks * 8 }.max() ?? 0
+    let baseline = peakResidentBytes()
+    let clock = ContinuousClock()
+    var times: [Double] = []
+    var output: AggregatedAdapter?
+    for _ in 0..<repeats {
+        let start = clock.now
+        output = try AdapterAggregator.aggregate(source, options: .init(strategy: strategy, dtype: .f32))
+        times.append(seconds(clock.now - start))
+    }
+    try Data(output!.bytes).write(to: directory.appendingPathComponent("engine_\(strategy.rawValue).safetensors"))
+    print(
+        #"{"seconds":\#(median(times)),"baseline_rss_bytes":\#(baseline),"peak_rss_bytes":\#(peakResidentBytes()),"output_bytes":\#(output!.bytes.count),"largest_stacks_bytes":\#(largestStacks)}"#
+    )
+}
+
 let arguments = CommandLine.arguments.dropFirst()
 do {
     switch (arguments.first, arguments.count) {
@@ -251,9 +287,15 @@ do {
         try benchmarkEngine(directory: URL(fileURLWithPath: values[0]), repeats: Int(values[1]) ?? 3)
     case ("rss", 2):
         try measureStreamingMemory(directory: URL(fileURLWithPath: Array(arguments)[1]))
+    case ("strategy", 4):
+        let values = Array(arguments.dropFirst())
+        guard let strategy = AggregationStrategy(rawValue: values[1]), let repeats = Int(values[2]) else { throw CocoaError(.formatting) }
+        try benchmarkStrategy(directory: URL(fileURLWithPath: values[0]), strategy: strategy, repeats: repeats)
     default:
         FileHandle.standardError.write(
-            Data("usage: AggregateBenchmark generate {distilbert|llama|llama16} {F32|BF16} DIR | engine DIR REPEATS | rss DIR\n".utf8))
+            Data(
+                "usage: AggregateBenchmark generate {distilbert|llama|llama16} {F32|BF16} DIR | engine DIR REPEATS | rss DIR | strategy DIR {svd|hetlora} REPEATS\n"
+                    .utf8))
         exit(2)
     }
 } catch {

@@ -56,6 +56,7 @@ public final class AggregatorService: Sendable {
         registerRoundRoutes(on: &routes)
         registerBaseRoutes(on: &routes)
         registerAggregateRoutes(on: &routes)
+        registerReportRoutes(on: &routes)
         registerConfigRoutes(on: &routes)
         registerTokenRoutes(on: &routes)
         var router = routes.router
