@@ -45,7 +45,8 @@ public enum AdapterAggregator {
         let pairs = try modulePairs(plans)
         if options.strategy == .hetlora {
             // A first pass over each module's factors for its norms, then the plans weighted by them.
-            plans = try makePlans(loraWeights: try pairs.mapValues { try HetLoRANorms.norms(a: $0.a, b: $0.b, from: source) })
+            let norms = HetLoRANorms()
+            plans = try makePlans(loraWeights: try pairs.mapValues { try norms.norms(a: $0.a, b: $0.b, from: source) })
         }
         let rank = plans.filter(\.isLoRA).map(\.outputRank).max() ?? rankLimit ?? globalRank
         var metadata = options.metadata
@@ -57,8 +58,9 @@ public enum AdapterAggregator {
 
         let accumulator = UnsafeMutableBufferPointer<Double>.allocate(capacity: max(1, plans.map(\.outputElementCount).max() ?? 1))
         defer { accumulator.deallocate() }
-        // svd: each module's factors, from when its first tensor is written until its second is.
-        var factors: [String: LowRankFactors] = [:]
+        var moduleOrder: [String] = []
+        for plan in plans { if let module = plan.module, moduleOrder.last != module, !moduleOrder.contains(module) { moduleOrder.append(module) } }
+        let pipeline = FactorPipeline(pairs: pairs, order: moduleOrder, rank: { ranks.globalRank(ofModule: $0) }, source: source)
         let output = try layout.makeFile { base in
             // Even when aggregation fails half-way, the observer is done with the buffer before it goes.
             defer { observer?.outputComplete() }
@@ -66,11 +68,8 @@ public enum AdapterAggregator {
             observer?.regionFinished(UnsafeRawBufferPointer(start: base, count: layout.headerBytes.count))
             for (plan, info) in zip(plans, layout.tensors) {
                 let sums = UnsafeMutableBufferPointer(rebasing: accumulator[0..<plan.outputElementCount])
-                if options.strategy == .svd, let module = plan.module, let pair = pairs[module] {
-                    let moduleFactors =
-                        try factors.removeValue(forKey: module) ?? LowRankFactors(a: pair.a, b: pair.b, rank: ranks.globalRank(ofModule: module), from: source)
-                    moduleFactors.fill(plan, into: sums)
-                    if plan.factor == .a { factors[module] = moduleFactors }
+                if options.strategy == .svd, let module = plan.module {
+                    try pipeline.factors(of: module).fill(plan, into: sums)
                 } else {
                     try accumulate(plan, from: source, into: sums)
                 }

@@ -131,6 +131,26 @@ extension DType {
         return bytes.withUnsafeBytes { raw in (0..<(bytes.count / byteWidth)).map { value(in: raw, at: $0) } }
     }
 
+    /// Decodes `count` elements at `source` to Float64 times `factor`, into `destination`.
+    func decode(_ source: UnsafeRawPointer, count: Int, times factor: Double, into destination: UnsafeMutablePointer<Double>) {
+        switch self {
+        case .f32: Self.decode(source, count: count, times: factor, into: destination, as: F32Codec.self)
+        case .f16: Self.decode(source, count: count, times: factor, into: destination, as: F16Codec.self)
+        case .bf16: Self.decode(source, count: count, times: factor, into: destination, as: BF16Codec.self)
+        case .f64: Self.decode(source, count: count, times: factor, into: destination, as: F64Codec.self)
+        }
+    }
+
+    private static func decode<Codec: ElementCodec>(
+        _ source: UnsafeRawPointer, count: Int, times factor: Double, into destination: UnsafeMutablePointer<Double>, as _: Codec.Type
+    ) {
+        var index = 0
+        while index < count {
+            destination[index] = factor * Codec.load(source, at: index)
+            index &+= 1
+        }
+    }
+
     func encode(_ values: UnsafeBufferPointer<Double>, into destination: UnsafeMutableRawPointer) {
         switch self {
         case .f32: Self.encode(values, into: destination, as: F32Codec.self)

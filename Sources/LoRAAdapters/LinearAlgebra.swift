@@ -12,6 +12,13 @@ struct Matrix {
         values = [Double](repeating: 0, count: rows * columns)
     }
 
+    init(rows: Int, columns: Int, values: [Double]) {
+        precondition(values.count == rows * columns, "a matrix's values are rows × columns")
+        self.rows = rows
+        self.columns = columns
+        self.values = values
+    }
+
     subscript(row: Int, column: Int) -> Double {
         get { values[row + column * rows] }
         set { values[row + column * rows] = newValue }
@@ -24,27 +31,29 @@ enum LinearAlgebra {
     private static let singleThreaded: Void = openblas_set_num_threads(1)
 
     /// The thin Householder QR `a = q·r` (`dgeqrf`, `dorgqr`): `q` is rows × k with orthonormal
-    /// columns, `r` is k × columns upper triangular, k = min(rows, columns).
-    static func thinQR(_ a: Matrix) throws(AdapterError) -> (q: Matrix, r: Matrix) {
+    /// columns, `r` is k × columns upper triangular, k = min(rows, columns). Factors `a` in place
+    /// (it is left holding `q`'s storage), so a large stack is never copied.
+    static func thinQR(_ a: inout Matrix) throws(AdapterError) -> (q: Matrix, r: Matrix) {
         _ = singleThreaded
-        let k = min(a.rows, a.columns)
-        var q = a
-        var r = Matrix(rows: k, columns: a.columns)
-        guard k > 0 else { return (Matrix(rows: a.rows, columns: 0), r) }
+        let (rows, columns) = (a.rows, a.columns)
+        let k = min(rows, columns)
+        var r = Matrix(rows: k, columns: columns)
+        guard k > 0 else { return (Matrix(rows: rows, columns: 0), r) }
         var tau = [Double](repeating: 0, count: k)
-        var (m, n, lda, kk) = (Int32(a.rows), Int32(a.columns), Int32(a.rows), Int32(k))
+        var (m, n, lda, kk) = (Int32(rows), Int32(columns), Int32(rows), Int32(k))
         var info: Int32 = 0
-        try withWorkspace { work, lwork in dgeqrf_(&m, &n, &q.values, &lda, &tau, work, lwork, &info) }
+        try withWorkspace { work, lwork in dgeqrf_(&m, &n, &a.values, &lda, &tau, work, lwork, &info) }
         try check(info, "dgeqrf")
-        for column in 0..<a.columns {
-            for row in 0...min(column, k - 1) { r[row, column] = q[row, column] }
+        for column in 0..<columns {
+            for row in 0...min(column, k - 1) { r[row, column] = a[row, column] }
         }
-        // dorgqr forms the first k columns of Q in place.
-        var factored = Matrix(rows: a.rows, columns: k)
-        factored.values = Array(q.values[0..<(a.rows * k)])
-        try withWorkspace { work, lwork in dorgqr_(&m, &kk, &kk, &factored.values, &lda, &tau, work, lwork, &info) }
+        // dorgqr forms the first k columns of Q in place; the columns past k (when rows < columns) go.
+        try withWorkspace { work, lwork in dorgqr_(&m, &kk, &kk, &a.values, &lda, &tau, work, lwork, &info) }
         try check(info, "dorgqr")
-        return (factored, r)
+        var q = Matrix(rows: rows, columns: 0)
+        swap(&q.values, &a.values)
+        if k < columns { q.values.removeLast((columns - k) * rows) }
+        return (Matrix(rows: rows, columns: k, values: q.values), r)
     }
 
     /// The thin SVD `a = u·diag(s)·vt` (`dgesdd`), singular values descending.
@@ -79,6 +88,21 @@ enum LinearAlgebra {
         var (opA, opB) = (CChar(UInt8(ascii: transposeA ? "T" : "N")), CChar(UInt8(ascii: transposeB ? "T" : "N")))
         dgemm_(&opA, &opB, &mm, &nn, &kk, &alpha, a.values, &lda, b.values, &ldb, &beta, &c.values, &ldc, 1, 1)
         return c
+    }
+
+    /// The upper triangle (column-major, the rest 0) of the Gram matrix of the column-major rows ×
+    /// columns matrix at `values`: `XᵀX` (columns × columns) of its columns, or `XXᵀ` (rows × rows)
+    /// of its rows (`dsyrk`, half a product's work).
+    static func gram(_ values: UnsafePointer<Double>, rows: Int, columns: Int, ofColumns: Bool) -> [Double] {
+        _ = singleThreaded
+        let size = ofColumns ? columns : rows
+        var result = [Double](repeating: 0, count: size * size)
+        guard rows > 0, columns > 0 else { return result }
+        var (n, k, lda, ldc) = (Int32(size), Int32(ofColumns ? rows : columns), Int32(rows), Int32(size))
+        var (alpha, beta) = (1.0, 0.0)
+        var (upper, trans) = (CChar(UInt8(ascii: "U")), CChar(UInt8(ascii: ofColumns ? "T" : "N")))
+        dsyrk_(&upper, &trans, &n, &k, &alpha, values, &lda, &beta, &result, &ldc, 1, 1)
+        return result
     }
 
     /// Runs `call` once to ask for the workspace size, then with a workspace of that size.

@@ -1,3 +1,5 @@
+import Dispatch
+
 /// One LoRA module's factors across the round's holders, side by side (openapi.yaml, `svd`): each
 /// holder's B̃ as columns of an m × Σr matrix and each row of its Ã as a column of an n × Σr matrix,
 /// further axes of conv factors flattened (into B's rows and A's columns), each holder's block
@@ -25,26 +27,30 @@ struct ModuleStacks {
         // B [out, r, rest…]: row (o, rest) of the m × r matrix, m = out · rest.
         let rest = b.inner
         var stacks = ModuleStacks(b: Matrix(rows: b.outer * rest, columns: offset), aTransposed: Matrix(rows: columns, columns: offset), blocks: blocks)
-        try read(a, from: source) { index, holder, element in
+        // Aᵀ: row j of a holder's A is one contiguous column of the stack.
+        try read(a, from: source) { index, holder, bytes in
+            guard let origin = bytes.baseAddress else { return }  // an empty tensor
             let factor = scale(holder)
-            let block = blocks[index]
             stacks.aTransposed.values.withUnsafeMutableBufferPointer { values in
-                for j in 0..<holder.rank {
-                    let destination = (block.lowerBound + j) * columns
-                    for column in 0..<columns { values[destination + column] = factor * element(j * columns + column) }
-                }
+                holder.dtype.decode(origin, count: holder.rank * columns, times: factor, into: values.baseAddress! + blocks[index].lowerBound * columns)
             }
         }
+        // B: decoded whole, then each run of `rest` elements to its column.
         let rows = stacks.b.rows
-        try read(b, from: source) { index, holder, element in
-            let factor = scale(holder)
-            let block = blocks[index]
+        var decoded: [Double] = []
+        try read(b, from: source) { index, holder, bytes in
+            guard bytes.baseAddress != nil else { return }  // an empty tensor
+            let count = b.outer * holder.rank * rest
+            if decoded.count < count { decoded = [Double](repeating: 0, count: count) }
+            decoded.withUnsafeMutableBufferPointer { holder.dtype.decode(bytes.baseAddress!, count: count, times: scale(holder), into: $0.baseAddress!) }
             stacks.b.values.withUnsafeMutableBufferPointer { values in
-                for o in 0..<b.outer {
-                    for j in 0..<holder.rank {
-                        let destination = (block.lowerBound + j) * rows + o * rest
-                        let source = (o * holder.rank + j) * rest
-                        for x in 0..<rest { values[destination + x] = factor * element(source + x) }
+                decoded.withUnsafeBufferPointer { decoded in
+                    for o in 0..<b.outer {
+                        for j in 0..<holder.rank {
+                            let destination = (blocks[index].lowerBound + j) * rows + o * rest
+                            let origin = (o * holder.rank + j) * rest
+                            for x in 0..<rest { values[destination + x] = decoded[origin + x] }
+                        }
                     }
                 }
             }
@@ -52,9 +58,9 @@ struct ModuleStacks {
         return stacks
     }
 
-    /// Calls `body` with each holder's index, the holder, and its elements decoded to Float64.
-    private static func read(
-        _ plan: TensorPlan, from source: some AdapterSource, _ body: (Int, TensorPlan.Holder, (Int) -> Double) throws -> Void
+    /// Calls `body` with each holder's index, the holder, and its bytes of the tensor.
+    static func read(
+        _ plan: TensorPlan, from source: some AdapterSource, _ body: (Int, TensorPlan.Holder, UnsafeRawBufferPointer) throws -> Void
     ) throws {
         var next = 0
         try source.forEachContribution(toTensor: plan.name) { contribution in
@@ -63,8 +69,7 @@ struct ModuleStacks {
             else {
                 throw AdapterError(.inconsistentSource, "the source delivered client '\(contribution.clientID)' out of order or unannounced", tensor: plan.name)
             }
-            let bytes = contribution.bytes
-            try body(next, plan.holders[next]) { contribution.dtype.value(in: bytes, at: $0) }
+            try body(next, plan.holders[next], contribution.bytes)
             next += 1
         }
         guard next == plan.holders.count else {
@@ -72,29 +77,85 @@ struct ModuleStacks {
         }
     }
 
-    /// Each holder's block of the B stack or the Aᵀ stack, as its own matrix.
-    func block(_ index: Int, of matrix: Matrix) -> Matrix {
-        var result = Matrix(rows: matrix.rows, columns: blocks[index].count)
-        result.values = Array(matrix.values[(blocks[index].lowerBound * matrix.rows)..<(blocks[index].upperBound * matrix.rows)])
-        return result
-    }
 }
 
 /// HetLoRA's weights (Cho et al. 2024; openapi.yaml, `hetlora`): per module, each holder's
-/// `‖B̃·Ã‖_F`, from the r × r Gram matrices: `‖B̃Ã‖²_F = trace((B̃ᵀB̃)(ÃÃᵀ))`.
-enum HetLoRANorms {
-    /// Client id → norm of its folded update, for the module of plans `a` and `b`.
-    static func norms(a: TensorPlan, b: TensorPlan, from source: some AdapterSource) throws -> [String: Double] {
-        let stacks = try ModuleStacks.read(a: a, b: b, from: source) { $0.foldedWeight / $0.weight }
+/// `‖B̃·Ã‖_F`, from the r × r Gram matrices: `‖B̃Ã‖²_F = trace((B̃ᵀB̃)(ÃÃᵀ))`. One instance serves
+/// every module of an aggregation, reusing its decoding buffer (a fresh one per module would cost
+/// more in page faults than the Gram matrices cost in arithmetic).
+final class HetLoRANorms {
+    private var scratch: [Double] = []
+
+    /// Client id → norm of its folded update, for the module of plans `a` and `b`. Each holder's
+    /// tensors are decoded as they are laid out: A `[r, n]` row-major is the column-major n × r matrix
+    /// whose Gram of columns is `AAᵀ`; B `[out, r]` row-major is the column-major r × out matrix whose
+    /// Gram of rows is `BᵀB` (a conv B, `[out, r, rest…]`, is gathered into `out·rest × r` first).
+    /// The Gram matrices, most of the work, are computed on all cores, one holder per task.
+    func norms(a: TensorPlan, b: TensorPlan, from source: some AdapterSource) throws -> [String: Double] {
+        guard a.holders.map(\.clientID) == b.holders.map(\.clientID), zip(a.holders, b.holders).allSatisfy({ $0.rank == $1.rank }) else {
+            throw AdapterError(.inconsistentSource, "the module's A and B tensors have different holders or ranks", tensor: a.name)
+        }
+        let holders = a.holders
+        // Each holder's A (n × r) then B (r × out, or out·rest × r for a conv B), back to back.
+        let (columns, rows) = (a.inner, b.outer * b.inner)
+        var layout: [(a: Range<Int>, b: Range<Int>)] = []
+        var end = 0
+        for holder in holders {
+            let aRegion = end..<(end + holder.rank * columns)
+            layout.append((aRegion, aRegion.upperBound..<(aRegion.upperBound + holder.rank * rows)))
+            end = layout.last!.b.upperBound
+        }
+        let regions = layout
+        let gatherSize = b.inner > 1 ? (holders.map(\.rank).max() ?? 0) * rows : 0
+        if scratch.count < end + gatherSize { scratch = [Double](repeating: 0, count: end + gatherSize) }
+        try scratch.withUnsafeMutableBufferPointer { scratch in
+            let base = scratch.baseAddress!
+            try ModuleStacks.read(a, from: source) { index, holder, bytes in
+                guard let origin = bytes.baseAddress else { return }
+                holder.dtype.decode(origin, count: regions[index].a.count, times: 1, into: base + regions[index].a.lowerBound)
+            }
+            try ModuleStacks.read(b, from: source) { index, holder, bytes in
+                guard let origin = bytes.baseAddress else { return }
+                let destination = base + regions[index].b.lowerBound
+                guard b.inner > 1 else { return holder.dtype.decode(origin, count: regions[index].b.count, times: 1, into: destination) }
+                let (rank, rest) = (holder.rank, b.inner)
+                let values = base + end
+                holder.dtype.decode(origin, count: regions[index].b.count, times: 1, into: values)
+                for o in 0..<b.outer {
+                    for j in 0..<rank {
+                        for x in 0..<rest { destination[j * rows + o * rest + x] = values[(o * rank + j) * rest + x] }
+                    }
+                }
+            }
+        }
+        var squared = [Double](repeating: 0, count: holders.count)
+        scratch.withUnsafeBufferPointer { scratch in
+            squared.withUnsafeMutableBufferPointer { squared in
+                // Each task reads its own regions and writes only its own index; concurrentPerform
+                // returns once every task is done.
+                nonisolated(unsafe) let (input, results) = (scratch, squared)
+                DispatchQueue.concurrentPerform(iterations: holders.count) { index in
+                    let rank = holders[index].rank
+                    guard rank > 0, !regions[index].a.isEmpty, !regions[index].b.isEmpty else { return }
+                    let gramA = LinearAlgebra.gram(input.baseAddress! + regions[index].a.lowerBound, rows: columns, columns: rank, ofColumns: true)
+                    let bValues = input.baseAddress! + regions[index].b.lowerBound
+                    let gramB =
+                        b.inner > 1
+                        ? LinearAlgebra.gram(bValues, rows: rows, columns: rank, ofColumns: true)
+                        : LinearAlgebra.gram(bValues, rows: rank, columns: rows, ofColumns: false)
+                    // trace(G_B·G_A) of two symmetric matrices from their upper triangles.
+                    var sum = 0.0
+                    for j in 0..<rank {
+                        for i in 0...j { sum += (i == j ? 1 : 2) * gramA[i + j * rank] * gramB[i + j * rank] }
+                    }
+                    results[index] = sum
+                }
+            }
+        }
         var norms: [String: Double] = [:]
-        for (index, holder) in a.holders.enumerated() {
-            let bBlock = stacks.block(index, of: stacks.b)
-            let aBlock = stacks.block(index, of: stacks.aTransposed)
-            let gramB = LinearAlgebra.multiply(bBlock, bBlock, transposingA: true)
-            let gramA = LinearAlgebra.multiply(aBlock, aBlock, transposingA: true)
-            // Both symmetric: the trace of their product is the sum of their elementwise product.
-            let squared = zip(gramB.values, gramA.values).reduce(0) { $0 + $1.0 * $1.1 }
-            norms[holder.clientID] = max(0, squared).squareRoot()
+        for (holder, squared) in zip(holders, squared) {
+            let scale = (holder.foldedWeight / holder.weight) * (holder.foldedWeight / holder.weight)
+            norms[holder.clientID] = scale * max(0, squared).squareRoot()
         }
         return norms
     }
@@ -113,14 +174,21 @@ struct LowRankFactors {
 
     static let negligible = 1e-12
 
-    init(a: TensorPlan, b: TensorPlan, rank: Int, from source: some AdapterSource) throws {
+    /// The stacks of `√(w/Σw)·B̃` and `√(w/Σw)·Ã` the factors are computed from (read on the
+    /// caller's thread: sources are not shared between threads).
+    static func stacks(a: TensorPlan, b: TensorPlan, from source: some AdapterSource) throws -> ModuleStacks {
         let totalWeight = a.holders.reduce(0) { $0 + $1.weight }
-        let stacks = try ModuleStacks.read(a: a, b: b, from: source) { ($0.weight / totalWeight).squareRoot() * ($0.foldedWeight / $0.weight) }
+        return try ModuleStacks.read(a: a, b: b, from: source) { ($0.weight / totalWeight).squareRoot() * ($0.foldedWeight / $0.weight) }
+    }
+
+    /// Factors the stacks (consumed: the QRs overwrite them) at `rank`; pure computation, on any thread.
+    init(_ stacks: consuming ModuleStacks, rank: Int) throws {
+        var stacks = stacks
         self.b = Matrix(rows: stacks.b.rows, columns: rank)
         aTransposed = Matrix(rows: stacks.aTransposed.rows, columns: rank)
-        guard !a.holders.isEmpty else { return }  // only the base holds it: svd ignores the base
-        let (qB, rB) = try LinearAlgebra.thinQR(stacks.b)
-        let (qA, rA) = try LinearAlgebra.thinQR(stacks.aTransposed)
+        guard !stacks.blocks.isEmpty else { return }  // only the base holds it: svd ignores the base
+        let (qB, rB) = try LinearAlgebra.thinQR(&stacks.b)
+        let (qA, rA) = try LinearAlgebra.thinQR(&stacks.aTransposed)
         let (u, sigma, vt) = try LinearAlgebra.svd(LinearAlgebra.multiply(rB, rA, transposingB: true))
         let kept = sigma.prefix(rank).prefix { $0 > Self.negligible * sigma[0] && $0 > 0 }.count
         guard kept > 0 else { return }
@@ -158,5 +226,62 @@ struct LowRankFactors {
                 }
             }
         }
+    }
+}
+
+/// The svd strategy's modules factored two at a time, in the engine's order: a module's stacks are
+/// read on the engine's thread (a source is never shared between threads), its factoring runs on a
+/// worker while the engine reads the next module's stacks, factors it on a second worker, and
+/// writes tensors. Each factoring call runs OpenBLAS on one thread, so results do not depend on this.
+final class FactorPipeline<Source: AdapterSource> {
+    /// One module's factoring, started on a worker.
+    private final class Pending: @unchecked Sendable {
+        // @unchecked: `result` is written once on the worker before `done` is signalled and read
+        // only after waiting on it.
+        private let done = DispatchSemaphore(value: 0)
+        private var result: Result<LowRankFactors, any Error>?
+
+        init(_ stacks: ModuleStacks, rank: Int) {
+            DispatchQueue.global().async { [self] in
+                result = Result { try LowRankFactors(stacks, rank: rank) }
+                done.signal()
+            }
+        }
+
+        func wait() throws -> LowRankFactors {
+            done.wait()
+            return try result!.get()
+        }
+    }
+
+    private let pairs: [String: (a: TensorPlan, b: TensorPlan)]
+    private let order: [String]
+    private let rank: (String) -> Int
+    private let source: Source
+    private var started: [String: Pending] = [:]
+    /// Factors of modules whose first tensor is written and second is not.
+    private var ready: [String: LowRankFactors] = [:]
+
+    /// - Parameter order: the modules in the order the engine writes their tensors.
+    init(pairs: [String: (a: TensorPlan, b: TensorPlan)], order: [String], rank: @escaping (String) -> Int, source: Source) {
+        self.pairs = pairs
+        self.order = order
+        self.rank = rank
+        self.source = source
+    }
+
+    /// The module's factors; for its first tensor, this also starts the next module's factoring.
+    func factors(of module: String) throws -> LowRankFactors {
+        if let factors = ready.removeValue(forKey: module) { return factors }
+        try start(module)
+        if let position = order.firstIndex(of: module), position + 1 < order.count { try start(order[position + 1]) }
+        let factors = try started.removeValue(forKey: module)!.wait()
+        ready[module] = factors
+        return factors
+    }
+
+    private func start(_ module: String) throws {
+        guard started[module] == nil, ready[module] == nil, let pair = pairs[module] else { return }
+        started[module] = Pending(try LowRankFactors.stacks(a: pair.a, b: pair.b, from: source), rank: rank(module))
     }
 }
