@@ -16,10 +16,6 @@ extension AdapterStore {
         }
     }
 
-    public func base(federation: FederationID, round: RoundNumber) async throws -> BaseRecord? {
-        try await reader.read { connection in try Self.baseRecord(connection, federation, round) }
-    }
-
     /// Deletes the round's base; false when there was none. Throws `roundSealed`.
     public func deleteBase(federation: FederationID, round: RoundNumber) async throws -> Bool {
         defer { scheduleCheckpoint() }
@@ -35,17 +31,19 @@ extension AdapterStore {
     /// The round's base as stored (at scale 1; a chained base is the previous round's aggregate,
     /// byte for byte), with its record; nil when the round has none.
     public func storedBase(federation: FederationID, round: RoundNumber) async throws -> (record: BaseRecord, file: [UInt8])? {
-        try await reader.read { connection in
-            guard let record = try Self.baseRecord(connection, federation, round) else { return nil }
-            let header = try connection.statement("SELECT id, header FROM bases WHERE federation = ?1 AND round = ?2")
-            try header.bind(.id(federation), .round(round))
-            _ = try header.step()
-            return (
-                record,
-                try Self.storedFile(
-                    header: header.blob(1), tensors: "base_tensors", owner: "base_id", ownerID: header.integer(0), byteCount: record.bytes, connection)
-            )
-        }
+        try await reader.read { connection in try Self.storedBaseFile(connection, federation, round) }
+    }
+
+    static func storedBaseFile(_ connection: SQLiteConnection, _ federation: FederationID, _ round: RoundNumber) throws -> (record: BaseRecord, file: [UInt8])?
+    {
+        guard let record = try baseRecord(connection, federation, round) else { return nil }
+        let header = try connection.statement("SELECT id, header FROM bases WHERE federation = ?1 AND round = ?2")
+        try header.bind(.id(federation), .round(round))
+        _ = try header.step()
+        return (
+            record,
+            try storedFile(header: header.blob(1), tensors: "base_tensors", owner: "base_id", ownerID: header.integer(0), byteCount: record.bytes, connection)
+        )
     }
 
     /// The round's base truncated to `rank` and unfolded to `scaling`, as an aggregate of a round

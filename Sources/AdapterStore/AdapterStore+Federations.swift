@@ -62,72 +62,99 @@ extension AdapterStore {
         }
     }
 
-    /// Fires every deadline due by now, in one transaction; returns why each round it sealed was sealed.
-    /// Safe with several processes: a deadline is fired by whichever gets the write lock first, and
-    /// its row is gone for the others.
+    /// Fires every deadline due by now, each in its own transaction; returns why each round it sealed
+    /// was sealed. Safe with several processes: a deadline is fired by whichever gets the write lock
+    /// first, and its row is gone for the others. A deadline whose firing fails is logged and tried
+    /// again a minute later, so it neither blocks the others nor wakes the timer in a loop.
     public func fireDueDeadlines() async throws -> [SealReason] {
-        try await writer.write { connection in
-            let due = try connection.statement("SELECT federation, round, reason FROM deadlines WHERE due_at <= ?1 ORDER BY due_at")
-            try due.bind(.real(Date().timeIntervalSince1970))
-            let deadlines = try due.rows { (FederationID(stored: $0.text(0)), RoundNumber(stored: $0.integer(1)), $0.text(2)) }
-            var sealed: [SealReason] = []
-            for (federation, round, reason) in deadlines {
-                try connection.statement("DELETE FROM deadlines WHERE federation = ?1 AND round = ?2 AND reason = ?3")
-                    .bind(.id(federation), .round(round), .text(reason)).run()
-                let settings = try Self.settings(connection, federation)
-                let uploads = try Self.uploadCount(connection, federation, round)
-                switch SealReason(rawValue: reason) {
-                case .quorum?:
-                    if uploads >= settings.quorum?.minUploads ?? 1 {
-                        if try Self.seal(connection, federation, round, by: .quorum) { sealed.append(.quorum) }
-                    } else {
-                        // Uploads were deleted during the grace period: the quorum is to be reached again.
-                        try connection.statement("UPDATE rounds SET quorum_at = NULL WHERE federation = ?1 AND round = ?2")
-                            .bind(.id(federation), .round(round)).run()
-                    }
-                case .timeout?:
-                    if uploads >= settings.uploadsToSealOnTimeout {
-                        if try Self.seal(connection, federation, round, by: .timeout) { sealed.append(.timeout) }
-                    } else {
-                        try connection.statement("UPDATE rounds SET deadline_missed = 1 WHERE federation = ?1 AND round = ?2 AND NOT sealed")
-                            .bind(.id(federation), .round(round)).run()
-                    }
-                default:
-                    break
+        let due = try await reader.read { connection in
+            let statement = try connection.statement("SELECT federation, round, reason FROM deadlines WHERE due_at <= ?1 ORDER BY due_at")
+            try statement.bind(.real(Date().timeIntervalSince1970))
+            return try statement.rows { (FederationID(stored: $0.text(0)), RoundNumber(stored: $0.integer(1)), $0.text(2)) }
+        }
+        var sealed: [SealReason] = []
+        for (federation, round, reason) in due {
+            do {
+                if let reason = try await writer.write({ connection in try Self.fire(reason, federation, round, connection) }) { sealed.append(reason) }
+            } catch {
+                FileHandle.standardError.write(
+                    Data("lora-aggregator: the \(reason) deadline of round \(round) of '\(federation)' failed: \(error); retrying in a minute\n".utf8))
+                _ = try? await writer.write { connection in
+                    try connection.statement("UPDATE deadlines SET due_at = ?4 WHERE federation = ?1 AND round = ?2 AND reason = ?3")
+                        .bind(.id(federation), .round(round), .text(reason), .real(Date().timeIntervalSince1970 + 60)).run()
                 }
             }
-            return sealed
         }
+        return sealed
+    }
+
+    /// Fires one deadline if it is still on record (another process may have fired it); returns
+    /// the reason when it sealed the round. A deadline whose setting was removed since is dropped.
+    private static func fire(_ reason: String, _ federation: FederationID, _ round: RoundNumber, _ connection: SQLiteConnection) throws -> SealReason? {
+        try connection.statement("DELETE FROM deadlines WHERE federation = ?1 AND round = ?2 AND reason = ?3")
+            .bind(.id(federation), .round(round), .text(reason)).run()
+        guard connection.changes > 0 else { return nil }
+        let settings = try settings(connection, federation)
+        let uploads = try uploadCount(connection, federation, round)
+        switch SealReason(rawValue: reason) {
+        case .quorum?:
+            guard let minUploads = settings.quorum?.minUploads else { return nil }
+            if uploads >= minUploads { return try seal(connection, federation, round, by: .quorum) ? .quorum : nil }
+            // Uploads were deleted during the grace period: the quorum is to be reached again.
+            try connection.statement("UPDATE rounds SET quorum_at = NULL WHERE federation = ?1 AND round = ?2").bind(.id(federation), .round(round)).run()
+        case .timeout?:
+            guard settings.roundTimeoutSeconds != nil else { return nil }
+            if uploads >= settings.uploadsToSealOnTimeout { return try seal(connection, federation, round, by: .timeout) ? .timeout : nil }
+            try connection.statement("UPDATE rounds SET deadline_missed = 1 WHERE federation = ?1 AND round = ?2 AND NOT sealed")
+                .bind(.id(federation), .round(round)).run()
+        default:
+            break
+        }
+        return nil
     }
 
     /// Seals the round unless it is sealed; with the federation's `chain` on, stores its aggregate
-    /// as the next round's base in the same transaction. True when this call sealed it.
+    /// as the next round's base in the same transaction. True when this call sealed it. A chain that
+    /// cannot be stored (the next round's uploads disagree with it in shape) is logged and skipped:
+    /// the seal stands.
     static func seal(_ connection: SQLiteConnection, _ federation: FederationID, _ round: RoundNumber, by reason: SealReason) throws -> Bool {
-        try connection.statement("INSERT INTO rounds (federation, round) VALUES (?1, ?2) ON CONFLICT DO NOTHING").bind(.id(federation), .round(round)).run()
+        try ensureRoundRow(connection, federation, round)
         try connection.statement("UPDATE rounds SET sealed = 1, sealed_by = ?3, deadline_missed = 0 WHERE federation = ?1 AND round = ?2 AND NOT sealed")
             .bind(.id(federation), .round(round), .text(reason.rawValue)).run()
         guard connection.changes > 0 else { return false }
         try connection.statement("DELETE FROM deadlines WHERE federation = ?1 AND round = ?2").bind(.id(federation), .round(round)).run()
         let settings = try settings(connection, federation)
-        if settings.chain { try chain(connection, federation, from: round, strategy: settings.strategy) }
+        guard settings.chain else { return true }
+        do {
+            try connection.savepoint { try chain(connection, federation, from: round, strategy: settings.strategy) }
+        } catch let error as AdapterError {
+            FileHandle.standardError.write(Data("lora-aggregator: round \(round) of '\(federation)' sealed without chaining: \(error)\n".utf8))
+        }
         return true
     }
 
     /// Round t's global aggregate (the strategy, F32, scale 1) becomes round t+1's base, unless that
-    /// round has one or is sealed, or round t has nothing to aggregate.
+    /// round has one or is sealed. A round without uploads passes its own base on as it is (its
+    /// aggregate would be zeros under every strategy but replication); one with neither, nothing.
     private static func chain(_ connection: SQLiteConnection, _ federation: FederationID, from round: RoundNumber, strategy: AggregationStrategy) throws {
         guard let next = RoundNumber(rawValue: round.rawValue + 1) else { return }
         let source = SQLiteAdapterSource(connection: connection, federation: federation, round: round)
-        guard try !source.participants().isEmpty || !source.baseTensors().isEmpty else { return }
-        try connection.statement("INSERT INTO rounds (federation, round) VALUES (?1, ?2) ON CONFLICT DO NOTHING").bind(.id(federation), .round(next)).run()
+        let hasUploads = try !source.participants().isEmpty
+        guard try hasUploads || !source.baseTensors().isEmpty else { return }
+        try ensureRoundRow(connection, federation, next)
         let state = try connection.statement("SELECT sealed FROM rounds WHERE federation = ?1 AND round = ?2")
         try state.bind(.id(federation), .round(next))
         _ = try state.step()
         guard state.integer(0) == 0, try baseRecord(connection, federation, next) == nil else { return }
-        // The bytes a GET of round t's aggregate with this strategy answers, byte for byte.
-        let options = AggregationOptions(strategy: strategy, dtype: .f32, metadata: ["federation": federation.rawValue, "round": round.description])
-        let aggregate = try SafetensorsFile(bytes: AdapterAggregator.aggregate(source, options: options).bytes)
-        _ = try storeBase(aggregate, sha256: ContentDigest.sha256Hex(aggregate.bytes), source: .chain, federation, next, connection)
+        let file: SafetensorsFile
+        if hasUploads {
+            // The bytes a GET of round t's aggregate with this strategy answers, byte for byte.
+            let options = AggregationOptions(strategy: strategy, dtype: .f32, metadata: ["federation": federation.rawValue, "round": round.description])
+            file = try SafetensorsFile(bytes: AdapterAggregator.aggregate(source, options: options).bytes)
+        } else {
+            file = try SafetensorsFile(bytes: storedBaseFile(connection, federation, round)!.file)
+        }
+        _ = try storeBase(file, sha256: ContentDigest.sha256Hex(file.bytes), source: .chain, federation, next, connection)
         try roundChanged(connection, federation, next)
     }
 

@@ -36,13 +36,14 @@ extension AdapterStore {
 }
 
 extension AdapterStore {
-    /// The round's uploads and which tensors each holds (no data), as the aggregation sees them;
-    /// nil when the round has no uploads.
-    public func holdings(federation: FederationID, round: RoundNumber) async throws -> (participants: [RoundParticipant], holdings: [TensorHolding])? {
+    /// The round's uploads, which tensors each holds, and its base's tensors (no data), as the
+    /// aggregation sees them.
+    public func holdings(federation: FederationID, round: RoundNumber) async throws -> (
+        participants: [RoundParticipant], holdings: [TensorHolding], base: [BaseTensor]
+    ) {
         try await reader.read { connection in
             let source = SQLiteAdapterSource(connection: connection, federation: federation, round: round)
-            let participants = try source.participants()
-            return participants.isEmpty ? nil : (participants, try source.holdings())
+            return (try source.participants(), try source.holdings(), try source.baseTensors())
         }
     }
 }

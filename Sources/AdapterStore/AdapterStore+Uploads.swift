@@ -87,6 +87,23 @@ extension AdapterStore {
         }
     }
 
+    /// The largest rank of any module of the round: uploads' configs (`rank_pattern` included) and its base.
+    static func globalRank(_ connection: SQLiteConnection, _ federation: FederationID, _ round: RoundNumber) throws -> Int {
+        try roundConfigs(connection, federation, round)?.globalRank ?? baseRanks(connection, federation, round).values.max() ?? 0
+    }
+
+    /// Every round's `max_rank` anew, for a database migrated from before it was kept (migration 5
+    /// could only take each round's largest `r`).
+    static func recomputeGlobalRanks(_ connection: SQLiteConnection) throws {
+        let rounds = try connection.statement("SELECT federation, round FROM rounds").rows {
+            (FederationID(stored: $0.text(0)), RoundNumber(stored: $0.integer(1)))
+        }
+        for (federation, round) in rounds {
+            try connection.statement("UPDATE rounds SET max_rank = ?3 WHERE federation = ?1 AND round = ?2")
+                .bind(.id(federation), .round(round), .integer(Int64(try globalRank(connection, federation, round)))).run()
+        }
+    }
+
     /// The round's upload records (or only `client`'s), sorted by client id.
     static func uploadRecords(_ connection: SQLiteConnection, _ federation: FederationID, _ round: RoundNumber, client: ClientID? = nil) throws
         -> [UploadRecord]
@@ -100,9 +117,13 @@ extension AdapterStore {
         return try statement.rows(UploadRecord.init(row:))
     }
 
+    /// The round's row, created empty when missing.
+    static func ensureRoundRow(_ connection: SQLiteConnection, _ federation: FederationID, _ round: RoundNumber) throws {
+        try connection.statement("INSERT INTO rounds (federation, round) VALUES (?1, ?2) ON CONFLICT DO NOTHING").bind(.id(federation), .round(round)).run()
+    }
+
     static func ensureRoundOpen(_ connection: SQLiteConnection, _ federation: FederationID, _ round: RoundNumber) throws {
-        try connection.statement("INSERT INTO rounds (federation, round) VALUES (?1, ?2) ON CONFLICT DO NOTHING")
-            .bind(.id(federation), .round(round)).run()
+        try ensureRoundRow(connection, federation, round)
         let sealed = try connection.statement("SELECT sealed FROM rounds WHERE federation = ?1 AND round = ?2")
         try sealed.bind(.id(federation), .round(round))
         if try sealed.step(), sealed.integer(0) != 0 {
@@ -140,7 +161,7 @@ extension AdapterStore {
     /// A change to a round's uploads: a new revision, so no cached aggregate or recorded digest of
     /// it matches any more (and the recorded ones can go), and its global rank anew.
     static func roundChanged(_ connection: SQLiteConnection, _ federation: FederationID, _ round: RoundNumber) throws {
-        let globalRank = try roundConfigs(connection, federation, round)?.globalRank ?? baseRanks(connection, federation, round).values.max() ?? 0
+        let globalRank = try globalRank(connection, federation, round)
         try connection.statement("UPDATE rounds SET revision = revision + 1, max_rank = ?3 WHERE federation = ?1 AND round = ?2")
             .bind(.id(federation), .round(round), .integer(Int64(globalRank))).run()
         try connection.statement("DELETE FROM aggregate_digests WHERE federation = ?1 AND round = ?2")

@@ -66,6 +66,21 @@ final class SQLiteConnection {
         }
     }
 
+    /// Runs `body` inside a savepoint of the current transaction: on a throw, only what `body` did
+    /// is rolled back, and the error is rethrown.
+    func savepoint<Result>(_ body: () throws -> Result) throws -> Result {
+        try execute("SAVEPOINT nested")
+        do {
+            let result = try body()
+            try execute("RELEASE nested")
+            return result
+        } catch {
+            try? execute("ROLLBACK TO nested")
+            try? execute("RELEASE nested")
+            throw error
+        }
+    }
+
     private func resetStatements() {
         for statement in statements.values { statement.reset() }
     }

@@ -157,6 +157,8 @@ enum Schema {
                 try connection.execute(migration)
                 try connection.execute("PRAGMA user_version = \(index + 1)")
             }
+            // Migration 5 added rounds.max_rank with each round's largest r; rank_pattern can say more.
+            if (1..<5).contains(current) { try AdapterStore.recomputeGlobalRanks(connection) }
         }
     }
 }

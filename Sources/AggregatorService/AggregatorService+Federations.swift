@@ -7,15 +7,20 @@ import LoRAAdapters
 extension AggregatorService {
     func registerFederationRoutes(on routes: inout AuthorizedRoutes) {
         let path = "/v1/federations/{federation}"
-        routes.add("PUT", path, .admin, maxBodyBytes: 64 * 1024) { [self] in try await putFederation($0, $1) }
+        routes.add("PUT", path, .admin, maxBodyBytes: Self.maxSettingsBytes) { [self] in try await putFederation($0, $1) }
         routes.add("GET", path, .federationMember) { [self] request, _ in try await getFederation(request) }
     }
+
+    private static let maxSettingsBytes = 64 * 1024
 
     private func putFederation(_ request: HTTPRequest, _ body: HTTPRequestBody) async throws -> HTTPResponse {
         let parameters = try RequestParameters(request)
         try parameters.allowOnly([])
         let federation = try parameters.federation
-        let settings = try FederationSettingsDocument.settings(from: try await body.collect(upTo: 64 * 1024))
+        let coding = try Self.contentCoding(of: request)
+        let sent = try await body.collect(upTo: Self.maxSettingsBytes)
+        let document = coding == .identity ? sent : try ContentDecoding.inflate(sent, coding: coding.rawValue, limit: Self.maxSettingsBytes)
+        let settings = try FederationSettingsDocument.settings(from: document)
         let created = try await store.putSettings(settings, federation: federation)
         return .json(created ? .created : .ok, FederationBody(federation: federation, record: try await store.federation(federation)))
     }
@@ -49,13 +54,13 @@ enum FederationSettingsDocument {
         }
         try refuseUnknown(in: object, known: members, prefix: "")
         var settings = FederationSettings()
-        if let value = object["strategy"], value != .null {
+        if let value = object["strategy"] {
             guard case .string(let text) = value, let strategy = AggregationStrategy(rawValue: text) else {
                 throw invalid("strategy", "one of \(AggregationStrategy.allCases.map { "'\($0.rawValue)'" }.joined(separator: ", "))")
             }
             settings.strategy = strategy
         }
-        if let value = object["chain"], value != .null {
+        if let value = object["chain"] {
             guard case .bool(let chain) = value else { throw invalid("chain", "true or false") }
             settings.chain = chain
         }

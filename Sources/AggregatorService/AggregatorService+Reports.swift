@@ -24,17 +24,20 @@ extension AggregatorService {
         try parameters.allowOnly([])
         let federation = try parameters.federation
         let round = try parameters.round
-        let notFound = ServiceError(.notFound, "round \(round) of federation '\(federation)' has no uploads")
-        guard let (participants, holdings) = try await store.holdings(federation: federation, round: round) else { throw notFound }
+        // 404 like the round's status: a round with a base or sealed has a report, empty without uploads.
+        guard try await store.round(federation: federation, round: round) != nil else {
+            throw ServiceError(.notFound, "round \(round) of federation '\(federation)' has no uploads, no base and is not sealed")
+        }
+        let (participants, holdings, base) = try await store.holdings(federation: federation, round: round)
+        guard !participants.isEmpty else { return (federation, round, RoundReport(participants: [], holdings: [], base: [], aggregates: [:])) }
         var aggregates: [AggregationStrategy: [UInt8]] = [:]
         for strategy in AggregationStrategy.allCases {
-            guard let aggregate = try await store.aggregate(federation: federation, round: round, client: nil, strategy: strategy, rank: nil, dtype: .f32)
-            else { throw notFound }
-            aggregates[strategy] = aggregate.bytes
+            aggregates[strategy] = try await store.aggregate(federation: federation, round: round, client: nil, strategy: strategy, rank: nil, dtype: .f32)?
+                .bytes
         }
         let files = aggregates
         let report = try await offload {
-            RoundReport(participants: participants, holdings: holdings, aggregates: try files.mapValues { try SafetensorsFile(bytes: $0) })
+            RoundReport(participants: participants, holdings: holdings, base: base, aggregates: try files.mapValues { try SafetensorsFile(bytes: $0) })
         }
         return (federation, round, report)
     }

@@ -28,7 +28,9 @@ extension AggregatorService {
         metrics.uploadStored()
         if let sealed { metrics.roundSealed(by: sealed) }
         // Always: a deadline another process added is armed here too at this process's next write.
-        await deadlines.rearm()
+        // Not awaited: reading the next deadline may wait behind a long aggregation on the reader.
+        let deadlines = self.deadlines
+        Task { await deadlines.rearm() }
         return .json(
             created ? .created : .ok,
             UploadAccepted(

@@ -9,6 +9,10 @@ actor DeadlineTimer {
     private let store: AdapterStore
     private let metrics: ServiceMetrics
     private var armed: (due: Double, task: Task<Void, Never>)?
+    /// Calls to `rearm` so far, and the latest whose reading was applied: a reading that finishes
+    /// after a later one started is older than it, so it is dropped.
+    private var requested = 0
+    private var applied = 0
 
     init(store: AdapterStore, metrics: ServiceMetrics) {
         self.store = store
@@ -17,6 +21,8 @@ actor DeadlineTimer {
 
     /// Looks at the earliest deadline again and sleeps until it.
     func rearm() async {
+        requested += 1
+        let request = requested
         let due: Double?
         do {
             due = try await store.nextDeadline()
@@ -24,6 +30,8 @@ actor DeadlineTimer {
             Problem.log("the round deadlines could not be read: \(error); trying again in a second")
             due = Date().timeIntervalSince1970 + 1
         }
+        guard request > applied else { return }
+        applied = request
         guard let due else {
             armed?.task.cancel()
             armed = nil
@@ -45,7 +53,8 @@ actor DeadlineTimer {
         do {
             for reason in try await store.fireDueDeadlines() { metrics.roundSealed(by: reason) }
         } catch {
-            Problem.log("firing the due round deadlines failed: \(error)")
+            Problem.log("firing the due round deadlines failed: \(error); trying again in a second")
+            try? await Task.sleep(for: .seconds(1))
         }
         await rearm()
     }

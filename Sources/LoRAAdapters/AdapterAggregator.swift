@@ -22,10 +22,10 @@ public enum AdapterAggregator {
         let holdings = try source.holdings()
         let ranks = ModuleRanks(participants: Array(participants.values), base: base)
         let modules = Set(holdings.lazy.compactMap { TensorRole.moduleName(ofTensor: $0.name) }).union(ranks.baseModules)
-        let globalRank =
-            modules.isEmpty
-            ? participants.values.map(\.rank).max()!
-            : modules.map { ranks.globalRank(ofModule: $0) }.max()!
+        // Uploads and bases are validated to hold a LoRA module, so a round without one is not a round.
+        guard let globalRank = modules.map({ ranks.globalRank(ofModule: $0) }).max() else {
+            throw AdapterError(.emptyRound, "the round holds no LoRA module")
+        }
         var rankLimit: Int?
         if case .client = options.scaling {
         } else {
@@ -132,27 +132,11 @@ public enum AdapterAggregator {
     /// announced holders, in client-id order, with the announced shapes and sizes.
     private static func accumulate(_ plan: TensorPlan, from source: some AdapterSource, into sums: UnsafeMutableBufferPointer<Double>) throws {
         sums.initialize(repeating: 0)
-        var next = 0
-        try source.forEachContribution(toTensor: plan.name) { contribution in
-            guard next < plan.holders.count, plan.holders[next].clientID == contribution.clientID else {
-                throw AdapterError(
-                    .inconsistentSource, "the source delivered client '\(contribution.clientID)' out of client-id order or unannounced", tensor: plan.name)
-            }
-            let holder = plan.holders[next]
-            guard contribution.dtype == holder.dtype, contribution.shape == holder.shape,
-                contribution.bytes.count == holder.shape.reduce(1, *) * holder.dtype.byteWidth
-            else {
-                throw AdapterError(
-                    .inconsistentSource, "client '\(holder.clientID)' delivered bytes that disagree with its announced dtype and shape", tensor: plan.name)
-            }
-            if let bytes = contribution.bytes.baseAddress {
+        try plan.forEachHolder(in: source) { _, holder, bytes in
+            if let bytes = bytes.baseAddress {
                 plan.add(
                     bytes, dtype: holder.dtype, clientRank: holder.rank, slices: 0..<min(holder.rank, plan.outputRank), weight: holder.foldedWeight, into: sums)
             }
-            next += 1
-        }
-        guard next == plan.holders.count else {
-            throw AdapterError(.inconsistentSource, "the source delivered \(next) of \(plan.holders.count) announced clients", tensor: plan.name)
         }
         guard let base = plan.base, !plan.baseSlices.isEmpty else { return }
         var delivered = false

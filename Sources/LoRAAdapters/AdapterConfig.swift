@@ -30,11 +30,13 @@ public struct AdapterConfig: Sendable, Equatable {
     ) throws(AdapterError) {
         guard rank >= 1 else { throw AdapterError(.invalidConfig, "r must be a positive integer, not \(rank)") }
         let loraAlpha = loraAlpha ?? Double(rank)
-        try Self.checkLoraAlpha(loraAlpha, field: "lora_alpha")
+        guard loraAlpha > 0, loraAlpha.isFinite else { throw AdapterError(.invalidConfig, "lora_alpha must be positive and finite, not \(loraAlpha)") }
         for entry in rankPattern where entry.value < 1 {
             throw AdapterError(.invalidConfig, "rank_pattern[\"\(entry.key)\"] must be a positive integer, not \(entry.value)")
         }
-        for entry in alphaPattern { try Self.checkLoraAlpha(entry.value, field: "alpha_pattern[\"\(entry.key)\"]") }
+        for entry in alphaPattern where !(entry.value > 0 && entry.value.isFinite) {
+            throw AdapterError(.invalidConfig, "alpha_pattern[\"\(entry.key)\"] must be positive and finite, not \(entry.value)")
+        }
         self.rank = rank
         self.loraAlpha = loraAlpha
         self.useRSLoRA = useRSLoRA
@@ -51,6 +53,13 @@ public struct AdapterConfig: Sendable, Equatable {
         guard loraAlphaRange.contains(value) else {
             throw AdapterError(.invalidConfig, "\(field) must be a number from 1e-6 to 1e6, not \(value)")
         }
+    }
+
+    /// Every `lora_alpha` of the config within `loraAlphaRange`: checked on the way in (uploads and
+    /// bases), not when a stored config is read back, so rounds stored before the bound still aggregate.
+    public func checkLoraAlphaRange() throws(AdapterError) {
+        try Self.checkLoraAlpha(loraAlpha, field: "lora_alpha")
+        for entry in alphaPattern { try Self.checkLoraAlpha(entry.value, field: "alpha_pattern[\"\(entry.key)\"]") }
     }
 
     /// Scale 1 for every module at `rank` (`lora_alpha = r`): an upload tagged with its rank alone.

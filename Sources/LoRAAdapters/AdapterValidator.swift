@@ -18,6 +18,7 @@ public enum AdapterValidator {
     /// An upload with its config: every module's tensors have the module's resolved rank, and every
     /// pattern key of the config names at least one module of the file.
     public static func validate(_ file: SafetensorsFile, config: AdapterConfig) throws(AdapterError) -> AdapterSummary {
+        try config.checkLoraAlphaRange()
         var factorsByPair: [String: [LoRAFactor: String]] = [:]
         var modules: Set<String> = []
         for tensor in file.tensors {

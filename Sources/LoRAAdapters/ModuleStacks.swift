@@ -14,9 +14,7 @@ struct ModuleStacks {
 
     /// Reads the module's A and B tensors (plans `a` and `b`, the same holders) from `source`.
     static func read(a: TensorPlan, b: TensorPlan, from source: some AdapterSource, scale: (TensorPlan.Holder) -> Double) throws -> ModuleStacks {
-        guard a.holders.map(\.clientID) == b.holders.map(\.clientID), zip(a.holders, b.holders).allSatisfy({ $0.rank == $1.rank }) else {
-            throw AdapterError(.inconsistentSource, "the module's A and B tensors have different holders or ranks", tensor: a.name)
-        }
+        try TensorPlan.checkPaired(a, b)
         var blocks: [Range<Int>] = []
         var offset = 0
         for holder in a.holders {
@@ -28,7 +26,7 @@ struct ModuleStacks {
         let rest = b.inner
         var stacks = ModuleStacks(b: Matrix(rows: b.outer * rest, columns: offset), aTransposed: Matrix(rows: columns, columns: offset), blocks: blocks)
         // Aᵀ: row j of a holder's A is one contiguous column of the stack.
-        try read(a, from: source) { index, holder, bytes in
+        try a.forEachHolder(in: source) { index, holder, bytes in
             guard let origin = bytes.baseAddress else { return }  // an empty tensor
             let factor = scale(holder)
             stacks.aTransposed.values.withUnsafeMutableBufferPointer { values in
@@ -38,45 +36,19 @@ struct ModuleStacks {
         // B: decoded whole, then each run of `rest` elements to its column.
         let rows = stacks.b.rows
         var decoded: [Double] = []
-        try read(b, from: source) { index, holder, bytes in
+        try b.forEachHolder(in: source) { index, holder, bytes in
             guard bytes.baseAddress != nil else { return }  // an empty tensor
             let count = b.outer * holder.rank * rest
             if decoded.count < count { decoded = [Double](repeating: 0, count: count) }
             decoded.withUnsafeMutableBufferPointer { holder.dtype.decode(bytes.baseAddress!, count: count, times: scale(holder), into: $0.baseAddress!) }
             stacks.b.values.withUnsafeMutableBufferPointer { values in
                 decoded.withUnsafeBufferPointer { decoded in
-                    for o in 0..<b.outer {
-                        for j in 0..<holder.rank {
-                            let destination = (blocks[index].lowerBound + j) * rows + o * rest
-                            let origin = (o * holder.rank + j) * rest
-                            for x in 0..<rest { values[destination + x] = decoded[origin + x] }
-                        }
-                    }
+                    b.gatherColumns(decoded.baseAddress!, rank: holder.rank, into: values.baseAddress! + blocks[index].lowerBound * rows)
                 }
             }
         }
         return stacks
     }
-
-    /// Calls `body` with each holder's index, the holder, and its bytes of the tensor.
-    static func read(
-        _ plan: TensorPlan, from source: some AdapterSource, _ body: (Int, TensorPlan.Holder, UnsafeRawBufferPointer) throws -> Void
-    ) throws {
-        var next = 0
-        try source.forEachContribution(toTensor: plan.name) { contribution in
-            guard next < plan.holders.count, plan.holders[next].clientID == contribution.clientID, contribution.shape == plan.holders[next].shape,
-                contribution.dtype == plan.holders[next].dtype, contribution.bytes.count == contribution.shape.reduce(1, *) * contribution.dtype.byteWidth
-            else {
-                throw AdapterError(.inconsistentSource, "the source delivered client '\(contribution.clientID)' out of order or unannounced", tensor: plan.name)
-            }
-            try body(next, plan.holders[next], contribution.bytes)
-            next += 1
-        }
-        guard next == plan.holders.count else {
-            throw AdapterError(.inconsistentSource, "the source delivered \(next) of \(plan.holders.count) announced clients", tensor: plan.name)
-        }
-    }
-
 }
 
 /// HetLoRA's weights (Cho et al. 2024; openapi.yaml, `hetlora`): per module, each holder's
@@ -92,9 +64,7 @@ final class HetLoRANorms {
     /// Gram of rows is `BᵀB` (a conv B, `[out, r, rest…]`, is gathered into `out·rest × r` first).
     /// The Gram matrices, most of the work, are computed on all cores, one holder per task.
     func norms(a: TensorPlan, b: TensorPlan, from source: some AdapterSource) throws -> [String: Double] {
-        guard a.holders.map(\.clientID) == b.holders.map(\.clientID), zip(a.holders, b.holders).allSatisfy({ $0.rank == $1.rank }) else {
-            throw AdapterError(.inconsistentSource, "the module's A and B tensors have different holders or ranks", tensor: a.name)
-        }
+        try TensorPlan.checkPaired(a, b)
         let holders = a.holders
         // Each holder's A (n × r) then B (r × out, or out·rest × r for a conv B), back to back.
         let (columns, rows) = (a.inner, b.outer * b.inner)
@@ -110,22 +80,16 @@ final class HetLoRANorms {
         if scratch.count < end + gatherSize { scratch = [Double](repeating: 0, count: end + gatherSize) }
         try scratch.withUnsafeMutableBufferPointer { scratch in
             let base = scratch.baseAddress!
-            try ModuleStacks.read(a, from: source) { index, holder, bytes in
+            try a.forEachHolder(in: source) { index, holder, bytes in
                 guard let origin = bytes.baseAddress else { return }
                 holder.dtype.decode(origin, count: regions[index].a.count, times: 1, into: base + regions[index].a.lowerBound)
             }
-            try ModuleStacks.read(b, from: source) { index, holder, bytes in
+            try b.forEachHolder(in: source) { index, holder, bytes in
                 guard let origin = bytes.baseAddress else { return }
                 let destination = base + regions[index].b.lowerBound
                 guard b.inner > 1 else { return holder.dtype.decode(origin, count: regions[index].b.count, times: 1, into: destination) }
-                let (rank, rest) = (holder.rank, b.inner)
-                let values = base + end
-                holder.dtype.decode(origin, count: regions[index].b.count, times: 1, into: values)
-                for o in 0..<b.outer {
-                    for j in 0..<rank {
-                        for x in 0..<rest { destination[j * rows + o * rest + x] = values[(o * rank + j) * rest + x] }
-                    }
-                }
+                holder.dtype.decode(origin, count: regions[index].b.count, times: 1, into: base + end)
+                b.gatherColumns(base + end, rank: holder.rank, into: destination)
             }
         }
         var squared = [Double](repeating: 0, count: holders.count)
@@ -182,8 +146,10 @@ struct LowRankFactors {
     }
 
     /// Factors the stacks (consumed: the QRs overwrite them) at `rank`; pure computation, on any thread.
-    init(_ stacks: consuming ModuleStacks, rank: Int) throws {
-        var stacks = stacks
+    init(_ input: consuming ModuleStacks, rank: Int) throws {
+        // Moved, not copied: the QRs below write into the stacks, and a second reference would make
+        // them copy a whole stack first.
+        var stacks = consume input
         self.b = Matrix(rows: stacks.b.rows, columns: rank)
         aTransposed = Matrix(rows: stacks.aTransposed.rows, columns: rank)
         guard !stacks.blocks.isEmpty else { return }  // only the base holds it: svd ignores the base
@@ -241,10 +207,22 @@ final class FactorPipeline<Source: AdapterSource> {
         private let done = DispatchSemaphore(value: 0)
         private var result: Result<LowRankFactors, any Error>?
 
-        init(_ stacks: ModuleStacks, rank: Int) {
+        init(_ stacks: consuming ModuleStacks, rank: Int) {
+            // The worker takes the stacks out of the box, so it holds their only reference.
+            let box = Box(consume stacks)
             DispatchQueue.global().async { [self] in
-                result = Result { try LowRankFactors(stacks, rank: rank) }
+                result = Result { try LowRankFactors(box.take(), rank: rank) }
                 done.signal()
+            }
+        }
+
+        private final class Box: @unchecked Sendable {
+            // @unchecked: filled before the worker starts and emptied by it alone.
+            private var stacks: ModuleStacks?
+            init(_ stacks: consuming ModuleStacks) { self.stacks = consume stacks }
+            func take() -> ModuleStacks {
+                defer { stacks = nil }
+                return stacks.take()!
             }
         }
 

@@ -23,18 +23,21 @@ public struct RoundReport: Sendable, Equatable {
     /// Sorted by name.
     public let modules: [Module]
 
-    /// - Parameter aggregates: each strategy's global adapter of the round, at scale 1.
-    public init(participants: [RoundParticipant], holdings: [TensorHolding], aggregates: [AggregationStrategy: SafetensorsFile]) {
+    /// - Parameters:
+    ///   - base: the round's base, whose ranks count towards each module's global rank.
+    ///   - aggregates: each strategy's global adapter of the round, at scale 1.
+    public init(participants: [RoundParticipant], holdings: [TensorHolding], base: [BaseTensor], aggregates: [AggregationStrategy: SafetensorsFile]) {
         let byClient = Dictionary(participants.map { ($0.clientID, $0) }, uniquingKeysWith: { first, _ in first })
         var holdersByModule: [String: Set<String>] = [:]
         for holding in holdings where TensorRole(tensorName: holding.name).factor == .a {
             if let module = TensorRole.moduleName(ofTensor: holding.name) { holdersByModule[module, default: []].insert(holding.clientID) }
         }
         let factorsByModule = aggregates.mapValues { Self.sliceNorms(of: $0) }
-        modules = holdersByModule.keys.sorted().map { module in
-            let holders = holdersByModule[module]!.compactMap { byClient[$0] }
+        let ranks = ModuleRanks(participants: participants, base: base)
+        modules = Set(holdersByModule.keys).union(ranks.baseModules).sorted().map { module in
+            let holders = (holdersByModule[module] ?? []).compactMap { byClient[$0] }
             let totalWeight = holders.reduce(0) { $0 + $1.weight }
-            let globalRank = participants.map { $0.config.rank(ofModule: module) }.max() ?? 0
+            let globalRank = ranks.globalRank(ofModule: module)
             let slices = (0..<globalRank).map { j in
                 let owners = holders.filter { $0.config.rank(ofModule: module) > j }
                 return Slice(

@@ -109,11 +109,11 @@ struct TensorPlan {
         var unfoldingDivisor = 1.0
         if let module {
             let moduleGlobalRank = ranks.globalRank(ofModule: module)
+            rank = min(rankLimit ?? moduleGlobalRank, moduleGlobalRank)
             switch scaling {
             case .unit:
-                rank = min(rankLimit ?? moduleGlobalRank, moduleGlobalRank)
+                break
             case .uniform(let loraAlpha, let useRSLoRA):
-                rank = min(rankLimit ?? moduleGlobalRank, moduleGlobalRank)
                 unfoldingDivisor = AdapterConfig.scale(alpha: loraAlpha, rank: rank, useRSLoRA: useRSLoRA).squareRoot()
             case .client(let config):
                 rank = min(config.rank(ofModule: module), moduleGlobalRank)
@@ -243,6 +243,51 @@ struct TensorPlan {
                         }
                     }
                 }
+            }
+        }
+    }
+}
+
+extension TensorPlan {
+    /// Calls `body` with each holder's index, the holder, and its bytes of the tensor, checking that
+    /// the source delivers exactly the announced holders, in client-id order, with the announced
+    /// dtypes, shapes and sizes.
+    func forEachHolder(in source: some AdapterSource, _ body: (Int, Holder, UnsafeRawBufferPointer) throws -> Void) throws {
+        var next = 0
+        try source.forEachContribution(toTensor: name) { contribution in
+            guard next < holders.count, holders[next].clientID == contribution.clientID else {
+                throw AdapterError(
+                    .inconsistentSource, "the source delivered client '\(contribution.clientID)' out of client-id order or unannounced", tensor: name)
+            }
+            let holder = holders[next]
+            guard contribution.dtype == holder.dtype, contribution.shape == holder.shape,
+                contribution.bytes.count == holder.shape.reduce(1, *) * holder.dtype.byteWidth
+            else {
+                throw AdapterError(
+                    .inconsistentSource, "client '\(holder.clientID)' delivered bytes that disagree with its announced dtype and shape", tensor: name)
+            }
+            try body(next, holder, contribution.bytes)
+            next += 1
+        }
+        guard next == holders.count else {
+            throw AdapterError(.inconsistentSource, "the source delivered \(next) of \(holders.count) announced clients", tensor: name)
+        }
+    }
+
+    /// A module's A and B plans must have the same holders at the same ranks.
+    static func checkPaired(_ a: TensorPlan, _ b: TensorPlan) throws(AdapterError) {
+        guard a.holders.map(\.clientID) == b.holders.map(\.clientID), zip(a.holders, b.holders).allSatisfy({ $0.rank == $1.rank }) else {
+            throw AdapterError(.inconsistentSource, "the module's A and B tensors have different holders or ranks", tensor: a.name)
+        }
+    }
+
+    /// A B tensor `[out, r, rest…]` of rank `rank` (row-major, at `values`) as the columns of a
+    /// column-major `out·rest × r` matrix at `destination`: row (o, rest), column j.
+    func gatherColumns(_ values: UnsafePointer<Double>, rank: Int, into destination: UnsafeMutablePointer<Double>) {
+        let (rest, rows) = (inner, outer * inner)
+        for o in 0..<outer {
+            for j in 0..<rank {
+                for x in 0..<rest { destination[j * rows + o * rest + x] = values[(o * rank + j) * rest + x] }
             }
         }
     }

@@ -57,6 +57,7 @@ import Testing
             (#"{"quorum":{"min_uploads":2,"extra":1}}"#, 422, "unknown member 'quorum.extra'"),
             (#"{"round_timeout_seconds":0}"#, 422, "'round_timeout_seconds'"),
             (#"{"chain":"yes"}"#, 422, "'chain' must be true or false"),
+            (#"{"strategy":null}"#, 422, "'strategy' must be one of"),
             (#"[1]"#, 400, "JSON object"),
             (#"{"#, 400, "JSON object"),
         ] {
@@ -88,6 +89,10 @@ import Testing
         let chained = try await client.get("/v1/federations/f/rounds/1/base")
         #expect(chained.body == byDefault.body && chained.header("ETag") == byDefault.header("ETag"))
         #expect(try await client.get("/v1/federations/f").json["current_round"] as? Int == 1)
+        // A round with only its base has a report (404 only like the round), with no module yet.
+        let emptyReport = try await client.get("/v1/federations/f/rounds/1/report")
+        #expect(emptyReport.statusCode == 200 && (emptyReport.json["modules"] as? [Any])?.isEmpty == true, "\(emptyReport.text)")
+        expectProblem(try await client.get("/v1/federations/f/rounds/7/report"), 404)
         // A rank-2 client of round 1 gets its slices from the base; round 1's aggregate keeps the rest.
         let alicesStart = try SafetensorsFile(bytes: try await client.get("/v1/federations/f/rounds/1/base?rank=2").body)
         #expect(alicesStart.tensors.allSatisfy { TensorRole(tensorName: $0.name).rank(of: $0.shape).map { $0 <= 2 } ?? true })
