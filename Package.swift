@@ -19,9 +19,10 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
     ],
     targets: [
-        // System libraries, linked through their C APIs (apt: libsqlite3-dev, zlib1g-dev, libopenblas-dev).
+        // System libraries, linked through their C APIs (apt: libsqlite3-dev, zlib1g-dev, libzstd-dev, libopenblas-dev).
         .systemLibrary(name: "CSQLite3", path: "Sources/CSQLite3", providers: [.apt(["libsqlite3-dev"])]),
         .systemLibrary(name: "CZlib", path: "Sources/CZlib", providers: [.apt(["zlib1g-dev"])]),
+        .systemLibrary(name: "CZstd", path: "Sources/CZstd", providers: [.apt(["libzstd-dev"])]),
         // LAPACK (QR, SVD) and BLAS from OpenBLAS, for the svd and hetlora strategies (apt: libopenblas-dev).
         .systemLibrary(name: "CLAPACK", path: "Sources/CLAPACK", providers: [.apt(["libopenblas-dev"])]),
         // epoll, eventfd and accept4 from the C library, which Swift's Glibc module lacks.
@@ -47,7 +48,7 @@ let package = Package(
         // API v1: routes, handlers, content coding, problem+json, metrics, configuration.
         .target(
             name: "AggregatorService",
-            dependencies: ["AdapterStore", "Digests", "HTTPServer", "LoRAAdapters", "CZlib"],
+            dependencies: ["AdapterStore", "Digests", "HTTPServer", "LoRAAdapters", "CZlib", "CZstd"],
             resources: [.embedInCode("Resources/openapi.yaml")],
             swiftSettings: strictSettings
         ),

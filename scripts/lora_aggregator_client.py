@@ -18,7 +18,8 @@
 works the same.) FILE is a .safetensors file or a PEFT adapter directory (its
 adapter_model.safetensors), tagged with its rank and scale (lora_alpha, default the rank); --peft-dir
 sends a directory as save_pretrained wrote it, adapter_model.safetensors with its adapter_config.json
-(multipart/form-data), so the service takes ranks and scales from the config. Uploads are sent gzip'd.
+(multipart/form-data), so the service takes ranks and scales from the config. Uploads are sent
+zstd'd when the zstandard package is installed, gzip'd otherwise.
 A download whose PATH is an existing directory lands in PATH/adapter_model.safetensors; --peft-dir DIR
 also writes DIR/adapter_config.json, the service's config that loads it with PeftModel.from_pretrained
 (GET .../adapter_config for the global adapter at the same rank and scale, .../adapter_config/C for
@@ -72,6 +73,20 @@ DTYPES = ("F32", "F16", "BF16")
 EXIT_REFUSED = 1
 EXIT_UNREACHABLE = 3  # after argparse's 2 for a usage error
 EXIT_LOCAL_ERROR = 4
+
+
+try:  # optional: uploads and downloads use zstd (RFC 8878) when it is installed
+    import zstandard as _zstandard
+except ImportError:
+    _zstandard = None
+
+
+def compress_body(data: bytes) -> tuple[bytes, str]:
+    """(body, Content-Encoding) of an upload: zstd when the zstandard package is importable, gzip
+    otherwise; the service decodes either as the body arrives."""
+    if _zstandard is not None:
+        return _zstandard.ZstdCompressor(level=3).compress(data), "zstd"
+    return gzip.compress(data, compresslevel=6), "gzip"
 
 
 class AggregatorClientError(Exception):
@@ -193,10 +208,10 @@ class Client:
         return answer
 
     def _put_safetensors(self, path: str, query: Mapping[str, str | int], data: bytes) -> dict[str, Any]:
-        """PUTs a bare safetensors body gzip'd (an upload's or a base's, tagged by `query`); returns
-        the service's receipt."""
-        return self._request_json("PUT", path, query, gzip.compress(data, compresslevel=6),
-                                  {"Content-Encoding": "gzip", "Content-Type": "application/octet-stream"})
+        """PUTs a bare safetensors body compressed (an upload's or a base's, tagged by `query`);
+        returns the service's receipt."""
+        body, coding = compress_body(data)
+        return self._request_json("PUT", path, query, body, {"Content-Encoding": coding, "Content-Type": "application/octet-stream"})
 
     def _put_peft(self, path: str, query: Mapping[str, str | int], adapter: bytes, config: bytes | Mapping[str, Any],
                   compress: bool = True) -> dict[str, Any]:
@@ -208,14 +223,17 @@ class Client:
                                                (CONFIG_FILE, config_bytes, "application/json")])
         headers = {"Content-Type": content_type}
         if compress:
-            body = gzip.compress(body, compresslevel=6)
-            headers["Content-Encoding"] = "gzip"
+            body, headers["Content-Encoding"] = compress_body(body)
         return self._request_json("PUT", path, query, body, headers)
 
     def _get_safetensors(self, path: str, query: Mapping[str, str | int]) -> bytes:
-        """A safetensors answer, asked for gzip'd (adapters compress well) and returned decompressed."""
-        payload, headers = self._request("GET", path, query, headers={"Accept-Encoding": "gzip"})
-        return gzip.decompress(payload) if headers.get("Content-Encoding") == "gzip" else payload
+        """A safetensors answer, asked for compressed (adapters compress well: zstd when the
+        zstandard package is there, gzip otherwise) and returned decompressed."""
+        payload, headers = self._request("GET", path, query, headers={"Accept-Encoding": "zstd, gzip" if _zstandard else "gzip"})
+        coding = headers.get("Content-Encoding")
+        if coding == "zstd" and _zstandard is not None:
+            return bytes(_zstandard.ZstdDecompressor().decompressobj().decompress(payload))
+        return gzip.decompress(payload) if coding == "gzip" else payload
 
     def upload(self, data: bytes, *, federation: str, round: int, client: str, rank: int, weight: float = 1.0,
                lora_alpha: float | None = None, use_rslora: bool | None = None) -> dict[str, Any]:

@@ -14,18 +14,18 @@ extension AggregatorService {
         let federation = try parameters.federation
         let round = try parameters.round
         let client = perClient ? try parameters.client : nil
-        let gzip = Self.acceptsGzip(request)
+        let coding = Self.responseCoding(request)
         let strategy = try await strategy(parameters)
         let started = ContinuousClock.now
         // An aggregate computed before has its ETag on record: a matching If-None-Match or a HEAD
-        // needs no computing, and a GET streams the body while it is computed. A gzip'd answer
+        // needs no computing, and a GET streams the body while it is computed. A compressed answer
         // needs the whole file first.
         let outcome = try await store.aggregate(
             federation: federation, round: round, client: client, strategy: strategy,
             rank: try parameters.integer("rank"), dtype: try parameters.outputDType, scaling: try Self.targetScaling(parameters)
         ) { digest in
-            if request.method == "HEAD" || Self.notModified(request, sha256: digest.sha256, gzip: gzip) { return .digestOnly }
-            return gzip ? .compute : .stream
+            if request.method == "HEAD" || Self.notModified(request, sha256: digest.sha256, coding: coding) { return .digestOnly }
+            return coding == nil ? .stream : .compute
         }
         let metrics = self.metrics
         let recordAggregation = { @Sendable in metrics.aggregationFinished(strategy, seconds: Double((ContinuousClock.now - started) / .microseconds(1)) / 1e6)
@@ -38,9 +38,9 @@ extension AggregatorService {
             if !aggregate.fromCache { recordAggregation() }
             return try await download(aggregate.bytes, sha256: aggregate.sha256, for: request)
         case .digestOnly(let digest)?:
-            return Self.bodiless(sha256: digest.sha256, byteCount: digest.byteCount, gzip: gzip, for: request)
+            return Self.bodiless(sha256: digest.sha256, byteCount: digest.byteCount, coding: coding, for: request)
         case .streaming(let digest, let pieces)?:
-            return HTTPResponse(status: .ok, headers: Self.downloadHeaders(sha256: digest.sha256, gzip: false), streamLength: digest.byteCount) { writer in
+            return HTTPResponse(status: .ok, headers: Self.downloadHeaders(sha256: digest.sha256, coding: nil), streamLength: digest.byteCount) { writer in
                 do {
                     for try await piece in pieces { try await writer.write(piece) }
                 } catch {

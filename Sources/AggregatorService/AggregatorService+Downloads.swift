@@ -1,49 +1,55 @@
 import HTTPServer
 
-/// Downloads of safetensors files (an upload as stored, an aggregate): the same headers, ETag,
-/// conditional answer and gzip rule for both.
+/// Downloads of safetensors files (an upload as stored, a base, an aggregate): the same headers,
+/// ETag, conditional answer and content-coding rule for all.
 extension AggregatorService {
-    /// A safetensors download: strong ETag, If-None-Match → 304, gzip when the client accepts it.
+    /// A safetensors download: strong ETag, If-None-Match → 304, zstd or gzip when the client names it.
     func download(_ bytes: [UInt8], sha256: String, for request: HTTPRequest) async throws -> HTTPResponse {
-        let gzip = Self.acceptsGzip(request)
-        if request.method == "HEAD" || Self.notModified(request, sha256: sha256, gzip: gzip) {
-            return Self.bodiless(sha256: sha256, byteCount: bytes.count, gzip: gzip, for: request)
+        let coding = Self.responseCoding(request)
+        if request.method == "HEAD" || Self.notModified(request, sha256: sha256, coding: coding) {
+            return Self.bodiless(sha256: sha256, byteCount: bytes.count, coding: coding, for: request)
         }
-        var headers = Self.downloadHeaders(sha256: sha256, gzip: gzip)
-        guard gzip else { return HTTPResponse(status: .ok, headers: headers, body: bytes) }
-        headers.add("Content-Encoding", "gzip")
-        return HTTPResponse(status: .ok, headers: headers, body: try await offload { ContentCoding.gzip.compress(bytes) })
+        var headers = Self.downloadHeaders(sha256: sha256, coding: coding)
+        guard let coding else { return HTTPResponse(status: .ok, headers: headers, body: bytes) }
+        headers.add("Content-Encoding", coding.rawValue)
+        return HTTPResponse(status: .ok, headers: headers, body: try await offload { coding.compress(bytes) })
     }
 
     /// A 304 for a matching If-None-Match, else the answer to a HEAD: the GET's header fields, less
-    /// the gzip'd length, which only compressing would tell (RFC 9110 §9.3.2 lets a HEAD omit it).
-    static func bodiless(sha256: String, byteCount: Int, gzip: Bool, for request: HTTPRequest) -> HTTPResponse {
-        var headers = downloadHeaders(sha256: sha256, gzip: gzip)
-        if notModified(request, sha256: sha256, gzip: gzip) { return HTTPResponse(status: .notModified, headers: headers) }
-        if gzip { headers.add("Content-Encoding", "gzip") }
+    /// the compressed length, which only compressing would tell (RFC 9110 §9.3.2 lets a HEAD omit it).
+    /// A 304 carries the 200's fields too, Vary included (RFC 9110 §15.4.5).
+    static func bodiless(sha256: String, byteCount: Int, coding: ContentCoding?, for request: HTTPRequest) -> HTTPResponse {
+        var headers = downloadHeaders(sha256: sha256, coding: coding)
+        if notModified(request, sha256: sha256, coding: coding) { return HTTPResponse(status: .notModified, headers: headers) }
+        if let coding { headers.add("Content-Encoding", coding.rawValue) }
         // The server sends this head alone and never runs the stream.
-        return HTTPResponse(status: .ok, headers: headers, streamLength: gzip ? nil : byteCount) { _ in }
+        return HTTPResponse(status: .ok, headers: headers, streamLength: coding == nil ? byteCount : nil) { _ in }
     }
 
-    static func downloadHeaders(sha256: String, gzip: Bool) -> HTTPHeaders {
+    static func downloadHeaders(sha256: String, coding: ContentCoding?) -> HTTPHeaders {
         var headers: HTTPHeaders = [
             "Content-Type": "application/octet-stream",
             "Content-Disposition": "attachment; filename=\"adapter_model.safetensors\"",
             "Vary": "Accept-Encoding",
         ]
-        headers.add("ETag", etag(sha256: sha256, gzip: gzip).description)
+        headers.add("ETag", etag(sha256: sha256, coding: coding).description)
         return headers
     }
 
-    /// The ETag names the representation: gzip'd bytes are a different one.
-    static func etag(sha256: String, gzip: Bool) -> EntityTag { EntityTag(gzip ? "\(sha256)-gzip" : sha256) }
+    /// The ETag names the representation: compressed bytes are a different one.
+    static func etag(sha256: String, coding: ContentCoding?) -> EntityTag { EntityTag(coding.map { "\(sha256)-\($0.rawValue)" } ?? sha256) }
 
     /// True when If-None-Match matches the download's ETag: the answer is 304.
-    static func notModified(_ request: HTTPRequest, sha256: String, gzip: Bool) -> Bool {
-        request.ifNoneMatch.matches(etag(sha256: sha256, gzip: gzip))
+    static func notModified(_ request: HTTPRequest, sha256: String, coding: ContentCoding?) -> Bool {
+        request.ifNoneMatch.matches(etag(sha256: sha256, coding: coding))
     }
 
-    /// gzip only for clients that name it with a weight above 0: without Accept-Encoding, or with
-    /// only `*`, the answer stays the file itself, which scripts saving the bytes expect.
-    static func acceptsGzip(_ request: HTTPRequest) -> Bool { request.acceptEncoding.names("gzip") }
+    /// The coding of a download: zstd or gzip only for clients that name it with a weight above 0
+    /// (zstd at equal weights); without Accept-Encoding, or with only `*`, the answer stays the file
+    /// itself, which scripts saving the bytes expect.
+    static func responseCoding(_ request: HTTPRequest) -> ContentCoding? {
+        let accepted = request.acceptEncoding
+        let named = [ContentCoding.zstd, .gzip].filter { accepted.names($0.rawValue) }
+        return named.max { accepted.quality(of: $0.rawValue) < accepted.quality(of: $1.rawValue) }
+    }
 }

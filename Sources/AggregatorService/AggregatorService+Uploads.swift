@@ -121,7 +121,7 @@ final class UploadReceiver: @unchecked Sendable {
         case parts([MultipartPart])
     }
 
-    private let inflater: Inflater?
+    private let decoder: (any BodyDecoder)?
     /// Where the bytes go: one of the two, by the form.
     private var file: [UInt8]?
     private var multipart: MultipartFormDataReader?
@@ -135,18 +135,18 @@ final class UploadReceiver: @unchecked Sendable {
         if coding == .identity, let declaredLength, declaredLength > limit {
             throw ServiceError(.contentTooLarge, "the upload of \(declaredLength) bytes exceeds the limit of \(limit) bytes")
         }
-        inflater = coding == .identity ? nil : try Inflater(coding: coding, limit: limit)
+        decoder = try coding.decoder(limit: limit)
         multipart = try form.multipartReader(maxFileBytes: maxFileBytes)
         file = multipart == nil ? [] : nil
     }
 
     func take(_ chunk: [UInt8]) throws {
-        guard let inflater else { return try chunk.withUnsafeBufferPointer { try deliver($0) } }
-        try inflater.append(chunk) { try deliver($0) }
+        guard let decoder else { return try chunk.withUnsafeBufferPointer { try deliver($0) } }
+        try decoder.append(chunk) { try deliver($0) }
     }
 
     func finish() throws -> Body {
-        try inflater?.finish()
+        try decoder?.finish()
         if let file { return .file(file) }
         return .parts(try multipart!.finish())
     }

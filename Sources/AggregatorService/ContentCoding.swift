@@ -1,22 +1,42 @@
 import CZlib
+import CZstd
 
-/// The request and response content codings the service speaks (RFC 9110 §8.4.1).
+/// The request and response content codings the service speaks (RFC 9110 §8.4.1; zstd, RFC 8878).
 enum ContentCoding: String, CaseIterable {
     case identity
     case gzip
     case deflate
+    case zstd
 
-    static let acceptEncodingValue = "gzip, deflate, identity"
+    static let acceptEncodingValue = "gzip, deflate, zstd, identity"
 
     /// zlib's windowBits for this coding: 15 + 16 reads and writes the gzip wrapper; 15 alone the
     /// zlib wrapper, which is what HTTP's "deflate" means.
     var windowBits: Int32 { self == .gzip ? 15 + 16 : 15 }
+
+    /// A streaming decoder of this coding with its output capped at `limit`; nil for identity.
+    func decoder(limit: Int) throws(ServiceError) -> (any BodyDecoder)? {
+        switch self {
+        case .identity: nil
+        case .gzip, .deflate: try Inflater(coding: self, limit: limit)
+        case .zstd: try ZstdDecoder(limit: limit)
+        }
+    }
 }
 
 /// Streaming decompression with a cap on the output: input arrives in chunks, and the output is
-/// handed on in pieces as it is produced, so a small bomb that would inflate past the cap fails with
+/// handed on in pieces as it is produced, so a small bomb that would decode past the cap fails with
 /// 413 without the server ever allocating it.
-final class Inflater {
+protocol BodyDecoder: AnyObject {
+    /// Decodes `chunk`, passing each piece of output to `sink` (valid only during the call); throws
+    /// 413 past the limit, 400 for a corrupt stream or data after its end, and what `sink` throws.
+    func append(_ chunk: [UInt8], to sink: (UnsafeBufferPointer<UInt8>) throws -> Void) throws
+    /// Throws 400 when the compressed stream has not ended.
+    func finish() throws(ServiceError)
+}
+
+/// gzip and deflate, by zlib.
+final class Inflater: BodyDecoder {
     private var stream = z_stream()
     private let limit: Int
     private var produced = 0
@@ -32,8 +52,6 @@ final class Inflater {
 
     deinit { inflateEnd(&stream) }
 
-    /// Inflates `chunk`, passing each piece of output to `sink` (valid only during the call); throws
-    /// 413 past the limit, 400 for a corrupt stream or data after its end, and what `sink` throws.
     func append(_ chunk: [UInt8], to sink: (UnsafeBufferPointer<UInt8>) throws -> Void) throws {
         guard !chunk.isEmpty else { return }
         guard !finished else { throw ServiceError(.badRequest, "data follows the end of the compressed stream") }
@@ -66,16 +84,75 @@ final class Inflater {
         }
     }
 
-    /// Throws 400 when the compressed stream has not ended.
     func finish() throws(ServiceError) {
         guard finished else { throw ServiceError(.badRequest, "the compressed body ends before its stream does") }
     }
 }
 
+/// zstd (RFC 8878), by libzstd: one or more frames, windows up to 2^27 bytes (RFC 8878 §3.1.1.1.2
+/// recommends decoders support 8 MB; larger windows are refused rather than allocated).
+final class ZstdDecoder: BodyDecoder {
+    private let stream: OpaquePointer
+    private let limit: Int
+    private var produced = 0
+    private var scratch = [UInt8](repeating: 0, count: 256 * 1024)
+    /// The last call ended a frame and flushed it: the body may end here.
+    private var atFrameEnd = false
+    private var receivedAny = false
+
+    init(limit: Int) throws(ServiceError) {
+        guard let stream = ZSTD_createDStream() else { throw ServiceError(.internalError, "the decompressor could not start") }
+        self.stream = stream
+        self.limit = limit
+        _ = ZSTD_DCtx_setParameter(stream, ZSTD_d_windowLogMax, 27)
+    }
+
+    deinit { ZSTD_freeDStream(stream) }
+
+    func append(_ chunk: [UInt8], to sink: (UnsafeBufferPointer<UInt8>) throws -> Void) throws {
+        guard !chunk.isEmpty else { return }
+        receivedAny = true
+        try chunk.withUnsafeBytes { source in
+            var input = ZSTD_inBuffer(src: source.baseAddress, size: source.count, pos: 0)
+            try scratch.withUnsafeMutableBufferPointer { buffer in
+                // Until the chunk is consumed and the output buffer is not full (nothing held back).
+                while true {
+                    var output = ZSTD_outBuffer(dst: buffer.baseAddress, size: buffer.count, pos: 0)
+                    let result = ZSTD_decompressStream(stream, &output, &input)
+                    guard ZSTD_isError(result) == 0 else {
+                        throw ServiceError(.badRequest, "the zstd body is corrupt (\(String(cString: ZSTD_getErrorName(result))))")
+                    }
+                    guard produced + output.pos <= limit else {
+                        throw ServiceError(.contentTooLarge, "the decompressed upload exceeds \(limit) bytes")
+                    }
+                    produced += output.pos
+                    if output.pos > 0 { try sink(UnsafeBufferPointer(rebasing: buffer[0..<output.pos])) }
+                    atFrameEnd = result == 0
+                    if input.pos == input.size && output.pos < output.size { return }
+                }
+            }
+        }
+    }
+
+    func finish() throws(ServiceError) {
+        guard receivedAny && atFrameEnd else { throw ServiceError(.badRequest, "the compressed body ends before its stream does") }
+    }
+}
+
 extension ContentCoding {
-    /// `bytes` compressed in this coding (gzip for responses; tests make deflate bodies with it).
+    /// `bytes` compressed in this coding (gzip and zstd for responses; tests make deflate bodies with
+    /// it). `level` is zlib's; zstd uses its own fast level 1.
     func compress(_ bytes: [UInt8], level: Int32 = Z_BEST_SPEED) -> [UInt8] {
         guard self != .identity else { return bytes }
+        if self == .zstd {
+            var output = [UInt8](repeating: 0, count: ZSTD_compressBound(bytes.count))
+            let produced = output.withUnsafeMutableBytes { destination in
+                bytes.withUnsafeBytes { source in ZSTD_compress(destination.baseAddress, destination.count, source.baseAddress, source.count, 1) }
+            }
+            guard ZSTD_isError(produced) == 0 else { return bytes }
+            output.removeSubrange(produced...)
+            return output
+        }
         var stream = z_stream()
         guard czlib_deflate_init2(&stream, level, windowBits) == Z_OK else { return bytes }
         defer { deflateEnd(&stream) }
@@ -98,15 +175,14 @@ extension ContentCoding {
 
 /// Request-body decoding as one call, for tools (the fuzzer) outside the service.
 public enum ContentDecoding {
-    /// `bytes` decoded from `coding` ("gzip" or "deflate"), refusing output past `limit` bytes.
+    /// `bytes` decoded from `coding` ("gzip", "deflate" or "zstd"), refusing output past `limit` bytes.
     public static func inflate(_ bytes: [UInt8], coding: String, limit: Int) throws -> [UInt8] {
-        guard let coding = ContentCoding(rawValue: coding), coding != .identity else {
+        guard let coding = ContentCoding(rawValue: coding), let decoder = try coding.decoder(limit: limit) else {
             throw ServiceError(.unsupportedMediaType, "content coding '\(coding)' is not supported")
         }
-        let inflater = try Inflater(coding: coding, limit: limit)
         var output: [UInt8] = []
-        try inflater.append(bytes) { output.append(contentsOf: $0) }
-        try inflater.finish()
+        try decoder.append(bytes) { output.append(contentsOf: $0) }
+        try decoder.finish()
         return output
     }
 }

@@ -113,6 +113,49 @@ private func uploadPath(_ client: String, rank: Int, weight: Double = 1, round: 
         #expect(await service.stop() == 0)
     }
 
+    @Test func zstdBodiesAndDownloads() async throws {
+        let service = try await ServiceProcess.start(arguments: ["--max-upload-bytes", "200000"])
+        let client = service.client
+        let file = try TestRound.random(seed: 41, ranks: [4])[0].safetensors().bytes
+        let zstd = ContentCoding.zstd.compress(file)
+        #expect(zstd != file && zstd.count < file.count)
+        #expect(try await client.request("PUT", uploadPath("alice", rank: 4), headers: [("Content-Encoding", "zstd")], body: zstd).statusCode == 201)
+        #expect(try await client.get("/v1/federations/fed/rounds/1/uploads/alice").body == file)
+        // Two frames are one body (RFC 8878 §3.1); a cut or corrupt stream, and a bomb, are refused.
+        let half = file.count / 2
+        let twoFrames = ContentCoding.zstd.compress(Array(file[..<half])) + ContentCoding.zstd.compress(Array(file[half...]))
+        #expect(try await client.request("PUT", uploadPath("bob", rank: 4), headers: [("Content-Encoding", "zstd")], body: twoFrames).statusCode == 201)
+        #expect(try await client.get("/v1/federations/fed/rounds/1/uploads/bob").body == file)
+        expectProblem(
+            try await client.request("PUT", uploadPath("carol", rank: 4), headers: [("Content-Encoding", "zstd")], body: Array(zstd.dropLast(5))), 400)
+        expectProblem(
+            try await client.request("PUT", uploadPath("carol", rank: 4), headers: [("Content-Encoding", "zstd")], body: Array(repeating: 7, count: 64)), 400)
+        let bomb = ContentCoding.zstd.compress([UInt8](repeating: 0, count: 50_000_000))
+        #expect(bomb.count < 200_000)
+        expectProblem(try await client.request("PUT", uploadPath("carol", rank: 4), headers: [("Content-Encoding", "zstd")], body: bomb), 413)
+        #expect(try await client.get("/v1/federations/fed/rounds/1/uploads/carol").statusCode == 404, "nothing stored")
+
+        // Downloads: zstd when named, preferred over gzip at equal weight; the ETag names the coding.
+        let path = "/v1/federations/fed/rounds/1/aggregate"
+        let plain = try await client.get(path)
+        for (accept, coding) in [("zstd", "zstd"), ("gzip, zstd", "zstd"), ("gzip;q=1, zstd;q=0.5", "gzip"), ("zstd;q=0", nil), ("*", nil)]
+            as [(String, String?)]
+        {
+            let response = try await client.get(path, headers: [("Accept-Encoding", accept)])
+            #expect(response.header("Content-Encoding") == coding, "\(accept)")
+            let decoded = try coding.map { try ContentDecoding.inflate(response.body, coding: $0, limit: 1 << 30) } ?? response.body
+            #expect(decoded == plain.body, "\(accept)")
+            let etag = try #require(response.header("ETag"))
+            #expect(etag.hasSuffix(coding.map { "-\($0)\"" } ?? "\""), "\(accept): \(etag)")
+            // The 304 and the HEAD carry what the 200 does, Vary included.
+            let notModified = try await client.get(path, headers: [("Accept-Encoding", accept), ("If-None-Match", etag)])
+            #expect(notModified.statusCode == 304 && notModified.header("Vary") == "Accept-Encoding" && notModified.header("ETag") == etag, "\(accept)")
+            let head = try await client.request("HEAD", path, headers: [("Accept-Encoding", accept)])
+            #expect(head.header("Content-Encoding") == coding && head.header("ETag") == etag && head.header("Vary") == "Accept-Encoding", "\(accept)")
+        }
+        #expect(await service.stop() == 0)
+    }
+
     @Test func everyRefusalIsAProblemAndLeavesTheEarlierUploadByteIdentical() async throws {
         let service = try await ServiceProcess.start(arguments: ["--max-upload-bytes", "200000"])
         let client = service.client
@@ -132,7 +175,7 @@ private func uploadPath(_ client: String, rank: Int, weight: Double = 1, round: 
         expectProblem(try await client.request("PUT", uploadPath("alice", rank: 8), body: [UInt8](repeating: 1, count: 200_001)), 413)
         let unsupported = try await client.request("PUT", uploadPath("alice", rank: 8), headers: [("Content-Encoding", "br")], body: good)
         expectProblem(unsupported, 415)
-        #expect(unsupported.header("Accept-Encoding") == "gzip, deflate, identity")
+        #expect(unsupported.header("Accept-Encoding") == "gzip, deflate, zstd, identity")
         expectProblem(try await client.request("PUT", uploadPath("alice", rank: 8), headers: [("Content-Type", "application/json")], body: good), 415)
         expectProblem(try await client.request("PUT", "/v1/federations/fed/rounds/1/uploads/alice?weight=2", body: good), 400)  // rank missing
         expectProblem(try await client.request("PUT", uploadPath("alice", rank: 8, weight: -1), body: good), 400)

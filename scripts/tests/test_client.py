@@ -378,13 +378,16 @@ class FederationTests(ServerTestCase):
     def test_put_base_is_stored_at_scale_1_and_read_back_as_stored_or_cut_and_unfolded(self):
         client = lac.Client(self.url)
         arrays = based_adapter(1, 4)
-        recorder = Recorder(client)
-        with mock.patch.object(client, "_request", recorder):
-            receipt = client.put_base(lac.encode_safetensors(arrays), federation="bases", round=0, rank=4, lora_alpha=8)
-            stored = client.base(federation="bases", round=0)
-        put, got = recorder.calls
-        self.assertEqual((put["query"], put["headers"]["Content-Encoding"]), ({"rank": 4, "lora_alpha": "8.0"}, "gzip"))
-        self.assertEqual((got["query"], got["headers"]["Accept-Encoding"], got["answer"]["Content-Encoding"]), ({}, "gzip", "gzip"))
+        # zstd both ways with the zstandard package (scripts/test installs it), gzip without it.
+        self.assertIsNotNone(lac._zstandard, "scripts/test installs zstandard")
+        for zstandard, coding, accepted in ((lac._zstandard, "zstd", "zstd, gzip"), (None, "gzip", "gzip")):
+            recorder = Recorder(client)
+            with mock.patch.object(client, "_request", recorder), mock.patch.object(lac, "_zstandard", zstandard):
+                receipt = client.put_base(lac.encode_safetensors(arrays), federation="bases", round=0, rank=4, lora_alpha=8)
+                stored = client.base(federation="bases", round=0)
+            put, got = recorder.calls
+            self.assertEqual((put["query"], put["headers"]["Content-Encoding"]), ({"rank": 4, "lora_alpha": "8.0"}, coding))
+            self.assertEqual((got["query"], got["headers"]["Accept-Encoding"], got["answer"]["Content-Encoding"]), ({}, accepted, coding))
         self.assertEqual((receipt["rank"], receipt["lora_alpha"], receipt["use_rslora"], receipt["lora_modules"], receipt["tensors"], receipt["source"]),
                          (4, 8, False, 1, 3, "upload"))
         self.assertEqual(receipt["sha256"], hashlib.sha256(stored).hexdigest())

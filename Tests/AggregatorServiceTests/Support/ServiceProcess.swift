@@ -19,6 +19,13 @@ final class ServiceProcess: @unchecked Sendable {
         return directory.appendingPathComponent("lora-aggregator")
     }
 
+    struct ServerStartFailure: Error, CustomStringConvertible {
+        let status: Int32
+        let reason: Process.TerminationReason
+        let log: String
+        var description: String { "the server exited (\(reason == .uncaughtSignal ? "signal" : "status") \(status)) before its ready line: \(log)" }
+    }
+
     static func temporaryDatabase() -> String {
         FileManager.default.temporaryDirectory.appendingPathComponent("lora-aggregator-\(UUID().uuidString).sqlite").path
     }
@@ -40,7 +47,13 @@ final class ServiceProcess: @unchecked Sendable {
         var line = Data()
         while !line.contains(0x0A) {
             let chunk = output.fileHandleForReading.availableData
-            guard !chunk.isEmpty else { throw POSIXError(.ECHILD) }
+            guard !chunk.isEmpty else {
+                // The server ended before its ready line: say how, with what it wrote.
+                process.waitUntilExit()
+                throw ServerStartFailure(
+                    status: process.terminationStatus, reason: process.terminationReason,
+                    log: String(decoding: errorOutput.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self))
+            }
             line.append(chunk)
         }
         let text = String(decoding: line, as: UTF8.self)
