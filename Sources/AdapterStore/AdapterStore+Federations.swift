@@ -28,6 +28,11 @@ extension AdapterStore {
         }
     }
 
+    /// The federation's settings alone (the defaults if it was never configured).
+    public func settings(federation: FederationID) async throws -> FederationSettings {
+        try await reader.read { connection in try Self.settings(connection, federation) }
+    }
+
     public func federation(_ federation: FederationID) async throws -> FederationRecord {
         try await reader.read { connection in
             let rounds = try connection.statement(

@@ -53,46 +53,27 @@ struct RoundBody: Encodable {
     let federation: FederationID
     let round: RoundNumber
     let sealed: Bool
-    let sealedBy: String?
+    @NullWhenAbsent var sealedBy: String?
     let deadlineMissed: Bool
     let maxRank: Int
     let totalWeight: Double
     let uploads: [Upload]
-    /// Encoded as null without a base.
-    let base: Base?
+    @NullWhenAbsent var base: Base?
 
     init(_ record: RoundRecord) {
         federation = record.federation
         round = record.round
         sealed = record.sealed
-        sealedBy = record.sealedBy?.rawValue
+        _sealedBy = NullWhenAbsent(wrappedValue: record.sealedBy?.rawValue)
         deadlineMissed = record.deadlineMissed
         maxRank = record.maxRank
         totalWeight = record.totalWeight
-        base = record.base.map { Base(rank: $0.rank, sha256: $0.sha256, source: $0.source.rawValue) }
+        _base = NullWhenAbsent(wrappedValue: record.base.map { Base(rank: $0.rank, sha256: $0.sha256, source: $0.source.rawValue) })
         uploads = record.uploads.map {
             Upload(
                 client: $0.client, rank: $0.rank, weight: $0.weight, loraAlpha: $0.loraAlpha, useRslora: $0.useRSLoRA, bytes: $0.bytes, sha256: $0.sha256,
                 uploadedAt: $0.uploadedAt)
         }
-    }
-
-    private enum CodingKeys: String, CodingKey {
-        case federation, round, sealed, sealedBy, deadlineMissed, maxRank, totalWeight, uploads, base
-    }
-
-    /// Spelled out so that members without a value are null, not missing (openapi.yaml, "Round").
-    func encode(to encoder: any Encoder) throws {
-        var container = encoder.container(keyedBy: CodingKeys.self)
-        try container.encode(federation, forKey: .federation)
-        try container.encode(round, forKey: .round)
-        try container.encode(sealed, forKey: .sealed)
-        try container.encode(sealedBy, forKey: .sealedBy)
-        try container.encode(deadlineMissed, forKey: .deadlineMissed)
-        try container.encode(maxRank, forKey: .maxRank)
-        try container.encode(totalWeight, forKey: .totalWeight)
-        try container.encode(uploads, forKey: .uploads)
-        try container.encode(base, forKey: .base)
     }
 }
 
@@ -106,6 +87,21 @@ struct RoundList: Encodable {
 
     let federation: FederationID
     let rounds: [Entry]
+}
+
+/// An optional member encoded as `null` when it has no value, where a synthesized Encodable would
+/// leave it out: openapi.yaml's bodies name every member.
+@propertyWrapper
+struct NullWhenAbsent<Value: Encodable>: Encodable {
+    private let value: Value?
+    var wrappedValue: Value? { value }
+
+    init(wrappedValue: Value?) { value = wrappedValue }
+
+    func encode(to encoder: any Encoder) throws {
+        var container = encoder.singleValueContainer()
+        if let value { try container.encode(value) } else { try container.encodeNil() }
+    }
 }
 
 struct Health: Encodable {

@@ -35,7 +35,7 @@ extension AggregatorService {
     /// The strategy a request names, else its federation's.
     func strategy(_ parameters: RequestParameters) async throws -> AggregationStrategy {
         if let strategy = try parameters.strategy { return strategy }
-        return try await store.federation(try parameters.federation).settings.strategy
+        return try await store.settings(federation: try parameters.federation).strategy
     }
 }
 
@@ -137,35 +137,15 @@ enum JSONValue: Decodable, Equatable {
 struct FederationBody: Encodable {
     struct Settings: Encodable {
         struct Quorum: Encodable {
-            let minUploads: Int?
+            @NullWhenAbsent var minUploads: Int?
             let graceSeconds: Double
-            let maxUploads: Int?
-
-            private enum CodingKeys: String, CodingKey { case minUploads, graceSeconds, maxUploads }
-
-            func encode(to encoder: any Encoder) throws {
-                var container = encoder.container(keyedBy: CodingKeys.self)
-                try container.encode(minUploads, forKey: .minUploads)
-                try container.encode(graceSeconds, forKey: .graceSeconds)
-                try container.encode(maxUploads, forKey: .maxUploads)
-            }
+            @NullWhenAbsent var maxUploads: Int?
         }
 
         let strategy: String
         let chain: Bool
-        let quorum: Quorum?
-        let roundTimeoutSeconds: Double?
-
-        private enum CodingKeys: String, CodingKey { case strategy, chain, quorum, roundTimeoutSeconds }
-
-        /// Every member present, null when unset.
-        func encode(to encoder: any Encoder) throws {
-            var container = encoder.container(keyedBy: CodingKeys.self)
-            try container.encode(strategy, forKey: .strategy)
-            try container.encode(chain, forKey: .chain)
-            try container.encode(quorum, forKey: .quorum)
-            try container.encode(roundTimeoutSeconds, forKey: .roundTimeoutSeconds)
-        }
+        @NullWhenAbsent var quorum: Quorum?
+        @NullWhenAbsent var roundTimeoutSeconds: Double?
     }
 
     let federation: FederationID
