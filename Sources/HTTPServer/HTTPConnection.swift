@@ -16,6 +16,11 @@ final class HTTPConnection: EventSource {
         case exchanging(Exchange, then: AfterExchange)
         /// The last bytes are queued: nothing more is read, and the connection closes once they are written.
         case draining
+        /// After an early refusal: the answer is queued (and the write side shut once it is written),
+        /// and what the client still sends is read and discarded, within bounds, before closing.
+        /// Closing with unread bytes would make the kernel send a reset, and a client still sending
+        /// its body would see "connection reset" instead of the answer.
+        case lingering(since: ContinuousClock.Instant, discarded: Int)
         case closed
     }
 
@@ -68,7 +73,14 @@ final class HTTPConnection: EventSource {
 
     private func readAvailable() {
         let count = server.withReadBuffer { read(descriptor, $0.baseAddress, $0.count) }
-        if count > 0 {
+        if count > 0, case .lingering(let since, let discarded) = state {
+            lastActivity = server.now
+            if discarded + count > configuration.lingeringClose.maxBytes {
+                close()
+            } else {
+                state = .lingering(since: since, discarded: discarded + count)
+            }
+        } else if count > 0 {
             server.withReadBuffer { input.append(contentsOf: UnsafeRawBufferPointer(rebasing: $0[0..<count])) }
             lastActivity = server.now
             process()
@@ -81,7 +93,7 @@ final class HTTPConnection: EventSource {
 
     private func peerDidClose() {
         switch state {
-        case .awaitingRequest:
+        case .awaitingRequest, .lingering:
             close()
         case .exchanging(let exchange, _):
             if !exchange.bodyIsComplete {
@@ -102,8 +114,8 @@ final class HTTPConnection: EventSource {
         switch state {
         case .awaitingRequest(nil) where writes.isEmpty:
             close()
-        case .awaitingRequest:
-            closeOnceWritten()
+        case .awaitingRequest, .lingering:
+            closeOnceWritten(thenLinger: false)
         case .exchanging(let exchange, .nextRequest):
             state = .exchanging(exchange, then: .close)
         case .exchanging, .draining, .closed:
@@ -121,7 +133,7 @@ final class HTTPConnection: EventSource {
         defer { isProcessing = false }
         while true {
             switch state {
-            case .closed, .draining:
+            case .closed, .draining, .lingering:
                 return
             case .exchanging(let exchange, _):
                 if exchange.isReceiving { feedBody(exchange) }
@@ -365,28 +377,48 @@ final class HTTPConnection: EventSource {
             state = .awaitingRequest(headStartedAt: nil)
             process()
         } else {
-            closeOnceWritten()  // bytes after this exchange are not parsed: its body may be unread
+            // Bytes after this exchange are not parsed. A body refused before it was read whole is
+            // most likely still arriving: linger so that the client gets to read this answer.
+            closeOnceWritten(thenLinger: !exchange.bodyIsComplete && then != .peerClosed)
         }
     }
 
-    /// Answers a request whose framing is unknown or untrustworthy, then closes.
-    private func refuseAndClose(_ error: HTTPServerError, request: HTTPRequest? = nil) {
+    /// Answers a request whose framing is unknown or untrustworthy, then closes (lingering, unless
+    /// the client is merely slow).
+    private func refuseAndClose(_ error: HTTPServerError, request: HTTPRequest? = nil, thenLinger linger: Bool = true) {
         let response = configuration.errorResponder(error)
         // A streamed error body is dropped: the connection closes right after this answer.
         let bytes: [UInt8] = if case .bytes(let bytes) = response.body { bytes } else { [] }
         enqueue([encodeHead(response, framing: .sized(bytes.count), version: .http1_1, keepAlive: false), bytes], then: nil)
-        closeOnceWritten()
+        closeOnceWritten(thenLinger: linger)
         configuration.onRequestCompleted?(
             CompletedRequest(
                 method: request?.method ?? "-", path: request.map { String($0.path) } ?? "-", route: nil, status: error.status.code,
                 requestBodyBytes: 0, responseBodyBytes: bytes.count, duration: .zero))
     }
 
-    /// Reads and parses nothing more; closes once everything queued is written.
-    private func closeOnceWritten() {
-        state = .draining
+    /// Parses nothing more; closes once everything queued is written, or, lingering, shuts the write
+    /// side then and discards input until the client closes or a bound is reached. Past the
+    /// server's limit of lingering connections it closes as if not asked to linger.
+    private func closeOnceWritten(thenLinger linger: Bool) {
+        input.removeAll()
+        inputStart = 0
+        guard linger, server.beginLingering() else {
+            state = .draining
+            updateInterest()
+            enqueue([], then: { [weak self] _ in self?.close() })
+            return
+        }
+        state = .lingering(since: server.now, discarded: 0)
+        lastActivity = server.now
         updateInterest()
-        enqueue([], then: { [weak self] _ in self?.close() })
+        enqueue(
+            [],
+            then: { [weak self] written in
+                guard written, let self else { return }
+                // The FIN tells the client the answer is complete while its body is still being read.
+                _ = shutdown(self.descriptor, Int32(SHUT_WR))
+            })
     }
 
     // MARK: Writing
@@ -439,7 +471,7 @@ final class HTTPConnection: EventSource {
         switch state {
         case .closed, .draining, .exchanging(_, then: .peerClosed):
             return false
-        case .awaitingRequest:
+        case .awaitingRequest, .lingering:
             return true
         case .exchanging(let exchange, _):
             // While the handler runs, read the body as demanded; pipelined bytes beyond one head's
@@ -470,7 +502,7 @@ final class HTTPConnection: EventSource {
         switch state {
         case .awaitingRequest(let headStartedAt?):
             if now - headStartedAt > configuration.headerTimeout {
-                refuseAndClose(HTTPServerError(.requestTimeout, "the request head took longer than \(configuration.headerTimeout)"))
+                refuseAndClose(HTTPServerError(.requestTimeout, "the request head took longer than \(configuration.headerTimeout)"), thenLinger: false)
             }
         case .awaitingRequest(nil):
             if writes.isEmpty && now - lastActivity > configuration.keepAliveTimeout { close() }
@@ -481,6 +513,8 @@ final class HTTPConnection: EventSource {
                 exchange.failBody(HTTPServerError(.requestTimeout, "no request body bytes arrived for \(configuration.bodyIdleTimeout)"))
                 updateInterest()
             }
+        case .lingering(let since, _):
+            if now - since > configuration.lingeringClose.maxDuration || now - lastActivity > configuration.lingeringClose.idleTimeout { close() }
         case .draining, .closed:
             break
         }
@@ -491,6 +525,7 @@ final class HTTPConnection: EventSource {
             exchange.failBody(HTTPServerError(.badRequest, "the connection closed before the request body was complete"))
         }
         guard !isClosed else { return }
+        if case .lingering = state { server.endLingering() }
         state = .closed
         loop.unregister(descriptor)
         Glibc.close(descriptor)

@@ -19,6 +19,7 @@ public struct HTTPServerConfiguration: Sendable {
     public var writeTimeout: Duration = .seconds(30)
     /// How long shutdown waits for requests in flight before closing their connections.
     public var shutdownGracePeriod: Duration = .seconds(10)
+    public var lingeringClose = LingeringClose()
     /// Called once per answered request, on the event loop (keep it quick): the access log and
     /// metrics hang off it. `CompletedRequest.accessLogLine` is the formatted log line.
     public var onRequestCompleted: (@Sendable (CompletedRequest) -> Void)?
@@ -38,4 +39,20 @@ public struct HTTPServerConfiguration: Sendable {
         for (name, value) in error.headers.sorted(by: { $0.key < $1.key }) { headers.add(name, value) }
         return HTTPResponse(status: error.status, headers: headers, body: Array("\(error.message)\n".utf8))
     }
+}
+
+/// Bounds on reading and discarding what a client still sends after an early refusal (a 413, 401 or
+/// 415 answered before its body was read), as nginx's `lingering_close`: the client then reads the
+/// answer instead of a connection reset.
+public struct LingeringClose: Sendable {
+    /// From the answer to the close, however steadily the client sends (nginx's `lingering_time`).
+    public var maxDuration: Duration = .seconds(30)
+    /// How long the client may send nothing (nginx's `lingering_timeout`).
+    public var idleTimeout: Duration = .seconds(5)
+    /// Bytes discarded before closing anyway.
+    public var maxBytes: Int = 1 << 30
+    /// Connections lingering at once; past this a refused connection closes at once.
+    public var maxConnections: Int = 64
+
+    public init() {}
 }

@@ -64,6 +64,17 @@ final class ServerCore: EventSource {
 
     var connectionCount: Int { connections.count }
 
+    private var lingeringCount = 0
+
+    /// Counts a connection that starts lingering; false past the limit or while shutting down.
+    func beginLingering() -> Bool {
+        guard !isShuttingDown, lingeringCount < configuration.lingeringClose.maxConnections else { return false }
+        lingeringCount += 1
+        return true
+    }
+
+    func endLingering() { lingeringCount -= 1 }
+
     func connectionClosed(_ connection: HTTPConnection) {
         connections[connection.descriptor] = nil
         if connections.count < configuration.maxConnections { resumeAccepting() }

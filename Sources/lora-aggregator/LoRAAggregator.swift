@@ -27,6 +27,12 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Seconds a request body may stall. (default: 30)") var bodyTimeout: Double?
     @Option(help: "Seconds a response write may stall. (default: 30)") var writeTimeout: Double?
     @Option(help: "Seconds to finish requests in flight on shutdown. (default: 10)") var shutdownGracePeriod: Double?
+    @Option(help: "After an early refusal, seconds to read and discard the rest of the body before closing. (default: 30)")
+    var lingeringTime: Double?
+    @Option(help: "Seconds a refused client may send nothing before its connection closes. (default: 5)") var lingeringTimeout: Double?
+    @Option(help: "Bytes of a refused body read and discarded before closing. (default: 1073741824)") var lingeringBytes: Int?
+    @Option(help: "Refused connections discarding their bodies at once; past this they close at once. (default: 64)")
+    var maxLingeringConnections: Int?
     @Flag(help: "Do not write an access-log line per request to standard error.") var noAccessLog = false
     @Option(help: "File holding the admin token; then every /v1 request needs 'Authorization: Bearer'. (LORA_AGGREGATOR_ADMIN_TOKEN gives the token itself.)")
     var adminTokenFile: String?
@@ -51,6 +57,15 @@ struct Serve: AsyncParsableCommand {
         configuration.http.bodyIdleTimeout = try seconds(bodyTimeout, "body-timeout", configuration.http.bodyIdleTimeout)
         configuration.http.writeTimeout = try seconds(writeTimeout, "write-timeout", configuration.http.writeTimeout)
         configuration.http.shutdownGracePeriod = try seconds(shutdownGracePeriod, "shutdown-grace-period", configuration.http.shutdownGracePeriod)
+        var lingering = configuration.http.lingeringClose
+        lingering.maxDuration = try seconds(lingeringTime, "lingering-time", lingering.maxDuration)
+        lingering.idleTimeout = try seconds(lingeringTimeout, "lingering-timeout", lingering.idleTimeout)
+        lingering.maxBytes = try lingeringBytes ?? environment.value("lingering-bytes") ?? lingering.maxBytes
+        lingering.maxConnections = try maxLingeringConnections ?? environment.value("max-lingering-connections") ?? lingering.maxConnections
+        guard lingering.maxBytes >= 0, lingering.maxConnections >= 0 else {
+            throw ValidationError("--lingering-bytes and --max-lingering-connections must not be negative (0 turns lingering off)")
+        }
+        configuration.http.lingeringClose = lingering
         configuration.accessLog = !(noAccessLog || environment.flag("no-access-log"))
         configuration.insecureNoAuth = insecureNoAuth || environment.flag("insecure-no-auth")
         if let path = adminTokenFile ?? environment.variables[environment.name("admin-token-file")] {

@@ -28,7 +28,7 @@ struct TestServer {
     func client(receiveTimeout: Double = 5) throws -> RawClient { try RawClient(port: port, receiveTimeout: receiveTimeout) }
 
     /// `/healthz`; `/echo` (PUT/POST: the body back); `/items/{id}` (GET: the decoded id);
-    /// `/refuse` (PUT: 403 without reading the body); `/slow` (GET: answers after 300 ms);
+    /// `/refuse` (PUT, no size limit: 403 without reading the body); `/slow` (GET: answers after 300 ms);
     /// `/stream` (GET: three chunks, no length); `/big` (PUT, 64 MiB limit: the body's byte count).
     static func standardRoutes(_ router: inout Router) {
         router.add("GET", "/healthz") { _, _ in HTTPResponse(status: .ok, headers: ["Content-Type": "application/json"], body: Array(#"{"status":"ok"}"#.utf8))
@@ -37,7 +37,7 @@ struct TestServer {
             router.add(method, "/echo") { _, body in HTTPResponse(status: .ok, body: try await body.collect(upTo: 1 << 20)) }
         }
         router.add("GET", "/items/{id}") { request, _ in HTTPResponse(status: .ok, body: Array((request.pathParameters["id"] ?? "?").utf8)) }
-        router.add("PUT", "/refuse") { _, _ in HTTPResponse(status: .forbidden, body: Array("no".utf8)) }
+        router.add("PUT", "/refuse", maxBodyBytes: .max) { _, _ in HTTPResponse(status: .forbidden, body: Array("no".utf8)) }
         router.add("GET", "/slow") { _, _ in
             try await Task.sleep(for: .milliseconds(300))
             return HTTPResponse(status: .ok, body: Array("slow".utf8))
