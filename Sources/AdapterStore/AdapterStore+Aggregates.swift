@@ -1,3 +1,4 @@
+import Crypto
 import Digests
 import LoRAAdapters
 
@@ -12,85 +13,93 @@ extension AdapterStore {
     ) async throws -> StoredAggregate? {
         let outcome = try await aggregate(
             federation: federation, round: round, client: client, strategy: strategy, rank: rank, dtype: dtype, scaling: scaling
-        ) { _ in .compute }
+        ) { _, _ in .compute }
         guard case .complete(let aggregate)? = outcome else { return nil }
         return aggregate
     }
 
-    /// The same, except when the aggregate is not in memory but was computed before (in this
-    /// process or another on the same file) for the round as it is now: then its digest is on
-    /// record and `plan` decides whether to compute it at all, and whether to stream it.
+    /// The same, except when the aggregate is not in memory: `plan` is given its tag and the digest
+    /// on record (computed before, in this process or another on the same file, for the round as it
+    /// is now) and decides whether to compute it at all, and whether to stream it. A stream is
+    /// handed over as soon as the file's size is known, before the heavy work.
     public func aggregate(
         federation: FederationID, round: RoundNumber, client: ClientID?, strategy: AggregationStrategy, rank requestedRank: Int?, dtype: DType,
-        scaling requestedScaling: TargetScaling = .unit, whenDigestKnown plan: @escaping @Sendable (AggregateDigest) -> KnownDigestPlan
+        scaling requestedScaling: TargetScaling = .unit, plan: @escaping @Sendable (_ tag: String, _ recorded: AggregateDigest?) -> AggregatePlan
     ) async throws -> AggregateOutcome? {
-        try await reader.read { [self] (connection, handOver: (AggregateOutcome?) -> Void) in
+        try await reader.read { [self] (connection, handOver: @escaping (AggregateOutcome?) -> Void) in
             guard let (key, scaling) = try Self.aggregateKey(connection, federation, round, client, strategy, requestedRank, dtype, requestedScaling) else {
                 return handOver(nil)
             }
             if let cached = cache.value(for: key) {
-                return handOver(.complete(StoredAggregate(bytes: cached.bytes, sha256: cached.sha256, rank: cached.rank, fromCache: true)))
+                return handOver(.complete(cached.asCached))
+            }
+            let tag = try Self.aggregateTag(connection, key, client: client)
+            let recorded = try Self.recordedDigest(connection, key)
+            let planned = plan(tag, recorded)
+            if planned == .bodiless { return handOver(.bodiless(tag: tag, recorded: recorded)) }
+            if let wider = cache.wider(than: key) {
+                return handOver(.complete(try cut(wider, tag: tag, for: key, recorded: recorded)))
             }
             let source = SQLiteAdapterSource(connection: connection, federation: federation, round: round)
             let options = AggregationOptions(
                 strategy: strategy, rank: key.rank, dtype: dtype, scaling: scaling, metadata: ["federation": federation.rawValue, "round": round.description])
-            let recorded = try Self.recordedDigest(connection, key)
-            let planned = recorded.map { ($0, plan($0)) }
-            if case (let digest, .digestOnly)? = planned { return handOver(.digestOnly(digest)) }
-            if let wider = cache.wider(than: key) {
-                return handOver(.complete(try cut(wider, for: key, recorded: recorded)))
-            }
-            switch planned {
-            case (let digest, .stream)?:
-                let (pieces, continuation) = AsyncThrowingStream<[UInt8], any Error>.makeStream()
-                handOver(.streaming(digest, pieces))
-                try stream(source, options, matching: digest, for: key, into: DigestCheckedStream(continuation))
-            default:
-                handOver(.complete(try compute(source, options, for: key, recorded: recorded)))
+            guard planned == .stream else { return handOver(.complete(try compute(source, options, tag: tag, for: key, recorded: recorded))) }
+            let (pieces, continuation) = AsyncThrowingStream<[UInt8], any Error>.makeStream()
+            try stream(source, options, tag: tag, for: key, recorded: recorded, into: DigestCheckedStream(continuation)) { byteCount in
+                handOver(.streaming(tag: tag, byteCount: byteCount, sha256: recorded?.sha256, pieces: pieces))
             }
         }
     }
 
     /// Computes and hashes the aggregate, caches it, and records its digest unless it is on record.
-    private func compute(_ source: SQLiteAdapterSource, _ options: AggregationOptions, for key: AggregateCache.Key, recorded: AggregateDigest?) throws
-        -> StoredAggregate
-    {
+    private func compute(
+        _ source: SQLiteAdapterSource, _ options: AggregationOptions, tag: String, for key: AggregateCache.Key, recorded: AggregateDigest?
+    ) throws -> StoredAggregate {
         let digest = BackgroundDigest(sha256: true)
         let result = try AdapterAggregator.aggregate(source, options: options, observer: digest)
         let digests = digest.digests()
-        return remember(result.bytes, sha256: digests.sha256!, crc32: digests.crc32, for: key, recorded: recorded)
+        return remember(result.bytes, tag: tag, sha256: digests.sha256!, crc32: digests.crc32, for: key, recorded: recorded)
     }
 
     /// Cuts the aggregate from a cached one of the same round at a higher rank, reading no upload.
-    private func cut(_ wider: StoredAggregate, for key: AggregateCache.Key, recorded: AggregateDigest?) throws -> StoredAggregate {
+    private func cut(_ wider: StoredAggregate, tag: String, for key: AggregateCache.Key, recorded: AggregateDigest?) throws -> StoredAggregate {
         let bytes = try AdapterAggregator.truncate(try SafetensorsFile(bytes: wider.bytes), toRank: key.rank)
         let crc32 = bytes.withUnsafeBytes { ContentDigest.crc32($0) }
-        return remember(bytes, sha256: ContentDigest.sha256Hex(bytes), crc32: crc32, for: key, recorded: recorded)
+        return remember(bytes, tag: tag, sha256: ContentDigest.sha256Hex(bytes), crc32: crc32, for: key, recorded: recorded)
     }
 
     /// Caches a new aggregate and records its digest unless that is on record already.
-    private func remember(_ bytes: [UInt8], sha256: String, crc32: UInt32, for key: AggregateCache.Key, recorded: AggregateDigest?) -> StoredAggregate {
-        let aggregate = StoredAggregate(bytes: bytes, sha256: sha256, rank: key.rank, fromCache: false)
+    private func remember(
+        _ bytes: [UInt8], tag: String, sha256: String, crc32: UInt32, for key: AggregateCache.Key, recorded: AggregateDigest?
+    ) -> StoredAggregate {
+        let aggregate = StoredAggregate(bytes: bytes, tag: tag, sha256: sha256, rank: key.rank, fromCache: false)
         cache.insert(aggregate, for: key)
         let digest = AggregateDigest(sha256: sha256, byteCount: bytes.count, rank: key.rank, crc32: crc32)
         if digest != recorded { recordDigest(digest, for: key) }
         return aggregate
     }
 
-    /// Computes the aggregate into `stream` as it goes, checked against the digest on record: a
-    /// match is cached, a mismatch fails the stream and drops the record. The pieces are copies,
-    /// so a slow client holds them (at most one aggregate) but not the store's reader.
+    /// Computes the aggregate into `stream` as it goes, `begin` told its size before the first
+    /// byte. Without a record the digests are computed meanwhile, and the result is cached and
+    /// recorded; with one, a match is cached and a mismatch fails the stream and drops the record.
+    /// The pieces are copies, so a slow client holds them (at most one aggregate) but not the
+    /// store's reader.
     private func stream(
-        _ source: SQLiteAdapterSource, _ options: AggregationOptions, matching recorded: AggregateDigest,
-        for key: AggregateCache.Key, into stream: DigestCheckedStream
+        _ source: SQLiteAdapterSource, _ options: AggregationOptions, tag: String, for key: AggregateCache.Key, recorded: AggregateDigest?,
+        into stream: DigestCheckedStream, begin: @escaping (Int) -> Void
     ) throws {
-        let digest = BackgroundDigest(sha256: false, forward: stream.forward)
+        let digest = BackgroundDigest(sha256: recorded == nil, begin: begin, forward: stream.forward)
         do {
             let result = try AdapterAggregator.aggregate(source, options: options, observer: digest)
-            let crc32 = digest.digests().crc32
-            stream.finish(crc32: crc32, expected: recorded.crc32)
-            if crc32 == recorded.crc32 {
-                cache.insert(StoredAggregate(bytes: result.bytes, sha256: recorded.sha256, rank: result.rank, fromCache: false), for: key)
+            let digests = digest.digests()
+            guard let recorded else {
+                stream.finish()
+                _ = remember(result.bytes, tag: tag, sha256: digests.sha256!, crc32: digests.crc32, for: key, recorded: nil)
+                return
+            }
+            stream.finish(crc32: digests.crc32, expected: recorded.crc32)
+            if digests.crc32 == recorded.crc32 {
+                cache.insert(StoredAggregate(bytes: result.bytes, tag: tag, sha256: recorded.sha256, rank: result.rank, fromCache: false), for: key)
             } else {
                 forgetDigest(for: key)
             }
@@ -98,6 +107,41 @@ extension AdapterStore {
             stream.fail(error)
             throw error
         }
+    }
+
+    /// The aggregate's strong ETag (API.md, "Aggregate"), derived from everything that determines
+    /// its bytes: the engine's output version, the request's options, and the round's uploads (by
+    /// SHA-256, weight, rank and scale) and base. The engine is deterministic, so equal tags mean
+    /// equal bytes, and a first computation can send its tag before the body exists. Unlike the
+    /// round's revision, it also holds across databases.
+    private static func aggregateTag(_ connection: SQLiteConnection, _ key: AggregateCache.Key, client: ClientID?) throws -> String {
+        var hasher = SHA256()
+        func add(_ bytes: some Collection<UInt8>) {
+            withUnsafeBytes(of: UInt64(bytes.count).littleEndian) { hasher.update(bufferPointer: $0) }
+            hasher.update(data: Array(bytes))
+        }
+        func add(_ text: String) { add(Array(text.utf8)) }
+        add("lora-aggregator aggregate \(AdapterAggregator.outputVersion)")
+        for option in [key.federation.rawValue, key.round.description, key.strategy.rawValue, String(key.rank), key.dtype.rawValue, key.scaling] {
+            add(option)
+        }
+        add(client?.rawValue ?? "")
+        let uploads = try connection.statement(
+            "SELECT client, weight, sha256, rank, lora_alpha, use_rslora, config FROM uploads WHERE federation = ?1 AND round = ?2 ORDER BY client")
+        try uploads.bind(.id(key.federation), .round(key.round))
+        while try uploads.step() {
+            add(uploads.text(0))
+            add(String(uploads.real(1).bitPattern, radix: 16))
+            add(uploads.text(2))
+            add(String(uploads.integer(3)))
+            add(uploads.isNull(4) ? "" : String(uploads.real(4).bitPattern, radix: 16))
+            add(String(uploads.integer(5)))
+            add(uploads.isNull(6) ? [] : uploads.blob(6))
+        }
+        let base = try connection.statement("SELECT sha256, rank FROM bases WHERE federation = ?1 AND round = ?2")
+        try base.bind(.id(key.federation), .round(key.round))
+        add(try base.step() ? "base \(base.text(0)) \(base.integer(1))" : "no base")
+        return ContentDigest.hex(hasher.finalize())
     }
 
     /// The cache key of a request against the round as it is now, and the scaling to compute it

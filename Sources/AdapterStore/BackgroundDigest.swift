@@ -15,11 +15,16 @@ final class BackgroundDigest: AggregationOutputObserver, @unchecked Sendable {
     private var crc32: UInt32 = 0
     private let queue = DispatchQueue(label: "lora-aggregator.store.digest")
     private let forward: ((UnsafeRawBufferPointer) -> Void)?
+    private let begin: ((Int) -> Void)?
 
-    init(sha256: Bool, forward: ((UnsafeRawBufferPointer) -> Void)? = nil) {
+    /// `begin` is told the file's size on the engine's thread, before the first region.
+    init(sha256: Bool, begin: ((Int) -> Void)? = nil, forward: ((UnsafeRawBufferPointer) -> Void)? = nil) {
         self.sha256 = sha256 ? SHA256() : nil
+        self.begin = begin
         self.forward = forward
     }
+
+    func outputWillBegin(byteCount: Int) { begin?(byteCount) }
 
     func regionFinished(_ bytes: UnsafeRawBufferPointer) {
         nonisolated(unsafe) let region = bytes
@@ -38,9 +43,10 @@ final class BackgroundDigest: AggregationOutputObserver, @unchecked Sendable {
     }
 }
 
-/// Streams an aggregate whose digest is on record while it is computed: copies of its regions go
-/// to `continuation` one behind, so the last one goes out only if the whole file has the CRC-32
-/// on record, and a client never receives a complete body under a wrong ETag.
+/// Streams an aggregate while it is computed: copies of its regions go to `continuation` one
+/// behind, so that when its digest is on record (and sent as `Repr-Digest`) the last one goes out
+/// only if the whole file has the CRC-32 on record: a client never receives a complete body under a
+/// wrong digest.
 final class DigestCheckedStream: @unchecked Sendable {
     // @unchecked: `held` is touched by `forward` on the digest's queue, then by `finish` only
     // after `BackgroundDigest.digests` has drained that queue.
@@ -60,6 +66,11 @@ final class DigestCheckedStream: @unchecked Sendable {
             return continuation.finish(
                 throwing: StoreError(.database, "an aggregate did not match its recorded digest", detail: "CRC-32 recorded \(expected), computed \(crc32)"))
         }
+        finish()
+    }
+
+    /// Sends the last region and ends the stream (nothing on record to check against).
+    func finish() {
         if let held { continuation.yield(held) }
         continuation.finish()
     }

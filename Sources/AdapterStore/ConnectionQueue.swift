@@ -26,7 +26,7 @@ final class ConnectionQueue: @unchecked Sendable {
     /// Like `read`, but `work` hands its result over (exactly once) and may go on working on the
     /// queue afterwards, inside the same transaction: how an aggregate streams while it is computed.
     func read<Value: Sendable>(
-        handingOver work: @escaping @Sendable (SQLiteConnection, _ handOver: (Value) -> Void) throws -> Void
+        handingOver work: @escaping @Sendable (SQLiteConnection, _ handOver: @escaping (Value) -> Void) throws -> Void
     ) async throws -> Value {
         try await withCheckedThrowingContinuation { continuation in
             queue.async {

@@ -77,10 +77,15 @@ public struct NewUpload: Sendable {
 /// An aggregate file with its digest (the strong ETag).
 public struct StoredAggregate: Sendable {
     public let bytes: [UInt8]
+    /// `AggregateTag`: names the bytes before they exist.
+    public let tag: String
     public let sha256: String
     public let rank: Int
     /// True when it came from the cache rather than a fresh aggregation.
     public let fromCache: Bool
+
+    /// The same aggregate, as handed out by the cache.
+    var asCached: StoredAggregate { StoredAggregate(bytes: bytes, tag: tag, sha256: sha256, rank: rank, fromCache: true) }
 }
 
 /// An aggregate's digest and size, known before its bytes are.
@@ -92,11 +97,13 @@ public struct AggregateDigest: Sendable, Equatable {
     let crc32: UInt32
 }
 
-/// What to do with an aggregate that is not in memory but whose digest is on record.
-public enum KnownDigestPlan: Sendable {
-    /// Nothing more: the caller needs only the digest (a conditional request that matches, a HEAD).
-    case digestOnly
-    /// Compute it and hand over its bytes as they are produced, checked against the digest.
+/// What to do with an aggregate that is not in memory, given its tag and, when it was computed
+/// before, its digest on record.
+public enum AggregatePlan: Sendable {
+    /// Nothing more: the caller needs only the tag and what is on record (a conditional request
+    /// that matches, a HEAD whose length is on record).
+    case bodiless
+    /// Compute it and hand over its bytes as they are produced.
     case stream
     /// Compute it and hand over the whole file.
     case compute
@@ -105,11 +112,11 @@ public enum KnownDigestPlan: Sendable {
 public enum AggregateOutcome: Sendable {
     /// From the cache, or computed now.
     case complete(StoredAggregate)
-    /// On record and not computed (`KnownDigestPlan.digestOnly`).
-    case digestOnly(AggregateDigest)
-    /// On record and being computed: the file in order, in pieces. The stream fails, and its last
-    /// piece is withheld, when the bytes do not match the digest on record.
-    case streaming(AggregateDigest, AsyncThrowingStream<[UInt8], any Error>)
+    /// Not computed (`AggregatePlan.bodiless`).
+    case bodiless(tag: String, recorded: AggregateDigest?)
+    /// Being computed: the file in order, in pieces, `byteCount` in all; the SHA-256 when on record.
+    /// With a record, the stream fails and its last piece is withheld when the bytes do not match.
+    case streaming(tag: String, byteCount: Int, sha256: String?, pieces: AsyncThrowingStream<[UInt8], any Error>)
 }
 
 /// What the round's uploads say about their ranks and scales: what an `adapter_config.json`

@@ -17,14 +17,15 @@ extension AggregatorService {
         let coding = Self.responseCoding(request)
         let strategy = try await strategy(parameters)
         let started = ContinuousClock.now
-        // An aggregate computed before has its ETag on record: a matching If-None-Match or a HEAD
-        // needs no computing, and a GET streams the body while it is computed. A compressed answer
-        // needs the whole file first.
+        // The ETag derives from the round's inputs, so a matching If-None-Match needs no computing,
+        // a HEAD needs none when the size is on record, and an uncompressed GET streams the body
+        // while it is computed. A compressed answer needs the whole file first.
         let outcome = try await store.aggregate(
             federation: federation, round: round, client: client, strategy: strategy,
             rank: try parameters.integer("rank"), dtype: try parameters.outputDType, scaling: try Self.targetScaling(parameters)
-        ) { digest in
-            if request.method == "HEAD" || Self.notModified(request, sha256: digest.sha256, coding: coding) { return .digestOnly }
+        ) { tag, recorded in
+            if Self.notModified(request, tag: tag, coding: coding) { return .bodiless }
+            if request.method == "HEAD" { return recorded != nil || coding != nil ? .bodiless : .compute }
             return coding == nil ? .stream : .compute
         }
         let metrics = self.metrics
@@ -36,11 +37,11 @@ extension AggregatorService {
                 .notFound, client.map { "client '\($0)' has no upload in round \(round)" } ?? "round \(round) of federation '\(federation)' has no uploads")
         case .complete(let aggregate)?:
             if !aggregate.fromCache { recordAggregation() }
-            return try await download(aggregate.bytes, sha256: aggregate.sha256, for: request)
-        case .digestOnly(let digest)?:
-            return Self.bodiless(sha256: digest.sha256, byteCount: digest.byteCount, coding: coding, for: request)
-        case .streaming(let digest, let pieces)?:
-            return HTTPResponse(status: .ok, headers: Self.downloadHeaders(sha256: digest.sha256, coding: nil), streamLength: digest.byteCount) { writer in
+            return try await download(aggregate.bytes, tag: aggregate.tag, sha256: aggregate.sha256, for: request)
+        case .bodiless(let tag, let recorded)?:
+            return Self.bodiless(tag: tag, sha256: recorded?.sha256, byteCount: recorded?.byteCount, coding: coding, for: request)
+        case .streaming(let tag, let byteCount, let sha256, let pieces)?:
+            return HTTPResponse(status: .ok, headers: Self.downloadHeaders(tag: tag, sha256: sha256, coding: nil), streamLength: byteCount) { writer in
                 do {
                     for try await piece in pieces { try await writer.write(piece) }
                 } catch {

@@ -1,5 +1,6 @@
 import CZlib
 import Crypto
+import Foundation
 
 /// SHA-256 in lowercase hex (an upload's `sha256`, a download's ETag, a token's stored hash) and
 /// zlib's CRC-32. A module of its own so that whoever only needs to hash does not need the store.
@@ -9,6 +10,19 @@ public enum ContentDigest {
     /// zlib's CRC-32, continuing from `crc` (0 to start).
     public static func crc32(_ bytes: UnsafeRawBufferPointer, continuing crc: UInt32 = 0) -> UInt32 {
         UInt32(truncatingIfNeeded: crc32_z(UInt(crc), bytes.baseAddress?.assumingMemoryBound(to: UInt8.self), bytes.count))
+    }
+
+    /// RFC 9530's `Repr-Digest` field value for a SHA-256 given in hex: `sha-256=:<base64>:`; nil if
+    /// `hex` is not 64 hex digits.
+    public static func reprDigest(sha256Hex hex: String) -> String? {
+        let digits = Array(hex.utf8)
+        guard digits.count == 64 else { return nil }
+        var bytes: [UInt8] = []
+        for index in stride(from: 0, to: 64, by: 2) {
+            guard let byte = UInt8(String(decoding: digits[index..<index + 2], as: UTF8.self), radix: 16) else { return nil }
+            bytes.append(byte)
+        }
+        return "sha-256=:\(Data(bytes).base64EncodedString()):"
     }
 
     /// Bytes (a digest) in lowercase hex.

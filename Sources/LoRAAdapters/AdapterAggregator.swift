@@ -43,18 +43,20 @@ public enum AdapterAggregator {
         }
         var plans = try makePlans()
         let pairs = try modulePairs(plans)
-        if options.strategy == .hetlora {
-            // A first pass over each module's factors for its norms, then the plans weighted by them.
-            let norms = HetLoRANorms()
-            plans = try makePlans(loraWeights: try pairs.mapValues { try norms.norms(a: $0.a, b: $0.b, from: source) })
-        }
         let rank = plans.filter(\.isLoRA).map(\.outputRank).max() ?? rankLimit ?? globalRank
         var metadata = options.metadata
         metadata["format"] = "pt"
         metadata["strategy"] = options.strategy.rawValue
         metadata["rank"] = String(rank)
         metadata["clients"] = String(participants.count)
+        // Weights change no shape, so the layout is known before any factor is read.
         let layout = try SafetensorsLayout(tensors: plans.map { ($0.name, options.dtype, $0.outputShape) }, metadata: metadata)
+        observer?.outputWillBegin(byteCount: layout.fileSize)
+        if options.strategy == .hetlora {
+            // A first pass over each module's factors for its norms, then the plans weighted by them.
+            let norms = HetLoRANorms()
+            plans = try makePlans(loraWeights: try pairs.mapValues { try norms.norms(a: $0.a, b: $0.b, from: source) })
+        }
 
         let accumulator = UnsafeMutableBufferPointer<Double>.allocate(capacity: max(1, plans.map(\.outputElementCount).max() ?? 1))
         defer { accumulator.deallocate() }

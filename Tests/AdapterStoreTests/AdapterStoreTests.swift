@@ -157,68 +157,97 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
         #expect(computed.bytes != original)
     }
 
-    /// Once computed, an aggregate's digest is on record in the file: a store without it in memory
-    /// (another process, or after a restart) gives the digest without computing, or streams the
-    /// same bytes; bytes that disagree with the record lose their last piece and the record.
-    @Test func aRecordedDigestAnswersWithoutComputingAndChecksWhatItStreams() async throws {
+    /// An aggregate's tag is known before its bytes; once computed, its digest is on record in the
+    /// file: a store without it in memory (another process, or after a restart) gives the tag and
+    /// digest without computing, or streams the same bytes; bytes that disagree with the record lose
+    /// their last piece and the record. A first computation streams too, announced by its size.
+    @Test func aggregatesStreamAndARecordedDigestIsCheckedAgainstWhatIsStreamed() async throws {
         let path = temporaryDatabase()
         let store = try AdapterStore(path: path, aggregateCacheBytes: 0)
         let uploads = try [upload("alice", rank: 2, weight: 3, seed: 4), upload("bob", rank: 8, weight: 1, seed: 5)]
         for item in uploads { _ = try await store.put(item) }
-        let computed = try #require(try await store.aggregate(federation: "fed", round: 0, client: nil, strategy: .zeroPadding, rank: nil, dtype: .f16))
 
-        func outcome(_ store: AdapterStore, _ plan: KnownDigestPlan) async throws -> AggregateOutcome? {
-            try await store.aggregate(federation: "fed", round: 0, client: nil, strategy: .zeroPadding, rank: nil, dtype: .f16) { _ in plan }
+        func outcome(_ store: AdapterStore, _ plan: AggregatePlan) async throws -> AggregateOutcome? {
+            try await store.aggregate(federation: "fed", round: 0, client: nil, strategy: .zeroPadding, rank: nil, dtype: .f16) { _, _ in plan }
         }
         func streamed(_ pieces: AsyncThrowingStream<[UInt8], any Error>) async -> (bytes: [UInt8], failed: Bool) {
             var bytes: [UInt8] = []
             do { for try await piece in pieces { bytes += piece } } catch { return (bytes, true) }
             return (bytes, false)
         }
+        guard case .streaming(let tag, let byteCount, nil, let firstPieces)? = try await outcome(store, .stream) else {
+            Issue.record("a first computation is streamed, with no digest yet")
+            return
+        }
+        let first = await streamed(firstPieces)
+        #expect(!first.failed && first.bytes.count == byteCount)
+        let computed = try #require(try await store.aggregate(federation: "fed", round: 0, client: nil, strategy: .zeroPadding, rank: nil, dtype: .f16))
+        #expect(computed.bytes == first.bytes && computed.tag == tag)
+
         // Recorded just after the answer, on the writer's queue.
         var recorded: AggregateDigest?
         #expect(
             try await eventually {
-                if case .digestOnly(let digest)? = try await outcome(store, .digestOnly) { recorded = digest }
+                if case .bodiless(tag, let digest?)? = try await outcome(store, .bodiless) { recorded = digest }
                 return recorded != nil
             })
         #expect(recorded?.sha256 == computed.sha256 && recorded?.byteCount == computed.bytes.count && recorded?.rank == 8)
 
         let restarted = try AdapterStore(path: path)
-        guard case .streaming(let digest, let pieces)? = try await outcome(restarted, .stream) else {
-            Issue.record("not streamed")
+        guard case .streaming(tag, computed.bytes.count, computed.sha256, let pieces)? = try await outcome(restarted, .stream) else {
+            Issue.record("not streamed under the same tag and the recorded digest")
             return
         }
-        #expect(digest == recorded)
         let whole = await streamed(pieces)
         #expect(!whole.failed && whole.bytes == computed.bytes)
         guard case .complete(let cached)? = try await outcome(restarted, .stream) else {
             Issue.record("not cached after streaming")
             return
         }
-        #expect(cached.fromCache && cached.sha256 == computed.sha256)
+        #expect(cached.fromCache && cached.sha256 == computed.sha256 && cached.tag == tag)
 
         // A record the bytes do not match: the stream fails before its last piece and the record goes.
         try SQLiteConnection(path: path).execute("UPDATE aggregate_digests SET crc32 = (crc32 + 1) % 4294967296")
-        guard case .streaming(_, let mismatched)? = try await outcome(store, .stream) else {
+        guard case .streaming(_, _, _, let mismatched)? = try await outcome(store, .stream) else {
             Issue.record("not streamed")
             return
         }
         let cut = await streamed(mismatched)
         #expect(cut.failed && cut.bytes.count < computed.bytes.count && Array(computed.bytes.prefix(cut.bytes.count)) == cut.bytes)
         let forgotten = try await eventually {
-            if case .complete? = try await outcome(store, .digestOnly) { return true }
+            if case .bodiless(_, nil)? = try await outcome(store, .bodiless) { return true }
             return false
         }
-        #expect(forgotten, "computed afresh once the record is gone")
+        #expect(forgotten, "the record is gone")
 
-        // A change to the round: the plan is not asked, the new aggregate is computed.
+        // A change to the round: a new tag, and nothing on record for it.
         _ = try await store.put(upload("carol", rank: 4, seed: 6))
-        guard case .complete(let changed)? = try await outcome(restarted, .digestOnly) else {
+        guard case .bodiless(let changedTag, nil)? = try await outcome(restarted, .bodiless) else {
             Issue.record("a stale digest was used")
             return
         }
-        #expect(!changed.fromCache && changed.sha256 != computed.sha256)
+        #expect(changedTag != tag)
+    }
+
+    /// The tag names what determines the bytes, not the database: the same uploads in another file
+    /// give the same tag, and any change to an upload's bytes, weight or scale gives another.
+    @Test func theTagFollowsTheInputsAcrossDatabases() async throws {
+        func tag(_ uploads: [NewUpload], strategy: AggregationStrategy = .replication, dtype: DType = .f32) async throws -> String {
+            let store = try AdapterStore(path: temporaryDatabase())
+            for item in uploads { _ = try await store.put(item) }
+            guard
+                case .bodiless(let tag, _)? = try await store.aggregate(
+                    federation: "fed", round: 0, client: nil, strategy: strategy, rank: nil, dtype: dtype, plan: { _, _ in .bodiless })
+            else { throw StoreError(.database, "no tag") }
+            return tag
+        }
+        let uploads = try [upload("alice", rank: 2, weight: 3, seed: 4), upload("bob", rank: 8, weight: 1, seed: 5)]
+        let reference = try await tag(uploads)
+        #expect(try await tag(uploads.reversed()) == reference, "upload order does not matter")
+        #expect(try await tag(uploads, strategy: .svd) != reference)
+        #expect(try await tag(uploads, dtype: .bf16) != reference)
+        #expect(try await tag([uploads[0], try upload("bob", rank: 8, weight: 2, seed: 5)]) != reference)
+        #expect(try await tag([uploads[0], try upload("bob", rank: 8, weight: 1, seed: 6)]) != reference)
     }
 
     @Test func twoStoresOnOneFileStayConsistentUnderConcurrentWrites() async throws {

@@ -74,36 +74,52 @@ import Testing
         #expect(await second.stop() == 0)
     }
 
-    /// An aggregate computed once has its digest on record in the database: a server without a copy
-    /// in memory (cache off, restarted) answers a matching If-None-Match and a HEAD without
-    /// computing, and streams the identical body under the same ETag.
-    @Test func aRecordedDigestAnswersConditionalGetsWithoutComputingAndStreamsAfterARestart() async throws {
+    /// The ETag derives from the round's inputs, so a matching If-None-Match never needs computing,
+    /// and the first computation streams. An aggregate computed once has its digest on record in the
+    /// database: a server without a copy in memory (cache off, restarted) answers a HEAD without
+    /// computing, and streams the identical body under the same ETag with its `Repr-Digest`.
+    @Test func conditionalGetsNeedNoComputingAndARecordedDigestSurvivesARestart() async throws {
         let database = ServiceProcess.temporaryDatabase()
         let uncached = try await ServiceProcess.start(database: database, arguments: ["--aggregate-cache-bytes", "0"])
-        for participant in TestRound.random(seed: 46) {
-            let path = "/v1/federations/digests/rounds/0/uploads/\(participant.id)?rank=\(participant.rank)&weight=\(participant.weight)"
-            #expect(try await uncached.client.request("PUT", path, body: try participant.safetensors().bytes).statusCode == 201)
+        let uploads = try TestRound.random(seed: 46).map { participant in
+            (
+                path: "/v1/federations/digests/rounds/0/uploads/\(participant.id)?rank=\(participant.rank)&weight=\(participant.weight)",
+                bytes: try participant.safetensors().bytes
+            )
         }
+        for upload in uploads { #expect(try await uncached.client.request("PUT", upload.path, body: upload.bytes).statusCode == 201) }
         let path = "/v1/federations/digests/rounds/0/aggregate?strategy=zero_padding"
         let first = try await uncached.client.get(path)
         let etag = try #require(first.header("ETag"))
-        #expect(first.statusCode == 200 && etag == "\"\(ContentDigest.sha256Hex(first.body))\"")
-        // The digest is recorded just after the answer; from then on a conditional GET computes nothing.
+        let reprDigest = ContentDigest.reprDigest(sha256Hex: ContentDigest.sha256Hex(first.body))
+        #expect(first.statusCode == 200 && first.header("Content-Length") == String(first.body.count) && first.header("Repr-Digest") == nil)
+        #expect(try await uncached.client.get(path, headers: [("If-None-Match", etag)]).statusCode == 304)
+        #expect(try await aggregations(uncached) == 1, "the 304 needed no computing")
+        // The digest is recorded just after the answer; from then on a HEAD computes nothing either.
         let answeredFromTheRecord = try await eventually {
             let before = try await aggregations(uncached)
-            #expect(try await uncached.client.get(path, headers: [("If-None-Match", etag)]).statusCode == 304)
-            return try await aggregations(uncached) == before
+            let head = try await uncached.client.request("HEAD", path)
+            return try await aggregations(uncached) == before && head.header("Repr-Digest") == reprDigest
         }
         #expect(answeredFromTheRecord)
         #expect(await uncached.stop() == 0)
+
+        // Another database with the same uploads: the same ETag for the same bytes.
+        let elsewhere = try await ServiceProcess.start(database: ServiceProcess.temporaryDatabase())
+        for upload in uploads { #expect(try await elsewhere.client.request("PUT", upload.path, body: upload.bytes).statusCode == 201) }
+        let same = try await elsewhere.client.get(path)
+        #expect(same.header("ETag") == etag && same.body == first.body)
+        #expect(await elsewhere.stop() == 0)
 
         let restarted = try await ServiceProcess.start(database: database)
         #expect(try await restarted.client.get(path, headers: [("If-None-Match", etag)]).statusCode == 304)
         let head = try await restarted.client.request("HEAD", path)
         #expect(head.statusCode == 200 && head.header("ETag") == etag && head.header("Content-Length") == String(first.body.count) && head.body.isEmpty)
+        #expect(head.header("Repr-Digest") == reprDigest)
         #expect(try await aggregations(restarted) == 0, "neither needed the aggregate")
         let streamed = try await restarted.client.get(path)
         #expect(streamed.statusCode == 200 && streamed.header("ETag") == etag && streamed.header("Content-Length") == String(first.body.count))
+        #expect(streamed.header("Repr-Digest") == reprDigest)
         #expect(streamed.body == first.body)
         // Computed once while streaming, then served from memory.
         #expect(try await restarted.client.get(path).body == first.body)
@@ -129,7 +145,7 @@ import Testing
             try await mismatched.client.request("PUT", "/v1/federations/digests/rounds/0/uploads/zz-late?rank=2", body: try late.safetensors().bytes).statusCode
                 == 201)
         let changed = try await mismatched.client.get(path, headers: [("If-None-Match", etag)])
-        #expect(changed.statusCode == 200 && changed.header("ETag") == "\"\(ContentDigest.sha256Hex(changed.body))\"" && changed.header("ETag") != etag)
+        #expect(changed.statusCode == 200 && changed.header("ETag") != etag && changed.body != first.body)
         #expect(await mismatched.stop() == 0)
         #expect(mismatched.errorLog().contains("an aggregate stream failed after its head was sent"))
     }

@@ -20,6 +20,16 @@ import Testing
         #expect([UInt8]().withUnsafeBytes { ContentDigest.crc32($0) } == 0)
     }
 
+    /// RFC 9530 §B.1 gives no SHA-256 of an empty body, so the reference is Python's
+    /// `base64.b64encode(hashlib.sha256(b"").digest())`.
+    @Test func reprDigestIsTheBase64OfTheDigestBetweenColons() {
+        #expect(
+            ContentDigest.reprDigest(sha256Hex: ContentDigest.sha256Hex([]))
+                == "sha-256=:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=:")
+        #expect(ContentDigest.reprDigest(sha256Hex: "abc") == nil)
+        #expect(ContentDigest.reprDigest(sha256Hex: String(repeating: "g", count: 64)) == nil)
+    }
+
     @Test func hexIsLowercaseAndKeepsLeadingZeros() {
         #expect(ContentDigest.hex([0x00, 0x0F, 0xA0, 0xFF]) == "000fa0ff")
         #expect(ContentDigest.hex([]) == "")

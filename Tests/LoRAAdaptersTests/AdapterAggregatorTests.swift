@@ -122,12 +122,14 @@ private func expectMatches(
         #expect(observer.completions == 1, "the observer is released from the buffer on failure too")
     }
 
-    @Test(arguments: 0..<5)
-    func theObserverSeesTheWholeFileInOrderAsItIsWritten(seed: UInt64) throws {
+    @Test(arguments: 0..<5, AggregationStrategy.allCases)
+    func theObserverIsToldTheSizeFirstAndSeesTheWholeFileInOrder(seed: UInt64, strategy: AggregationStrategy) throws {
         let observer = CopyingObserver()
-        let aggregate = try AdapterAggregator.aggregate(
-            try TestRound.source(TestRound.random(seed: 300 + seed)), options: .init(dtype: .bf16), observer: observer)
+        let source = RecordingSource(wrapped: try TestRound.source(TestRound.random(seed: 300 + seed)))
+        observer.onBegin = { #expect(source.requestedNames.isEmpty, "announced before any tensor was read") }
+        let aggregate = try AdapterAggregator.aggregate(source, options: .init(strategy: strategy, dtype: .bf16), observer: observer)
         #expect(observer.bytes == aggregate.bytes && observer.completions == 1)
+        #expect(observer.announcedByteCounts == [aggregate.bytes.count])
     }
 
     @Test(arguments: DType.outputTypes)
@@ -265,6 +267,13 @@ private struct ReversedSource: AdapterSource {
 private final class CopyingObserver: AggregationOutputObserver {
     var bytes: [UInt8] = []
     var completions = 0
+    var announcedByteCounts: [Int] = []
+    var onBegin: () -> Void = {}
+    func outputWillBegin(byteCount: Int) {
+        #expect(bytes.isEmpty)
+        announcedByteCounts.append(byteCount)
+        onBegin()
+    }
     func regionFinished(_ region: UnsafeRawBufferPointer) { bytes.append(contentsOf: region) }
     func outputComplete() { completions += 1 }
 }
