@@ -18,15 +18,15 @@ extension AggregatorService {
         let strategy = try await strategy(parameters)
         let started = ContinuousClock.now
         // The ETag derives from the round's inputs, so a matching If-None-Match needs no computing,
-        // a HEAD needs none when the size is on record, and an uncompressed GET streams the body
-        // while it is computed. A compressed answer needs the whole file first.
+        // a HEAD needs none when the size is on record or the answer is compressed, and a GET
+        // streams the body (compressed as it comes, if asked) while it is computed.
         let outcome = try await store.aggregate(
             federation: federation, round: round, client: client, strategy: strategy,
             rank: try parameters.integer("rank"), dtype: try parameters.outputDType, scaling: try Self.targetScaling(parameters)
         ) { tag, recorded in
             if Self.notModified(request, tag: tag, coding: coding) { return .bodiless }
             if request.method == "HEAD" { return recorded != nil || coding != nil ? .bodiless : .compute }
-            return coding == nil ? .stream : .compute
+            return .stream
         }
         let metrics = self.metrics
         let recordAggregation = { @Sendable in metrics.aggregationFinished(strategy, seconds: Double((ContinuousClock.now - started) / .microseconds(1)) / 1e6)
@@ -41,9 +41,22 @@ extension AggregatorService {
         case .bodiless(let tag, let recorded)?:
             return Self.bodiless(tag: tag, sha256: recorded?.sha256, byteCount: recorded?.byteCount, coding: coding, for: request)
         case .streaming(let tag, let byteCount, let sha256, let pieces)?:
-            return HTTPResponse(status: .ok, headers: Self.downloadHeaders(tag: tag, sha256: sha256, coding: nil), streamLength: byteCount) { writer in
+            var headers = Self.downloadHeaders(tag: tag, sha256: sha256, coding: coding)
+            let encoder = coding.flatMap { ResponseEncoder(coding: $0) }
+            guard (encoder == nil) == (coding == nil) else { throw ServiceError(.internalError, "the response compressor could not start") }
+            if let coding { headers.add("Content-Encoding", coding.rawValue) }
+            // A compressed body's length is known only at its end: it goes chunked.
+            return HTTPResponse(status: .ok, headers: headers, streamLength: coding == nil ? byteCount : nil) { [self] writer in
                 do {
-                    for try await piece in pieces { try await writer.write(piece) }
+                    for try await piece in pieces {
+                        guard let encoder else {
+                            try await writer.write(piece)
+                            continue
+                        }
+                        let encoded = try await offload { encoder.encode(piece) }
+                        if !encoded.isEmpty { try await writer.write(encoded) }
+                    }
+                    if let encoder { try await writer.write(try await offload { encoder.finish() }) }
                 } catch {
                     // The head is out, so no problem+json can follow: the connection closes short.
                     if !(error is HTTPServerError) { Problem.log("an aggregate stream failed after its head was sent: \(error)") }

@@ -141,35 +141,91 @@ final class ZstdDecoder: BodyDecoder {
 
 extension ContentCoding {
     /// `bytes` compressed in this coding (gzip and zstd for responses; tests make deflate bodies with
-    /// it). `level` is zlib's; zstd uses its own fast level 1.
+    /// it) by `ResponseEncoder`, so a body compressed whole and one compressed as it streams are the
+    /// same bytes. `level` is zlib's; zstd uses its own fast level 1.
     func compress(_ bytes: [UInt8], level: Int32 = Z_BEST_SPEED) -> [UInt8] {
-        guard self != .identity else { return bytes }
-        if self == .zstd {
-            var output = [UInt8](repeating: 0, count: ZSTD_compressBound(bytes.count))
-            let produced = output.withUnsafeMutableBytes { destination in
-                bytes.withUnsafeBytes { source in ZSTD_compress(destination.baseAddress, destination.count, source.baseAddress, source.count, 1) }
+        guard self != .identity, let encoder = ResponseEncoder(coding: self, level: level) else { return bytes }
+        return encoder.encode(bytes) + encoder.finish()
+    }
+}
+
+/// Streaming compression of a response body. Nothing is flushed before the end, so the output
+/// depends only on the bytes, not on how they were split into pieces (both libraries buffer input
+/// up to their block or window); the tests check it. Used by one task at a time.
+final class ResponseEncoder: @unchecked Sendable {
+    // @unchecked: the C stream is only touched by the task writing the body, one piece at a time.
+    private enum Stream {
+        case zlib(UnsafeMutablePointer<z_stream>)
+        case zstd(OpaquePointer)
+    }
+    private let stream: Stream
+    private var output = [UInt8](repeating: 0, count: 1 << 17)
+
+    /// Nil for identity and deflate, or when the library cannot start a stream.
+    init?(coding: ContentCoding, level: Int32 = Z_BEST_SPEED) {
+        switch coding {
+        case .identity:
+            return nil
+        case .gzip, .deflate:
+            let zlib = UnsafeMutablePointer<z_stream>.allocate(capacity: 1)
+            zlib.initialize(to: z_stream())
+            guard czlib_deflate_init2(zlib, level, coding.windowBits) == Z_OK else {
+                zlib.deallocate()
+                return nil
             }
-            guard ZSTD_isError(produced) == 0 else { return bytes }
-            output.removeSubrange(produced...)
-            return output
+            stream = .zlib(zlib)
+        case .zstd:
+            guard let context = ZSTD_createCCtx() else { return nil }
+            ZSTD_CCtx_setParameter(context, ZSTD_c_compressionLevel, 1)
+            stream = .zstd(context)
         }
-        var stream = z_stream()
-        guard czlib_deflate_init2(&stream, level, windowBits) == Z_OK else { return bytes }
-        defer { deflateEnd(&stream) }
-        var output = [UInt8](repeating: 0, count: Int(deflateBound(&stream, UInt(bytes.count))) + 32)
-        var input = bytes
-        let produced: Int = input.withUnsafeMutableBufferPointer { source in
-            output.withUnsafeMutableBufferPointer { destination in
-                stream.next_in = source.baseAddress
-                stream.avail_in = UInt32(source.count)
-                stream.next_out = destination.baseAddress
-                stream.avail_out = UInt32(destination.count)
-                _ = CZlib.deflate(&stream, Z_FINISH)
-                return destination.count - Int(stream.avail_out)
+    }
+
+    deinit {
+        switch stream {
+        case .zlib(let zlib):
+            deflateEnd(zlib)
+            zlib.deallocate()
+        case .zstd(let context):
+            ZSTD_freeCCtx(context)
+        }
+    }
+
+    /// The compressed bytes `piece` completes (often none: they wait for a full block).
+    func encode(_ piece: [UInt8]) -> [UInt8] { run(piece, finishing: false) }
+
+    /// The rest of the stream, trailer included.
+    func finish() -> [UInt8] { run([], finishing: true) }
+
+    private func run(_ input: [UInt8], finishing: Bool) -> [UInt8] {
+        var produced: [UInt8] = []
+        input.withUnsafeBytes { source in
+            output.withUnsafeMutableBytes { destination in
+                switch stream {
+                case .zlib(let zlib):
+                    zlib.pointee.next_in = UnsafeMutablePointer(mutating: source.baseAddress?.assumingMemoryBound(to: UInt8.self))
+                    zlib.pointee.avail_in = UInt32(source.count)
+                    while true {
+                        zlib.pointee.next_out = destination.baseAddress!.assumingMemoryBound(to: UInt8.self)
+                        zlib.pointee.avail_out = UInt32(destination.count)
+                        let status = CZlib.deflate(zlib, finishing ? Z_FINISH : Z_NO_FLUSH)
+                        produced.append(contentsOf: destination.prefix(destination.count - Int(zlib.pointee.avail_out)))
+                        if finishing ? status == Z_STREAM_END : zlib.pointee.avail_in == 0 && zlib.pointee.avail_out > 0 { break }
+                        if status != Z_OK && status != Z_BUF_ERROR { break }
+                    }
+                case .zstd(let context):
+                    var inBuffer = ZSTD_inBuffer(src: source.baseAddress, size: source.count, pos: 0)
+                    while true {
+                        var outBuffer = ZSTD_outBuffer(dst: destination.baseAddress, size: destination.count, pos: 0)
+                        let remaining = ZSTD_compressStream2(context, &outBuffer, &inBuffer, finishing ? ZSTD_e_end : ZSTD_e_continue)
+                        produced.append(contentsOf: destination.prefix(outBuffer.pos))
+                        if ZSTD_isError(remaining) != 0 { break }
+                        if finishing ? remaining == 0 : inBuffer.pos == inBuffer.size && outBuffer.pos < outBuffer.size { break }
+                    }
+                }
             }
         }
-        output.removeSubrange(produced...)
-        return output
+        return produced
     }
 }
 

@@ -159,6 +159,18 @@ private func uploadPath(_ client: String, rank: Int, weight: Double = 1, round: 
             let head = try await client.request("HEAD", path, headers: [("Accept-Encoding", accept)])
             #expect(head.header("Content-Encoding") == coding && head.header("ETag") == etag && head.header("Vary") == "Accept-Encoding", "\(accept)")
         }
+        // A compressed first computation streams too (chunked: its length is known only at its end),
+        // and the answer from the cache under the same ETag is the same bytes.
+        for (coding, dtype) in [("zstd", "F16"), ("gzip", "BF16")] {
+            let fresh = "\(path)?strategy=svd&dtype=\(dtype)"
+            let streamed = try await client.get(fresh, headers: [("Accept-Encoding", coding)])
+            #expect(streamed.header("Transfer-Encoding") == "chunked" && streamed.header("Content-Length") == nil, "\(coding)")
+            #expect(streamed.header("Content-Encoding") == coding && streamed.header("Repr-Digest") == nil, "\(coding)")
+            let cached = try await client.get(fresh, headers: [("Accept-Encoding", coding)])
+            #expect(cached.header("Content-Length") == String(cached.body.count), "\(coding)")
+            #expect(cached.body == streamed.body && cached.header("ETag") == streamed.header("ETag"), "\(coding)")
+            #expect(try ContentDecoding.inflate(streamed.body, coding: coding, limit: 1 << 30) == (try await client.get(fresh)).body, "\(coding)")
+        }
         #expect(await service.stop() == 0)
     }
 
