@@ -27,9 +27,12 @@ let package = Package(
         .systemLibrary(name: "CLAPACK", path: "Sources/CLAPACK", providers: [.apt(["libopenblas-dev"])]),
         // epoll, eventfd and accept4 from the C library, which Swift's Glibc module lacks.
         .target(name: "CLinux"),
+        // The engine's hot loops with AVX2 and F16C, bit-identical to the portable Swift ones; chosen
+        // at start-up by a CPU check (LoRAAdapters' KernelSet).
+        .target(name: "CKernels"),
 
         // The numeric/format core: safetensors codec, PEFT naming, validation, aggregation. No HTTP.
-        .target(name: "LoRAAdapters", dependencies: ["CLAPACK"], swiftSettings: strictSettings),
+        .target(name: "LoRAAdapters", dependencies: ["CLAPACK", "CKernels"], swiftSettings: strictSettings),
 
         // SHA-256 (hex) and CRC-32 of byte strings, for the store and the service alike.
         .target(name: "Digests", dependencies: ["CZlib", .product(name: "Crypto", package: "swift-crypto")], swiftSettings: strictSettings),

@@ -48,6 +48,23 @@ struct SQLiteAdapterSource: AdapterSource {
         }
     }
 
+    /// Every holder's blob read into one buffer, side by side.
+    func withContributions(toTensor tensorName: String, _ body: ([TensorContribution]) throws -> Void) throws {
+        guard includesUploads else { return try body([]) }
+        let statement = try connection.statement(
+            """
+            SELECT u.client, t.dtype, t.shape, t.rowid FROM uploads u JOIN tensors t ON t.upload_id = u.id AND t.name = ?3
+            WHERE u.federation = ?1 AND u.round = ?2 ORDER BY u.client
+            """)
+        try statement.bind(.id(federation), .round(round), .text(tensorName))
+        let rows = try statement.rows { (client: $0.text(0), dtype: try Self.dtype($0.text(1)), shape: Self.shape($0.text(2)), rowID: $0.integer(3)) }
+        try connection.withBlobReader(table: "tensors", column: "data") { blobs in
+            try blobs.withBlobs(rowIDs: rows.map(\.rowID)) { buffers in
+                try body(zip(rows, buffers).map { TensorContribution(clientID: $0.client, dtype: $0.dtype, shape: $0.shape, bytes: $1) })
+            }
+        }
+    }
+
     func baseTensors() throws -> [BaseTensor] {
         let statement = try connection.statement(
             "SELECT t.name, t.dtype, t.shape FROM bases b JOIN base_tensors t ON t.base_id = b.id WHERE b.federation = ?1 AND b.round = ?2")

@@ -220,6 +220,31 @@ final class SQLiteBlobReader {
 
     /// The blob of row `rowID`, valid until the next call.
     func withBlob<Result>(rowID: Int64, _ body: (UnsafeRawBufferPointer) throws -> Result) throws -> Result {
+        try withBlobs(rowIDs: [rowID]) { try body($0[0]) }
+    }
+
+    /// The blobs of the rows `rowIDs`, side by side in one buffer, valid until the next call.
+    func withBlobs<Result>(rowIDs: [Int64], _ body: ([UnsafeRawBufferPointer]) throws -> Result) throws -> Result {
+        var sizes: [Int] = []
+        for rowID in rowIDs {
+            try open(rowID)
+            sizes.append(Int(sqlite3_blob_bytes(handle)))
+        }
+        // Each blob starts on a 64-byte boundary, as one alone would.
+        let offsets = sizes.reduce(into: [0]) { offsets, size in offsets.append(offsets.last! + (size + 63) & ~63) }
+        if offsets.last! > buffer.count {
+            buffer.deallocate()
+            buffer = .allocate(byteCount: offsets.last!, alignment: 64)
+        }
+        for (index, rowID) in rowIDs.enumerated() {
+            if rowIDs.count > 1 { try open(rowID) }
+            let read = sqlite3_blob_read(handle, buffer.baseAddress! + offsets[index], Int32(sizes[index]), 0)
+            guard read == SQLITE_OK else { throw connection.failure(read) }
+        }
+        return try body(rowIDs.indices.map { UnsafeRawBufferPointer(rebasing: buffer[offsets[$0]..<(offsets[$0] + sizes[$0])]) })
+    }
+
+    private func open(_ rowID: Int64) throws {
         let status = handle == nil ? sqlite3_blob_open(database, "main", table, column, rowID, 0, &handle) : sqlite3_blob_reopen(handle, rowID)
         guard status == SQLITE_OK else {
             let error = connection.failure(status)
@@ -227,13 +252,5 @@ final class SQLiteBlobReader {
             handle = nil
             throw error
         }
-        let count = Int(sqlite3_blob_bytes(handle))
-        if count > buffer.count {
-            buffer.deallocate()
-            buffer = .allocate(byteCount: count, alignment: 64)
-        }
-        let read = sqlite3_blob_read(handle, buffer.baseAddress, Int32(count), 0)
-        guard read == SQLITE_OK else { throw connection.failure(read) }
-        return try body(UnsafeRawBufferPointer(rebasing: buffer[0..<count]))
     }
 }

@@ -116,9 +116,13 @@ func benchmarkEngine(directory: URL, repeats: Int) throws {
     let topRank = adapters.map(\.participant.rank).max()!
     let lowerClients = adapters.filter { $0.participant.rank < topRank }
     let topClient = adapters.first { $0.participant.rank == topRank }!
+    // And the portable kernels against the best ones (AVX2 where the CPU has it).
+    var portableOptions = unscaledOptions
+    portableOptions.kernels = .portable
     let variants: [(source: InMemoryAdapterSource, options: AggregationOptions)] = [
         (source, unscaledOptions), (scaledSource, scaledOptions),
         (InMemoryAdapterSource(lowerClients, base: topClient.file), unscaledOptions), (InMemoryAdapterSource(lowerClients + [topClient]), unscaledOptions),
+        (source, portableOptions),
     ]
     let inputBytes = adapters.reduce(0) { total, adapter in total + adapter.file.tensors.reduce(0) { $0 + $1.byteRange.count } }
 
@@ -156,7 +160,7 @@ func benchmarkEngine(directory: URL, repeats: Int) throws {
         copyTimes.append(seconds(clock.now - start))
     }
     print(
-        #"{"input_bytes":\#(inputBytes),"output_bytes":\#(output!.bytes.count),"engine_seconds":\#(median(times[0])),"scaled_seconds":\#(median(times[1])),"base_seconds":\#(median(times[2])),"base_as_upload_seconds":\#(median(times[3])),"memcpy_seconds":\#(median(copyTimes))}"#
+        #"{"input_bytes":\#(inputBytes),"output_bytes":\#(output!.bytes.count),"engine_seconds":\#(median(times[0])),"scaled_seconds":\#(median(times[1])),"base_seconds":\#(median(times[2])),"base_as_upload_seconds":\#(median(times[3])),"portable_seconds":\#(median(times[4])),"kernels":"\#(KernelSet.best.rawValue)","memcpy_seconds":\#(median(copyTimes))}"#
     )
 }
 

@@ -72,10 +72,10 @@ public enum AdapterAggregator {
                 let sums = UnsafeMutableBufferPointer(rebasing: accumulator[0..<plan.outputElementCount])
                 if options.strategy == .svd, let module = plan.module {
                     try pipeline.factors(of: module).fill(plan, into: sums)
+                    plan.writeMeans(of: sums, as: options.dtype, to: base + info.byteRange.lowerBound, kernels: options.kernels)
                 } else {
-                    try accumulate(plan, from: source, into: sums)
+                    try aggregate(plan, from: source, into: sums, writingTo: base + info.byteRange.lowerBound, dtype: options.dtype, kernels: options.kernels)
                 }
-                plan.writeMeans(of: sums, as: options.dtype, to: base + info.byteRange.lowerBound)
                 observer?.regionFinished(UnsafeRawBufferPointer(start: base + info.byteRange.lowerBound, count: info.byteRange.count))
             }
         }
@@ -130,17 +130,53 @@ public enum AdapterAggregator {
         return byClient
     }
 
-    /// Sums `w·x` over the plan's holders into `sums`, checking that the source delivers exactly the
-    /// announced holders, in client-id order, with the announced shapes and sizes.
-    private static func accumulate(_ plan: TensorPlan, from source: some AdapterSource, into sums: UnsafeMutableBufferPointer<Double>) throws {
-        sums.initialize(repeating: 0)
-        try plan.forEachHolder(in: source) { _, holder, bytes in
-            if let bytes = bytes.baseAddress {
-                plan.add(
-                    bytes, dtype: holder.dtype, clientRank: holder.rank, slices: 0..<min(holder.rank, plan.outputRank), weight: holder.foldedWeight, into: sums)
+    /// Output elements summed and written per step: a block of the sums (256 KiB) stays in the
+    /// core's cache while every holder is added to it and it is divided and rounded into the output.
+    static let blockElements = 1 << 15
+    /// Tensors at least this large are shared by two cores, half each; a smaller one would spend
+    /// more on waking the second core than it saves.
+    static let twoCoreElements = 1 << 17
+
+    /// Sums `w·x` over the plan's holders (and the base's slices) into `sums` and writes the means
+    /// at `destination`, block by block, checking that the source delivers exactly the announced
+    /// holders, in client-id order, with the announced shapes and sizes.
+    private static func aggregate(
+        _ plan: TensorPlan, from source: some AdapterSource, into sums: UnsafeMutableBufferPointer<Double>, writingTo destination: UnsafeMutableRawPointer,
+        dtype: DType, kernels: KernelSet
+    ) throws {
+        try source.withContributions(toTensor: plan.name) { contributions in
+            let holders = try plan.checkedHolders(contributions)
+            try withBaseBytes(of: plan, from: source) { baseBytes in
+                let run = { (range: Range<Int>) in
+                    for start in stride(from: range.lowerBound, to: range.upperBound, by: blockElements) {
+                        let block = start..<min(start + blockElements, range.upperBound)
+                        UnsafeMutableBufferPointer(rebasing: sums[block]).initialize(repeating: 0)
+                        for (holder, bytes) in holders {
+                            plan.add(
+                                bytes, dtype: holder.dtype, clientRank: holder.rank, slices: 0..<min(holder.rank, plan.outputRank),
+                                weight: holder.foldedWeight, into: sums, kernels: kernels, range: block)
+                        }
+                        if let baseBytes, let base = plan.base {
+                            plan.add(
+                                baseBytes, dtype: base.dtype, clientRank: plan.baseRank, slices: plan.baseSlices, weight: 1, into: sums, kernels: kernels,
+                                range: block)
+                        }
+                        plan.writeMeans(of: sums, as: dtype, to: destination, kernels: kernels, range: block)
+                    }
+                }
+                let count = plan.outputElementCount
+                guard count >= twoCoreElements else { return run(0..<count) }
+                // Unchecked: the halves write disjoint elements of `sums` and the output, and only
+                // read the inputs, which stay valid until concurrentPerform returns.
+                nonisolated(unsafe) let work = run
+                DispatchQueue.concurrentPerform(iterations: 2) { half in work(half == 0 ? 0..<count / 2 : count / 2..<count) }
             }
         }
-        guard let base = plan.base, !plan.baseSlices.isEmpty else { return }
+    }
+
+    /// Calls `body` with the base's bytes of the plan's tensor when the base gives it slices, else nil.
+    private static func withBaseBytes(of plan: TensorPlan, from source: some AdapterSource, _ body: (UnsafeRawPointer?) throws -> Void) throws {
+        guard let base = plan.base, !plan.baseSlices.isEmpty else { return try body(nil) }
         var delivered = false
         try source.withBaseTensor(named: plan.name) { contribution in
             guard !delivered, contribution.dtype == base.dtype, contribution.shape == base.shape,
@@ -148,10 +184,8 @@ public enum AdapterAggregator {
             else {
                 throw AdapterError(.inconsistentSource, "the base delivered bytes that disagree with its announced dtype and shape", tensor: plan.name)
             }
-            if let bytes = contribution.bytes.baseAddress {
-                plan.add(bytes, dtype: base.dtype, clientRank: plan.baseRank, slices: plan.baseSlices, weight: 1, into: sums)
-            }
             delivered = true
+            try body(contribution.bytes.baseAddress)
         }
         guard delivered else { throw AdapterError(.inconsistentSource, "the base did not deliver the tensor it announced", tensor: plan.name) }
     }

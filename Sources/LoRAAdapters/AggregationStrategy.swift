@@ -36,16 +36,19 @@ public struct AggregationOptions: Sendable {
     public var scaling: TargetScaling
     /// Extra `__metadata__` entries (the engine sets format, strategy, rank and clients itself).
     public var metadata: [String: String]
+    /// The hot loops' implementation; every set gives the same bytes.
+    public var kernels: KernelSet
 
     public init(
         strategy: AggregationStrategy = .replication, rank: Int? = nil, dtype: DType = .f32, scaling: TargetScaling = .unit,
-        metadata: [String: String] = [:]
+        metadata: [String: String] = [:], kernels: KernelSet = .best
     ) {
         self.strategy = strategy
         self.rank = rank
         self.dtype = dtype
         self.scaling = scaling
         self.metadata = metadata
+        self.kernels = kernels
     }
 }
 

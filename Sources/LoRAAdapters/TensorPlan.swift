@@ -164,85 +164,96 @@ struct TensorPlan {
     }
 
     /// Adds `weight ·` the given output `slices` of one tensor of rank `clientRank` (a client's, or
-    /// the base's) to `sums`.
+    /// the base's) to `sums`, for the output elements in `range` only (all by default).
     func add(
-        _ source: UnsafeRawPointer, dtype: DType, clientRank: Int, slices: Range<Int>, weight: Double, into sums: UnsafeMutableBufferPointer<Double>
+        _ source: UnsafeRawPointer, dtype: DType, clientRank: Int, slices: Range<Int>, weight: Double, into sums: UnsafeMutableBufferPointer<Double>,
+        kernels: KernelSet = .portable, range: Range<Int>? = nil
     ) {
-        switch dtype {
-        case .f32: add(source, as: F32Codec.self, clientRank: clientRank, slices: slices, weight: weight, into: sums)
-        case .f16: add(source, as: F16Codec.self, clientRank: clientRank, slices: slices, weight: weight, into: sums)
-        case .bf16: add(source, as: BF16Codec.self, clientRank: clientRank, slices: slices, weight: weight, into: sums)
-        case .f64: add(source, as: F64Codec.self, clientRank: clientRank, slices: slices, weight: weight, into: sums)
+        let range = range ?? 0..<outputElementCount
+        switch (dtype, kernels) {
+        case (.f32, .portable): add(source, as: F32Codec.self, clientRank: clientRank, slices: slices, weight: weight, into: sums, range: range)
+        case (.f16, .portable): add(source, as: F16Codec.self, clientRank: clientRank, slices: slices, weight: weight, into: sums, range: range)
+        case (.bf16, .portable): add(source, as: BF16Codec.self, clientRank: clientRank, slices: slices, weight: weight, into: sums, range: range)
+        case (.f64, .portable): add(source, as: F64Codec.self, clientRank: clientRank, slices: slices, weight: weight, into: sums, range: range)
+        case (.f32, .avx2): add(source, as: F32Codec.Vectorised.self, clientRank: clientRank, slices: slices, weight: weight, into: sums, range: range)
+        case (.f16, .avx2): add(source, as: F16Codec.Vectorised.self, clientRank: clientRank, slices: slices, weight: weight, into: sums, range: range)
+        case (.bf16, .avx2): add(source, as: BF16Codec.Vectorised.self, clientRank: clientRank, slices: slices, weight: weight, into: sums, range: range)
+        case (.f64, .avx2): add(source, as: F64Codec.Vectorised.self, clientRank: clientRank, slices: slices, weight: weight, into: sums, range: range)
         }
     }
 
-    private func add<Codec: ElementCodec>(
-        _ source: UnsafeRawPointer, as _: Codec.Type, clientRank: Int, slices: Range<Int>, weight: Double, into sums: UnsafeMutableBufferPointer<Double>
+    private func add<Kernel: RunKernel>(
+        _ source: UnsafeRawPointer, as _: Kernel.Type, clientRank: Int, slices: Range<Int>, weight: Double, into sums: UnsafeMutableBufferPointer<Double>,
+        range: Range<Int>
     ) {
-        let runLength = slices.count * inner
-        guard runLength > 0 else { return }
-        let sourceBlockBytes = clientRank * inner * Codec.dtype.byteWidth
-        let destinationBlock = outputRank * inner
+        guard !slices.isEmpty, !range.isEmpty else { return }
+        let width = Kernel.dtype.byteWidth
+        let sums = sums.baseAddress!
         if clientRank == outputRank && slices == 0..<outputRank {
             // Same rank on both sides: the blocks are back to back in both, so it is one long run.
-            addRun(from: source, as: Codec.self, weight: weight, into: sums.baseAddress!, count: outer * runLength)
+            Kernel.accumulate(source + range.lowerBound &* width, weight: weight, into: sums + range.lowerBound, count: range.count)
             return
         }
-        let sourceStart = source + slices.lowerBound &* inner &* Codec.dtype.byteWidth
-        let destinationStart = sums.baseAddress! + slices.lowerBound &* inner
-        for block in 0..<outer {
-            addRun(
-                from: sourceStart + block &* sourceBlockBytes, as: Codec.self, weight: weight,
-                into: destinationStart + block &* destinationBlock, count: runLength)
+        // Block b holds the run of the given slices at output elements runStart..<runStart + runLength
+        // and at source elements b·clientRank·inner + slices.lowerBound·inner onwards.
+        let blockLength = outputRank &* inner
+        let runOffset = slices.lowerBound &* inner
+        let runLength = slices.count &* inner
+        for block in (range.lowerBound / blockLength)..<min(outer, (range.upperBound &+ blockLength &- 1) / blockLength) {
+            let runStart = block &* blockLength &+ runOffset
+            let start = max(runStart, range.lowerBound)
+            let end = min(runStart &+ runLength, range.upperBound)
+            guard start < end else { continue }
+            let sourceElement = block &* clientRank &* inner &+ runOffset &+ (start &- runStart)
+            Kernel.accumulate(source + sourceElement &* width, weight: weight, into: sums + start, count: end &- start)
         }
     }
 
-    /// `destination[i] += weight · source[i]` over one contiguous run; written with wrapping index
-    /// arithmetic and plain pointers so that the compiler vectorises it.
-    @inline(__always)
-    private func addRun<Codec: ElementCodec>(
-        from source: UnsafeRawPointer, as _: Codec.Type, weight: Double, into destination: UnsafeMutablePointer<Double>, count: Int
-    ) {
-        var index = 0
-        while index < count {
-            destination[index] += weight * Codec.load(source, at: index)
-            index &+= 1
-        }
-    }
-
-    /// Writes `sums` divided slice by slice by the denominators, rounded to `dtype`, at `destination`.
+    /// Writes `sums` divided slice by slice by the denominators, rounded to `dtype`, at `destination`
+    /// (the tensor's first byte), for the output elements in `range` only (all by default).
     /// Unowned slices hold exact zeros and are divided by +∞, which keeps them 0 without a branch.
-    func writeMeans(of sums: UnsafeMutableBufferPointer<Double>, as dtype: DType, to destination: UnsafeMutableRawPointer) {
-        switch dtype {
-        case .f32: writeMeans(of: sums, as: F32Codec.self, to: destination)
-        case .f16: writeMeans(of: sums, as: F16Codec.self, to: destination)
-        case .bf16: writeMeans(of: sums, as: BF16Codec.self, to: destination)
-        case .f64: writeMeans(of: sums, as: F64Codec.self, to: destination)
+    func writeMeans(
+        of sums: UnsafeMutableBufferPointer<Double>, as dtype: DType, to destination: UnsafeMutableRawPointer, kernels: KernelSet = .portable,
+        range: Range<Int>? = nil
+    ) {
+        let range = range ?? 0..<outputElementCount
+        switch (dtype, kernels) {
+        case (.f32, .portable): writeMeans(of: sums, as: F32Codec.self, to: destination, range: range)
+        case (.f16, .portable): writeMeans(of: sums, as: F16Codec.self, to: destination, range: range)
+        case (.bf16, .portable): writeMeans(of: sums, as: BF16Codec.self, to: destination, range: range)
+        case (.f64, .portable): writeMeans(of: sums, as: F64Codec.self, to: destination, range: range)
+        case (.f32, .avx2): writeMeans(of: sums, as: F32Codec.Vectorised.self, to: destination, range: range)
+        case (.f16, .avx2): writeMeans(of: sums, as: F16Codec.Vectorised.self, to: destination, range: range)
+        case (.bf16, .avx2): writeMeans(of: sums, as: BF16Codec.Vectorised.self, to: destination, range: range)
+        case (.f64, .avx2): writeMeans(of: sums, as: F64Codec.Vectorised.self, to: destination, range: range)
         }
     }
 
-    private func writeMeans<Codec: ElementCodec>(of sums: UnsafeMutableBufferPointer<Double>, as _: Codec.Type, to destination: UnsafeMutableRawPointer) {
+    private func writeMeans<Kernel: RunKernel>(
+        of sums: UnsafeMutableBufferPointer<Double>, as _: Kernel.Type, to destination: UnsafeMutableRawPointer, range: Range<Int>
+    ) {
+        guard !range.isEmpty else { return }
         let base = sums.baseAddress!
+        let width = Kernel.dtype.byteWidth
         denominators.withUnsafeBufferPointer { denominators in
             let divisors = denominators.baseAddress!
-            for block in 0..<outer {
-                let blockOffset = block &* outputRank &* inner
-                let blockSums = base + blockOffset
-                let blockDestination = destination + blockOffset &* Codec.dtype.byteWidth
-                if inner == 1 {
-                    // B tensors: one element per slice, so each block is divided by the divisor vector.
-                    for slice in 0..<outputRank {
-                        Codec.store(blockSums[slice] / divisors[slice], to: blockDestination, at: slice)
-                    }
-                } else {
-                    for slice in 0..<outputRank {
-                        let runStart = slice &* inner
-                        let divisor = divisors[slice]
-                        for index in runStart..<(runStart &+ inner) {
-                            Codec.store(blockSums[index] / divisor, to: blockDestination, at: index)
-                        }
-                    }
+            if inner == 1 {
+                // B tensors: one element per slice, so the divisors repeat every outputRank elements.
+                var slice = range.lowerBound % outputRank
+                for index in range {
+                    Kernel.Codec.store(base[index] / divisors[slice], to: destination, at: index)
+                    slice &+= 1
+                    if slice == outputRank { slice = 0 }
                 }
+                return
+            }
+            // Runs of `inner` elements share a divisor: slice (index / inner) % outputRank.
+            var start = range.lowerBound
+            while start < range.upperBound {
+                let end = min((start / inner &+ 1) &* inner, range.upperBound)
+                let divisor = divisors[(start / inner) % outputRank]
+                Kernel.divide(base + start, by: divisor, into: destination + start &* width, count: end &- start)
+                start = end
             }
         }
     }
@@ -255,22 +266,41 @@ extension TensorPlan {
     func forEachHolder(in source: some AdapterSource, _ body: (Int, Holder, UnsafeRawBufferPointer) throws -> Void) throws {
         var next = 0
         try source.forEachContribution(toTensor: name) { contribution in
-            guard next < holders.count, holders[next].clientID == contribution.clientID else {
-                throw AdapterError(
-                    .inconsistentSource, "the source delivered client '\(contribution.clientID)' out of client-id order or unannounced", tensor: name)
-            }
-            let holder = holders[next]
-            guard contribution.dtype == holder.dtype, contribution.shape == holder.shape,
-                contribution.bytes.count == holder.shape.reduce(1, *) * holder.dtype.byteWidth
-            else {
-                throw AdapterError(
-                    .inconsistentSource, "client '\(holder.clientID)' delivered bytes that disagree with its announced dtype and shape", tensor: name)
-            }
-            try body(next, holder, contribution.bytes)
+            try body(next, try holder(at: next, delivering: contribution), contribution.bytes)
             next += 1
         }
-        guard next == holders.count else {
-            throw AdapterError(.inconsistentSource, "the source delivered \(next) of \(holders.count) announced clients", tensor: name)
+        try checkAllDelivered(next)
+    }
+
+    /// The holders with their bytes, from every contribution at once, checked as `forEachHolder` does.
+    func checkedHolders(_ contributions: [TensorContribution]) throws(AdapterError) -> [(Holder, UnsafeRawPointer)] {
+        var checked: [(Holder, UnsafeRawPointer)] = []
+        for (index, contribution) in contributions.enumerated() {
+            let holder = try holder(at: index, delivering: contribution)
+            if let bytes = contribution.bytes.baseAddress { checked.append((holder, bytes)) }
+        }
+        try checkAllDelivered(contributions.count)
+        return checked
+    }
+
+    private func holder(at index: Int, delivering contribution: TensorContribution) throws(AdapterError) -> Holder {
+        guard index < holders.count, holders[index].clientID == contribution.clientID else {
+            throw AdapterError(
+                .inconsistentSource, "the source delivered client '\(contribution.clientID)' out of client-id order or unannounced", tensor: name)
+        }
+        let holder = holders[index]
+        guard contribution.dtype == holder.dtype, contribution.shape == holder.shape,
+            contribution.bytes.count == holder.shape.reduce(1, *) * holder.dtype.byteWidth
+        else {
+            throw AdapterError(
+                .inconsistentSource, "client '\(holder.clientID)' delivered bytes that disagree with its announced dtype and shape", tensor: name)
+        }
+        return holder
+    }
+
+    private func checkAllDelivered(_ count: Int) throws(AdapterError) {
+        guard count == holders.count else {
+            throw AdapterError(.inconsistentSource, "the source delivered \(count) of \(holders.count) announced clients", tensor: name)
         }
     }
 

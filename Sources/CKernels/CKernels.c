@@ -1,0 +1,157 @@
+#include "CKernels.h"
+
+#include <immintrin.h>
+#include <string.h>
+
+#define AVX2 __attribute__((target("avx2,f16c")))
+
+int ckernels_cpu_supports_avx2(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+}
+
+// Scalar element access at any alignment (memcpy compiles to a plain move).
+static inline float load_f32(const unsigned char *p) { float v; memcpy(&v, p, 4); return v; }
+static inline double load_f64(const unsigned char *p) { double v; memcpy(&v, p, 8); return v; }
+static inline uint16_t load_u16(const unsigned char *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+AVX2 static inline float half_to_float(uint16_t bits) { return _cvtsh_ss(bits); }
+static inline float bf16_to_float(uint16_t bits) { uint32_t v = (uint32_t)bits << 16; float f; memcpy(&f, &v, 4); return f; }
+
+// Four doubles += weight * four doubles, as two roundings (multiply, then add).
+AVX2 static inline void add4(double *destination, __m256d weight, __m256d values) {
+    _mm256_storeu_pd(destination, _mm256_add_pd(_mm256_loadu_pd(destination), _mm256_mul_pd(weight, values)));
+}
+
+AVX2 void ckernels_accumulate_f32(const void *source, double weight, double *destination, size_t count) {
+    const unsigned char *s = source;
+    __m256d w = _mm256_set1_pd(weight);
+    size_t i = 0;
+    for (; i + 8 <= count; i += 8) {
+        __m256 x = _mm256_loadu_ps((const float *)(s + 4 * i));
+        add4(destination + i, w, _mm256_cvtps_pd(_mm256_castps256_ps128(x)));
+        add4(destination + i + 4, w, _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)));
+    }
+    for (; i < count; i++) destination[i] += weight * (double)load_f32(s + 4 * i);
+}
+
+AVX2 void ckernels_accumulate_f64(const void *source, double weight, double *destination, size_t count) {
+    const unsigned char *s = source;
+    __m256d w = _mm256_set1_pd(weight);
+    size_t i = 0;
+    for (; i + 4 <= count; i += 4) add4(destination + i, w, _mm256_loadu_pd((const double *)(s + 8 * i)));
+    for (; i < count; i++) destination[i] += weight * load_f64(s + 8 * i);
+}
+
+AVX2 void ckernels_accumulate_f16(const void *source, double weight, double *destination, size_t count) {
+    const unsigned char *s = source;
+    __m256d w = _mm256_set1_pd(weight);
+    size_t i = 0;
+    for (; i + 8 <= count; i += 8) {
+        __m256 x = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + 2 * i)));
+        add4(destination + i, w, _mm256_cvtps_pd(_mm256_castps256_ps128(x)));
+        add4(destination + i + 4, w, _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)));
+    }
+    for (; i < count; i++) destination[i] += weight * (double)half_to_float(load_u16(s + 2 * i));
+}
+
+AVX2 void ckernels_accumulate_bf16(const void *source, double weight, double *destination, size_t count) {
+    const unsigned char *s = source;
+    __m256d w = _mm256_set1_pd(weight);
+    size_t i = 0;
+    for (; i + 8 <= count; i += 8) {
+        __m256i widened = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(s + 2 * i))), 16);
+        __m256 x = _mm256_castsi256_ps(widened);
+        add4(destination + i, w, _mm256_cvtps_pd(_mm256_castps256_ps128(x)));
+        add4(destination + i + 4, w, _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)));
+    }
+    for (; i < count; i++) destination[i] += weight * (double)bf16_to_float(load_u16(s + 2 * i));
+}
+
+AVX2 void ckernels_divide_f64(const double *sums, double divisor, void *destination, size_t count) {
+    unsigned char *d = destination;
+    __m256d v = _mm256_set1_pd(divisor);
+    size_t i = 0;
+    for (; i + 4 <= count; i += 4) _mm256_storeu_pd((double *)(d + 8 * i), _mm256_div_pd(_mm256_loadu_pd(sums + i), v));
+    for (; i < count; i++) {
+        double q = sums[i] / divisor;
+        memcpy(d + 8 * i, &q, 8);
+    }
+}
+
+AVX2 void ckernels_divide_f32(const double *sums, double divisor, void *destination, size_t count) {
+    unsigned char *d = destination;
+    __m256d v = _mm256_set1_pd(divisor);
+    size_t i = 0;
+    for (; i + 4 <= count; i += 4) _mm_storeu_ps((float *)(d + 4 * i), _mm256_cvtpd_ps(_mm256_div_pd(_mm256_loadu_pd(sums + i), v)));
+    for (; i < count; i++) {
+        float q = (float)(sums[i] / divisor);
+        memcpy(d + 4 * i, &q, 4);
+    }
+}
+
+// Four 64-bit lane masks as four 32-bit ones.
+AVX2 static inline __m128i pack_mask(__m256d mask) {
+    return _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(_mm256_castpd_si256(mask), _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7)));
+}
+
+// Four doubles to Float with round-to-odd: nearest first, then one step toward zero where that
+// overshot in magnitude, and the last bit set where inexact. Float has 13 more significand bits
+// than binary16 and 16 more than bfloat16, so rounding this once more to nearest even is exactly
+// rounding the doubles once (round-to-odd never makes a false tie). NaN lanes come out as nearest
+// gives them (quiet, top payload bits).
+AVX2 static inline __m128i round_to_odd(__m256d values) {
+    __m128 nearest = _mm256_cvtpd_ps(values);
+    __m256d back = _mm256_cvtps_pd(nearest);
+    __m256d magnitude = _mm256_castsi256_pd(_mm256_set1_epi64x(0x7FFFFFFFFFFFFFFF));
+    __m256d overshot = _mm256_cmp_pd(_mm256_and_pd(back, magnitude), _mm256_and_pd(values, magnitude), _CMP_GT_OQ);
+    __m256d inexact = _mm256_cmp_pd(back, values, _CMP_NEQ_OQ);  // false for NaN lanes
+    __m128i overshotMask = pack_mask(overshot);
+    __m128i inexactMask = pack_mask(inexact);
+    __m128i bits = _mm_castps_si128(nearest);
+    bits = _mm_add_epi32(bits, overshotMask);  // a mask lane is -1: one step toward zero in magnitude
+    return _mm_or_si128(bits, _mm_and_si128(inexactMask, _mm_set1_epi32(1)));
+}
+
+AVX2 void ckernels_divide_f16(const double *sums, double divisor, void *destination, size_t count) {
+    unsigned char *d = destination;
+    __m256d v = _mm256_set1_pd(divisor);
+    size_t i = 0;
+    for (; i + 4 <= count; i += 4) {
+        __m128 odd = _mm_castsi128_ps(round_to_odd(_mm256_div_pd(_mm256_loadu_pd(sums + i), v)));
+        _mm_storel_epi64((__m128i *)(d + 2 * i), _mm_cvtps_ph(odd, _MM_FROUND_TO_NEAREST_INT));
+    }
+    for (; i < count; i++) {
+        double q[4] = {sums[i] / divisor, 0, 0, 0};
+        __m128i odd = round_to_odd(_mm256_loadu_pd(q));
+        uint16_t h = (uint16_t)_mm_extract_epi16(_mm_cvtps_ph(_mm_castsi128_ps(odd), _MM_FROUND_TO_NEAREST_INT), 0);
+        memcpy(d + 2 * i, &h, 2);
+    }
+}
+
+// bfloat16 from Float bits, nearest even; NaN kept quiet with its sign and top payload bits.
+AVX2 static inline __m128i float_bits_to_bf16(__m128i bits) {
+    __m128i exponentAll = _mm_set1_epi32(0x7F800000);
+    __m128i isNaN = _mm_and_si128(_mm_cmpeq_epi32(_mm_and_si128(bits, exponentAll), exponentAll),
+                                  _mm_xor_si128(_mm_cmpeq_epi32(_mm_and_si128(bits, _mm_set1_epi32(0x007FFFFF)), _mm_setzero_si128()), _mm_set1_epi32(-1)));
+    __m128i bias = _mm_add_epi32(_mm_set1_epi32(0x7FFF), _mm_and_si128(_mm_srli_epi32(bits, 16), _mm_set1_epi32(1)));
+    __m128i rounded = _mm_srli_epi32(_mm_add_epi32(bits, bias), 16);
+    __m128i nan = _mm_or_si128(_mm_srli_epi32(bits, 16), _mm_set1_epi32(0x0040));
+    return _mm_blendv_epi8(rounded, nan, isNaN);
+}
+
+AVX2 void ckernels_divide_bf16(const double *sums, double divisor, void *destination, size_t count) {
+    unsigned char *d = destination;
+    __m256d v = _mm256_set1_pd(divisor);
+    size_t i = 0;
+    for (; i + 4 <= count; i += 4) {
+        __m256d q = _mm256_div_pd(_mm256_loadu_pd(sums + i), v);
+        __m128i halves = float_bits_to_bf16(round_to_odd(q));
+        // The low 16 bits of each 32-bit lane, packed (all lanes fit in 16 bits unsigned).
+        _mm_storel_epi64((__m128i *)(d + 2 * i), _mm_packus_epi32(halves, halves));
+    }
+    for (; i < count; i++) {
+        double q[4] = {sums[i] / divisor, 0, 0, 0};
+        uint16_t h = (uint16_t)_mm_extract_epi32(float_bits_to_bf16(round_to_odd(_mm256_loadu_pd(q))), 0);
+        memcpy(d + 2 * i, &h, 2);
+    }
+}

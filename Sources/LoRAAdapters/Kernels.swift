@@ -1,0 +1,103 @@
+import CKernels
+
+/// Which implementation runs the engine's two hot loops (decode-multiply-accumulate, and the fused
+/// divide-and-round into the output): the portable Swift loops, or AVX2/F16C ones in C (CKernels)
+/// that give exactly the same bits. `best` is chosen once per process by a CPU check.
+public enum KernelSet: String, Sendable, CaseIterable {
+    case portable
+    case avx2
+
+    public static let best: KernelSet = isSupported(.avx2) ? .avx2 : .portable
+
+    public static func isSupported(_ kernels: KernelSet) -> Bool {
+        switch kernels {
+        case .portable: true
+        case .avx2: ckernels_cpu_supports_avx2() != 0
+        }
+    }
+}
+
+/// One dtype's pair of run loops, as the engine calls them.
+protocol RunKernel {
+    associatedtype Codec: ElementCodec
+    /// `destination[i] += weight · source[i]` for `i < count`.
+    static func accumulate(_ source: UnsafeRawPointer, weight: Double, into destination: UnsafeMutablePointer<Double>, count: Int)
+    /// `destination[i] = round(sums[i] / divisor)` for `i < count`.
+    static func divide(_ sums: UnsafePointer<Double>, by divisor: Double, into destination: UnsafeMutableRawPointer, count: Int)
+}
+
+extension RunKernel {
+    static var dtype: DType { Codec.dtype }
+}
+
+/// The portable loops: every codec is its own kernel, written with wrapping index arithmetic and
+/// plain pointers so that the compiler vectorises them for the baseline target (SSE2).
+extension ElementCodec {
+    typealias Codec = Self
+
+    @inline(__always)
+    static func accumulate(_ source: UnsafeRawPointer, weight: Double, into destination: UnsafeMutablePointer<Double>, count: Int) {
+        var index = 0
+        while index < count {
+            destination[index] += weight * load(source, at: index)
+            index &+= 1
+        }
+    }
+
+    @inline(__always)
+    static func divide(_ sums: UnsafePointer<Double>, by divisor: Double, into destination: UnsafeMutableRawPointer, count: Int) {
+        var index = 0
+        while index < count {
+            store(sums[index] / divisor, to: destination, at: index)
+            index &+= 1
+        }
+    }
+}
+
+extension F32Codec: RunKernel {
+    enum Vectorised: RunKernel {
+        typealias Codec = F32Codec
+        static func accumulate(_ source: UnsafeRawPointer, weight: Double, into destination: UnsafeMutablePointer<Double>, count: Int) {
+            ckernels_accumulate_f32(source, weight, destination, count)
+        }
+        static func divide(_ sums: UnsafePointer<Double>, by divisor: Double, into destination: UnsafeMutableRawPointer, count: Int) {
+            ckernels_divide_f32(sums, divisor, destination, count)
+        }
+    }
+}
+
+extension F64Codec: RunKernel {
+    enum Vectorised: RunKernel {
+        typealias Codec = F64Codec
+        static func accumulate(_ source: UnsafeRawPointer, weight: Double, into destination: UnsafeMutablePointer<Double>, count: Int) {
+            ckernels_accumulate_f64(source, weight, destination, count)
+        }
+        static func divide(_ sums: UnsafePointer<Double>, by divisor: Double, into destination: UnsafeMutableRawPointer, count: Int) {
+            ckernels_divide_f64(sums, divisor, destination, count)
+        }
+    }
+}
+
+extension F16Codec: RunKernel {
+    enum Vectorised: RunKernel {
+        typealias Codec = F16Codec
+        static func accumulate(_ source: UnsafeRawPointer, weight: Double, into destination: UnsafeMutablePointer<Double>, count: Int) {
+            ckernels_accumulate_f16(source, weight, destination, count)
+        }
+        static func divide(_ sums: UnsafePointer<Double>, by divisor: Double, into destination: UnsafeMutableRawPointer, count: Int) {
+            ckernels_divide_f16(sums, divisor, destination, count)
+        }
+    }
+}
+
+extension BF16Codec: RunKernel {
+    enum Vectorised: RunKernel {
+        typealias Codec = BF16Codec
+        static func accumulate(_ source: UnsafeRawPointer, weight: Double, into destination: UnsafeMutablePointer<Double>, count: Int) {
+            ckernels_accumulate_bf16(source, weight, destination, count)
+        }
+        static func divide(_ sums: UnsafePointer<Double>, by divisor: Double, into destination: UnsafeMutableRawPointer, count: Int) {
+            ckernels_divide_bf16(sums, divisor, destination, count)
+        }
+    }
+}

@@ -1,0 +1,179 @@
+import Foundation
+import TestSupport
+import Testing
+
+@testable import LoRAAdapters
+
+/// The AVX2 kernels against the portable loops: the same bits for every dtype, on dtype edge cases
+/// (ties, subnormals, overflow, infinities, NaN), on every length and alignment the tails see, and
+/// through the whole engine on random rounds. They run where the CPU has AVX2 and F16C (CI's does).
+@Suite(.enabled(if: KernelSet.isSupported(.avx2))) struct KernelTests {
+    /// Doubles that probe each rounding: exact halfway points between neighbours of Float, binary16
+    /// and bfloat16 (ties to even both ways), one ulp either side of them, subnormals of each format,
+    /// the overflow thresholds, ±0, ±∞ and NaNs with payloads; then random magnitudes.
+    static func edgeCases(seed: UInt64) -> [Double] {
+        var values: [Double] = [
+            0, -0.0, .infinity, -.infinity, .nan, -Double.nan, Double(bitPattern: 0x7FF8_0000_DEAD_BEEF), Double(bitPattern: 0xFFF4_0000_0000_0001),
+        ]
+        for significandBits in [23, 10, 7] {  // Float, binary16, bfloat16
+            for exponent in [-149, -126, -24, -15, -14, -1, 0, 1, 15, 16, 127, 128] {
+                for mantissa in 0..<6 {
+                    let neighbour = Double(sign: .plus, exponent: exponent, significand: 1 + Double(mantissa) / Double(1 << significandBits))
+                    let halfway = neighbour + Double(sign: .plus, exponent: exponent - significandBits - 1, significand: 1)
+                    for value in [halfway, halfway.nextUp, halfway.nextDown, neighbour, neighbour.nextUp] { values += [value, -value] }
+                }
+            }
+        }
+        values += [65504, 65519.99, 65520, 65520.01, 3.4028234663852886e38, 3.4028235677973366e38, 3.402823669e38, 1e300, 5e-324, 1e-310]
+        var random = SeededGenerator(seed: seed)
+        for _ in 0..<2000 {
+            let magnitude = Double(sign: .plus, exponent: Int(random.next() % 80) - 40, significand: 1 + Double(random.next() % (1 << 52)) / Double(1 << 52))
+            values.append(random.next() % 2 == 0 ? magnitude : -magnitude)
+        }
+        return values
+    }
+
+    static func dividedBytes<Kernel: RunKernel>(_ values: [Double], by divisor: Double, misalignedBy offset: Int, with _: Kernel.Type) -> [UInt8] {
+        var bytes = [UInt8](repeating: 0xAA, count: values.count * Kernel.dtype.byteWidth + offset)
+        bytes.withUnsafeMutableBytes { destination in
+            values.withUnsafeBufferPointer { Kernel.divide($0.baseAddress!, by: divisor, into: destination.baseAddress! + offset, count: values.count) }
+        }
+        return Array(bytes[offset...])
+    }
+
+    @Test(arguments: DType.allCases, [1.0, 3.0, 0.1, 7e-300, .infinity])
+    func divideAndRoundGivesThePortableBits(dtype: DType, divisor: Double) {
+        let values = Self.edgeCases(seed: 11)
+        // Lengths around the vector widths reach every tail; offsets make every access unaligned.
+        for count in [0, 1, 3, 4, 5, 7, 8, 9, 17, values.count] {
+            for offset in [0, 1] {
+                let slice = Array(values.prefix(count))
+                let (portable, vectorised): ([UInt8], [UInt8]) =
+                    switch dtype {
+                    case .f32:
+                        (
+                            Self.dividedBytes(slice, by: divisor, misalignedBy: offset, with: F32Codec.self),
+                            Self.dividedBytes(slice, by: divisor, misalignedBy: offset, with: F32Codec.Vectorised.self)
+                        )
+                    case .f64:
+                        (
+                            Self.dividedBytes(slice, by: divisor, misalignedBy: offset, with: F64Codec.self),
+                            Self.dividedBytes(slice, by: divisor, misalignedBy: offset, with: F64Codec.Vectorised.self)
+                        )
+                    case .f16:
+                        (
+                            Self.dividedBytes(slice, by: divisor, misalignedBy: offset, with: F16Codec.self),
+                            Self.dividedBytes(slice, by: divisor, misalignedBy: offset, with: F16Codec.Vectorised.self)
+                        )
+                    case .bf16:
+                        (
+                            Self.dividedBytes(slice, by: divisor, misalignedBy: offset, with: BF16Codec.self),
+                            Self.dividedBytes(slice, by: divisor, misalignedBy: offset, with: BF16Codec.Vectorised.self)
+                        )
+                    }
+                #expect(
+                    portable == vectorised,
+                    "\(dtype) ÷ \(divisor), \(count) values at offset \(offset): first difference at byte \(portable.indices.first { portable[$0] != vectorised[$0] } ?? -1)"
+                )
+            }
+        }
+    }
+
+    static func accumulated<Kernel: RunKernel>(_ source: [UInt8], weight: Double, onto start: [Double], misalignedBy offset: Int, with _: Kernel.Type)
+        -> [UInt64]
+    {
+        var sums = start
+        let padded = [UInt8](repeating: 0, count: offset) + source
+        padded.withUnsafeBytes { bytes in
+            sums.withUnsafeMutableBufferPointer { Kernel.accumulate(bytes.baseAddress! + offset, weight: weight, into: $0.baseAddress!, count: $0.count) }
+        }
+        return sums.map(\.bitPattern)
+    }
+
+    /// Uploads are finite (validated on the way in), so the sources are every finite bit pattern's
+    /// kind: random bits with non-finite ones replaced, subnormals and ±0 included.
+    @Test(arguments: DType.allCases, [1.0, 0.375, 1e-7, 12345.678])
+    func accumulateGivesThePortableBits(dtype: DType, weight: Double) {
+        var random = SeededGenerator(seed: 5)
+        let count = 1003
+        let width = dtype.byteWidth
+        var source = (0..<(count * width)).map { _ in UInt8(truncatingIfNeeded: random.next()) }
+        source.withUnsafeMutableBytes { bytes in
+            for index in 0..<count where !dtype.value(in: UnsafeRawBufferPointer(bytes), at: index).isFinite {
+                bytes[index * width + width - 1] &= 0x80  // clear the exponent's top bits: finite
+            }
+        }
+        let start = Self.edgeCases(seed: 3).prefix(count).map { $0.isFinite ? $0 : 1.5 }
+        for length in [0, 1, 7, 8, 9, 15, 16, 17, count] {
+            for offset in [0, 1] {
+                let bytes = Array(source.prefix(length * width))
+                let initial = Array(start.prefix(length))
+                let (portable, vectorised): ([UInt64], [UInt64]) =
+                    switch dtype {
+                    case .f32:
+                        (
+                            Self.accumulated(bytes, weight: weight, onto: initial, misalignedBy: offset, with: F32Codec.self),
+                            Self.accumulated(bytes, weight: weight, onto: initial, misalignedBy: offset, with: F32Codec.Vectorised.self)
+                        )
+                    case .f64:
+                        (
+                            Self.accumulated(bytes, weight: weight, onto: initial, misalignedBy: offset, with: F64Codec.self),
+                            Self.accumulated(bytes, weight: weight, onto: initial, misalignedBy: offset, with: F64Codec.Vectorised.self)
+                        )
+                    case .f16:
+                        (
+                            Self.accumulated(bytes, weight: weight, onto: initial, misalignedBy: offset, with: F16Codec.self),
+                            Self.accumulated(bytes, weight: weight, onto: initial, misalignedBy: offset, with: F16Codec.Vectorised.self)
+                        )
+                    case .bf16:
+                        (
+                            Self.accumulated(bytes, weight: weight, onto: initial, misalignedBy: offset, with: BF16Codec.self),
+                            Self.accumulated(bytes, weight: weight, onto: initial, misalignedBy: offset, with: BF16Codec.Vectorised.self)
+                        )
+                    }
+                #expect(portable == vectorised, "\(dtype) × \(weight), \(length) values at offset \(offset)")
+            }
+        }
+    }
+
+    @Test(arguments: 0..<12, AggregationStrategy.allCases)
+    func theEngineGivesTheSameBytesWithEitherKernelSet(seed: UInt64, strategy: AggregationStrategy) throws {
+        let clients = seed < 6 ? TestRound.random(seed: 900 + seed) : TestRound.randomScaled(seed: 900 + seed)
+        for dtype in DType.outputTypes {
+            let portable = try AdapterAggregator.aggregate(try TestRound.source(clients), options: .init(strategy: strategy, dtype: dtype, kernels: .portable))
+            let vectorised = try AdapterAggregator.aggregate(try TestRound.source(clients), options: .init(strategy: strategy, dtype: dtype, kernels: .avx2))
+            #expect(portable.bytes == vectorised.bytes, "seed \(seed), \(strategy), \(dtype)")
+        }
+    }
+}
+
+/// Tensors large enough to be shared by two cores and summed block by block: against the literal
+/// reference, with holders of every rank, a base giving the top slices, and a dense tensor.
+@Suite struct LargeTensorTests {
+    static func client(_ id: String, rank: Int, weight: Double, dtype: DType, seed: UInt64) -> TestClient {
+        var random = SeededGenerator(seed: seed)
+        func tensor(_ shape: [Int]) -> TestTensor {
+            TestTensor(shape: shape, values: (0..<shape.reduce(1, *)).map { _ in TestRound.randomValue(for: dtype, using: &random) })
+        }
+        // The literal reference's names, at sizes past the two-core threshold.
+        let (a, b) = (TestModule.query.tensors(rank: rank)[0].0, TestModule.query.tensors(rank: rank)[1].0)
+        return TestClient(
+            id: id, rank: rank, weight: weight, dtype: dtype,
+            tensors: [a: tensor([rank, 2051]), b: tensor([2053, rank]), TestModule.classifierBias.tensors(rank: 1)[0].0: tensor([131_101])])
+    }
+
+    @Test(arguments: [AggregationStrategy.replication, .zeroPadding], [DType.f32, .bf16])
+    func largeTensorsMatchTheLiteralReference(strategy: AggregationStrategy, dtype: DType) throws {
+        let clients = [
+            Self.client("a", rank: 64, weight: 3, dtype: .f32, seed: 1), Self.client("b", rank: 8, weight: 1.5, dtype: .bf16, seed: 2),
+            Self.client("c", rank: 33, weight: 7, dtype: .f16, seed: 3),
+        ]
+        let padding: LiteralReference.Padding = strategy == .replication ? .replication : .zeros
+        let aggregate = try AdapterAggregator.aggregate(try TestRound.source(clients), options: .init(strategy: strategy, dtype: dtype))
+        let reference = LiteralReference.aggregate(clients, padding: padding, rank: 64)
+        try expectMatches(aggregate.bytes, reference, tolerance: dtype == .f32 ? 1e-6 : 8e-3, "\(strategy) \(dtype)")
+        #expect(
+            aggregate.bytes
+                == (try AdapterAggregator.aggregate(try TestRound.source(clients), options: .init(strategy: strategy, dtype: dtype, kernels: .portable))).bytes)
+    }
+}
