@@ -48,21 +48,26 @@ struct SQLiteAdapterSource: AdapterSource {
         }
     }
 
-    /// Every holder's blob read into one buffer, side by side.
-    func withContributions(toTensor tensorName: String, _ body: ([TensorContribution]) throws -> Void) throws {
-        guard includesUploads else { return try body([]) }
+    /// Each holder's blob opened for incremental reading (SQLite keeps each one's overflow-page
+    /// list, so a part anywhere in a blob costs only its own pages), read part by part into the
+    /// caller's scratch: the bytes go from the mapped file into the cache the engine sums from.
+    func withContributionReader(toTensor tensorName: String, _ body: ([ContributionInfo], any ContributionReader) throws -> Void) throws {
+        guard includesUploads else { return try body([], InPlaceContributionReader([])) }
         let statement = try connection.statement(
             """
-            SELECT u.client, t.dtype, t.shape, t.rowid FROM uploads u JOIN tensors t ON t.upload_id = u.id AND t.name = ?3
+            SELECT u.client, t.dtype, t.shape, t.rowid, length(t.data) FROM uploads u JOIN tensors t ON t.upload_id = u.id AND t.name = ?3
             WHERE u.federation = ?1 AND u.round = ?2 ORDER BY u.client
             """)
         try statement.bind(.id(federation), .round(round), .text(tensorName))
-        let rows = try statement.rows { (client: $0.text(0), dtype: try Self.dtype($0.text(1)), shape: Self.shape($0.text(2)), rowID: $0.integer(3)) }
-        try connection.withBlobReader(table: "tensors", column: "data") { blobs in
-            try blobs.withBlobs(rowIDs: rows.map(\.rowID)) { buffers in
-                try body(zip(rows, buffers).map { TensorContribution(clientID: $0.client, dtype: $0.dtype, shape: $0.shape, bytes: $1) })
-            }
+        let rows = try statement.rows {
+            (
+                info: ContributionInfo(clientID: $0.text(0), dtype: try Self.dtype($0.text(1)), shape: Self.shape($0.text(2)), byteCount: Int($0.integer(4))),
+                rowID: $0.integer(3)
+            )
         }
+        let reader = try connection.blobs(table: "tensors", column: "data", rowIDs: rows.map(\.rowID))
+        defer { reader.close() }
+        try body(rows.map(\.info), reader)
     }
 
     func baseTensors() throws -> [BaseTensor] {

@@ -1,4 +1,6 @@
 import CSQLite3
+import LoRAAdapters
+import Synchronization
 
 /// One SQLite connection and its prepared statements, wrapping the C handles. Not thread-safe:
 /// `AdapterStore` confines each connection to one serial queue.
@@ -90,6 +92,23 @@ final class SQLiteConnection {
         let reader = SQLiteBlobReader(connection: self, database: handle, table: table, column: column)
         defer { reader.close() }
         return try body(reader)
+    }
+
+    /// Incremental readers of the blobs of `rowIDs`, all open at once, for reading parts of them
+    /// from several threads; `close()` when done.
+    func blobs(table: String, column: String, rowIDs: [Int64]) throws -> SQLiteBlobParts {
+        let parts = SQLiteBlobParts(connection: self)
+        for rowID in rowIDs {
+            var blob: OpaquePointer?
+            let status = sqlite3_blob_open(handle, "main", table, column, rowID, 0, &blob)
+            guard status == SQLITE_OK else {
+                sqlite3_blob_close(blob)
+                parts.close()
+                throw failure(status)
+            }
+            parts.handles.append(blob)
+        }
+        return parts
     }
 
     var changes: Int { Int(sqlite3_changes(handle)) }
@@ -220,31 +239,6 @@ final class SQLiteBlobReader {
 
     /// The blob of row `rowID`, valid until the next call.
     func withBlob<Result>(rowID: Int64, _ body: (UnsafeRawBufferPointer) throws -> Result) throws -> Result {
-        try withBlobs(rowIDs: [rowID]) { try body($0[0]) }
-    }
-
-    /// The blobs of the rows `rowIDs`, side by side in one buffer, valid until the next call.
-    func withBlobs<Result>(rowIDs: [Int64], _ body: ([UnsafeRawBufferPointer]) throws -> Result) throws -> Result {
-        var sizes: [Int] = []
-        for rowID in rowIDs {
-            try open(rowID)
-            sizes.append(Int(sqlite3_blob_bytes(handle)))
-        }
-        // Each blob starts on a 64-byte boundary, as one alone would.
-        let offsets = sizes.reduce(into: [0]) { offsets, size in offsets.append(offsets.last! + (size + 63) & ~63) }
-        if offsets.last! > buffer.count {
-            buffer.deallocate()
-            buffer = .allocate(byteCount: offsets.last!, alignment: 64)
-        }
-        for (index, rowID) in rowIDs.enumerated() {
-            if rowIDs.count > 1 { try open(rowID) }
-            let read = sqlite3_blob_read(handle, buffer.baseAddress! + offsets[index], Int32(sizes[index]), 0)
-            guard read == SQLITE_OK else { throw connection.failure(read) }
-        }
-        return try body(rowIDs.indices.map { UnsafeRawBufferPointer(rebasing: buffer[offsets[$0]..<(offsets[$0] + sizes[$0])]) })
-    }
-
-    private func open(_ rowID: Int64) throws {
         let status = handle == nil ? sqlite3_blob_open(database, "main", table, column, rowID, 0, &handle) : sqlite3_blob_reopen(handle, rowID)
         guard status == SQLITE_OK else {
             let error = connection.failure(status)
@@ -252,5 +246,36 @@ final class SQLiteBlobReader {
             handle = nil
             throw error
         }
+        let count = Int(sqlite3_blob_bytes(handle))
+        if count > buffer.count {
+            buffer.deallocate()
+            buffer = .allocate(byteCount: count, alignment: 64)
+        }
+        let read = sqlite3_blob_read(handle, buffer.baseAddress, Int32(count), 0)
+        guard read == SQLITE_OK else { throw connection.failure(read) }
+        return try body(UnsafeRawBufferPointer(rebasing: buffer[0..<count]))
+    }
+}
+
+/// Open blobs read in parts into callers' buffers. The connection is opened without SQLite's own
+/// mutex (its queue confines it), so reads from several threads take turns here.
+final class SQLiteBlobParts: ContributionReader, @unchecked Sendable {
+    // @unchecked: `handles` is filled before the reader is shared, then only read; every use of
+    // the connection goes through `lock`.
+    fileprivate var handles: [OpaquePointer?] = []
+    private let connection: SQLiteConnection
+    private let lock = Mutex(())
+
+    fileprivate init(connection: SQLiteConnection) { self.connection = connection }
+
+    func withBytes(ofHolder index: Int, in byteRange: Range<Int>, scratch: UnsafeMutableRawPointer, _ body: (UnsafeRawPointer) throws -> Void) throws {
+        let status = lock.withLock { _ in sqlite3_blob_read(handles[index], scratch, Int32(byteRange.count), Int32(byteRange.lowerBound)) }
+        guard status == SQLITE_OK else { throw lock.withLock { _ in connection.failure(status) } }
+        try body(UnsafeRawPointer(scratch))
+    }
+
+    func close() {
+        for handle in handles { sqlite3_blob_close(handle) }
+        handles = []
     }
 }

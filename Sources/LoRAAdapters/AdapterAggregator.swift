@@ -1,11 +1,14 @@
 import Foundation
+import Synchronization
 
 /// The aggregation engine: the aggregation semantics of openapi.yaml's description, streamed tensor by tensor.
 ///
-/// For each tensor name (in name order) it pulls every holder's bytes in ascending client-id order,
-/// accumulates `w·x` in Float64 into one reusable buffer, divides each rank slice by its strategy's
-/// denominator, and rounds straight into the preallocated output file. Memory is the output file
-/// plus one Float64 tensor, whatever the number of clients.
+/// For each tensor name (in name order), block by block of its output elements, it reads every
+/// holder's part of the block in ascending client-id order, accumulates `w·x` in Float64 into the
+/// block of one reusable buffer while it is in cache, divides each rank slice by its strategy's
+/// denominator, and rounds straight into the preallocated output file; a large tensor's two halves
+/// go to two cores. Memory is the output file plus one Float64 tensor and a block of scratch per
+/// core, whatever the number of clients.
 public enum AdapterAggregator {
     /// The version of the bytes `aggregate` produces for given inputs and options. Bump it with any
     /// change to them (summation, rounding, layout, metadata): digests recorded for an older
@@ -60,6 +63,8 @@ public enum AdapterAggregator {
 
         let accumulator = UnsafeMutableBufferPointer<Double>.allocate(capacity: max(1, plans.map(\.outputElementCount).max() ?? 1))
         defer { accumulator.deallocate() }
+        let scratch = UnsafeMutableRawPointer.allocate(byteCount: 2 * scratchBytes, alignment: 64)
+        defer { scratch.deallocate() }
         var moduleOrder: [String] = []
         for plan in plans { if let module = plan.module, moduleOrder.last != module, !moduleOrder.contains(module) { moduleOrder.append(module) } }
         let pipeline = FactorPipeline(pairs: pairs, order: moduleOrder, rank: { ranks.globalRank(ofModule: $0) }, source: source)
@@ -74,7 +79,9 @@ public enum AdapterAggregator {
                     try pipeline.factors(of: module).fill(plan, into: sums)
                     plan.writeMeans(of: sums, as: options.dtype, to: base + info.byteRange.lowerBound, kernels: options.kernels)
                 } else {
-                    try aggregate(plan, from: source, into: sums, writingTo: base + info.byteRange.lowerBound, dtype: options.dtype, kernels: options.kernels)
+                    try aggregate(
+                        plan, from: source, into: sums, writingTo: base + info.byteRange.lowerBound, dtype: options.dtype, kernels: options.kernels,
+                        scratch: scratch)
                 }
                 observer?.regionFinished(UnsafeRawBufferPointer(start: base + info.byteRange.lowerBound, count: info.byteRange.count))
             }
@@ -136,25 +143,34 @@ public enum AdapterAggregator {
     /// Tensors at least this large are shared by two cores, half each; a smaller one would spend
     /// more on waking the second core than it saves.
     static let twoCoreElements = 1 << 17
+    /// Scratch for one core's part of one holder of a block: at most a block of elements of at most 8 bytes.
+    static let scratchBytes = blockElements * 8
 
     /// Sums `w·x` over the plan's holders (and the base's slices) into `sums` and writes the means
-    /// at `destination`, block by block, checking that the source delivers exactly the announced
-    /// holders, in client-id order, with the announced shapes and sizes.
+    /// at `destination`, block by block: each holder's part of a block is read (from the store's
+    /// mapped file into a cache-sized scratch, or in place) just before it is added, so the input
+    /// crosses memory once. Checks that the source delivers exactly the announced holders, in
+    /// client-id order, with the announced shapes and sizes.
     private static func aggregate(
         _ plan: TensorPlan, from source: some AdapterSource, into sums: UnsafeMutableBufferPointer<Double>, writingTo destination: UnsafeMutableRawPointer,
-        dtype: DType, kernels: KernelSet
+        dtype: DType, kernels: KernelSet, scratch: UnsafeMutableRawPointer
     ) throws {
-        try source.withContributions(toTensor: plan.name) { contributions in
+        try source.withContributionReader(toTensor: plan.name) { contributions, reader in
             let holders = try plan.checkedHolders(contributions)
             try withBaseBytes(of: plan, from: source) { baseBytes in
-                let run = { (range: Range<Int>) in
+                let run = { (range: Range<Int>, scratch: UnsafeMutableRawPointer) throws in
                     for start in stride(from: range.lowerBound, to: range.upperBound, by: blockElements) {
                         let block = start..<min(start + blockElements, range.upperBound)
                         UnsafeMutableBufferPointer(rebasing: sums[block]).initialize(repeating: 0)
-                        for (holder, bytes) in holders {
-                            plan.add(
-                                bytes, dtype: holder.dtype, clientRank: holder.rank, slices: 0..<min(holder.rank, plan.outputRank),
-                                weight: holder.foldedWeight, into: sums, kernels: kernels, range: block)
+                        for (index, holder) in holders.enumerated() {
+                            let slices = 0..<min(holder.rank, plan.outputRank)
+                            guard let elements = plan.sourceElements(clientRank: holder.rank, slices: slices, in: block) else { continue }
+                            let width = holder.dtype.byteWidth
+                            try reader.withBytes(ofHolder: index, in: (elements.lowerBound * width)..<(elements.upperBound * width), scratch: scratch) {
+                                plan.add(
+                                    $0, sourceOffset: elements.lowerBound, dtype: holder.dtype, clientRank: holder.rank, slices: slices,
+                                    weight: holder.foldedWeight, into: sums, kernels: kernels, range: block)
+                            }
                         }
                         if let baseBytes, let base = plan.base {
                             plan.add(
@@ -165,11 +181,20 @@ public enum AdapterAggregator {
                     }
                 }
                 let count = plan.outputElementCount
-                guard count >= twoCoreElements else { return run(0..<count) }
-                // Unchecked: the halves write disjoint elements of `sums` and the output, and only
-                // read the inputs, which stay valid until concurrentPerform returns.
+                guard count >= twoCoreElements else { return try run(0..<count, scratch) }
+                // Unchecked: the halves write disjoint elements of `sums` and the output, read the
+                // inputs only through the reader (safe from two threads), each with its own scratch.
                 nonisolated(unsafe) let work = run
-                DispatchQueue.concurrentPerform(iterations: 2) { half in work(half == 0 ? 0..<count / 2 : count / 2..<count) }
+                let failures = Mutex<[any Error]>([])
+                nonisolated(unsafe) let scratches = scratch
+                DispatchQueue.concurrentPerform(iterations: 2) { half in
+                    do {
+                        try work(half == 0 ? 0..<count / 2 : count / 2..<count, scratches + half * scratchBytes)
+                    } catch {
+                        failures.withLock { $0.append(error) }
+                    }
+                }
+                if let failure = failures.withLock({ $0.first }) { throw failure }
             }
         }
     }

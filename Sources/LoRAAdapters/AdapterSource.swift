@@ -77,31 +77,74 @@ public protocol AdapterSource {
     /// Calls `body` once for each client holding `tensorName`, in ascending client-id order
     /// (byte-wise), with that client's bytes of the tensor.
     func forEachContribution(toTensor tensorName: String, _ body: (TensorContribution) throws -> Void) throws
-    /// Calls `body` once with what `forEachContribution` gives, all at once (valid inside `body`
-    /// only), so the engine can add every holder to one cache-sized block of the sums before moving
-    /// on, on two cores. The default copies the contributions.
-    func withContributions(toTensor tensorName: String, _ body: ([TensorContribution]) throws -> Void) throws
+    /// Calls `body` once with the holders of `tensorName` (as `forEachContribution` orders them)
+    /// and a reader of any part of their bytes, valid inside `body` only: the engine reads every
+    /// holder's part of one cache-sized block of the output at a time, from two cores at once. The
+    /// default copies what `forEachContribution` delivers.
+    func withContributionReader(toTensor tensorName: String, _ body: ([ContributionInfo], any ContributionReader) throws -> Void) throws
     /// Every tensor of the round's base; empty when the round has none.
     func baseTensors() throws -> [BaseTensor]
     /// Calls `body` once with the base's bytes of `tensorName`, one of `baseTensors()`.
     func withBaseTensor(named tensorName: String, _ body: (TensorContribution) throws -> Void) throws
 }
 
+/// One holder of a tensor, without its bytes.
+public struct ContributionInfo: Sendable {
+    public let clientID: String
+    public let dtype: DType
+    public let shape: [Int]
+    public let byteCount: Int
+
+    public init(clientID: String, dtype: DType, shape: [Int], byteCount: Int) {
+        self.clientID = clientID
+        self.dtype = dtype
+        self.shape = shape
+        self.byteCount = byteCount
+    }
+}
+
+/// Parts of the holders' bytes of one tensor. Safe to call from several threads at once, each with
+/// its own scratch buffer.
+public protocol ContributionReader: Sendable {
+    /// Calls `body` with holder `index`'s bytes in `byteRange`: in place where the source holds them
+    /// in memory, else read into `scratch` (at least `byteRange.count` bytes).
+    func withBytes(ofHolder index: Int, in byteRange: Range<Int>, scratch: UnsafeMutableRawPointer, _ body: (UnsafeRawPointer) throws -> Void) throws
+}
+
+/// Holders' bytes that stay in memory while the reader is used: parts are lent in place.
+public struct InPlaceContributionReader: ContributionReader, @unchecked Sendable {
+    // @unchecked: the pointers are only read, and outlive the reader (the caller's contract).
+    private let bytes: [UnsafeRawPointer?]
+
+    public init(_ contributions: [TensorContribution]) { bytes = contributions.map(\.bytes.baseAddress) }
+
+    public func withBytes(
+        ofHolder index: Int, in byteRange: Range<Int>, scratch: UnsafeMutableRawPointer, _ body: (UnsafeRawPointer) throws -> Void
+    ) throws {
+        guard let base = bytes[index] else { return }
+        try body(base + byteRange.lowerBound)
+    }
+}
+
+extension TensorContribution {
+    var info: ContributionInfo { ContributionInfo(clientID: clientID, dtype: dtype, shape: shape, byteCount: bytes.count) }
+}
+
 extension AdapterSource {
-    public func withContributions(toTensor tensorName: String, _ body: ([TensorContribution]) throws -> Void) throws {
-        var copies: [(contribution: TensorContribution, offset: Int)] = []
+    public func withContributionReader(toTensor tensorName: String, _ body: ([ContributionInfo], any ContributionReader) throws -> Void) throws {
+        var copies: [(info: ContributionInfo, offset: Int)] = []
         var arena: [UInt8] = []
         try forEachContribution(toTensor: tensorName) { contribution in
-            copies.append((contribution, arena.count))
+            copies.append((contribution.info, arena.count))
             arena.append(contentsOf: contribution.bytes)
         }
         try arena.withUnsafeBytes { bytes in
-            try body(
-                copies.map { copy in
-                    TensorContribution(
-                        clientID: copy.contribution.clientID, dtype: copy.contribution.dtype, shape: copy.contribution.shape,
-                        bytes: UnsafeRawBufferPointer(rebasing: bytes[copy.offset..<(copy.offset + copy.contribution.bytes.count)]))
-                })
+            let contributions = copies.map { copy in
+                TensorContribution(
+                    clientID: copy.info.clientID, dtype: copy.info.dtype, shape: copy.info.shape,
+                    bytes: UnsafeRawBufferPointer(rebasing: bytes[copy.offset..<(copy.offset + copy.info.byteCount)]))
+            }
+            try body(copies.map(\.info), InPlaceContributionReader(contributions))
         }
     }
 }
@@ -151,11 +194,11 @@ public struct InMemoryAdapterSource: AdapterSource, Sendable {
         }
     }
 
-    /// The files' own bytes, without copying.
-    public func withContributions(toTensor tensorName: String, _ body: ([TensorContribution]) throws -> Void) throws {
+    /// The files' own bytes, lent in place.
+    public func withContributionReader(toTensor tensorName: String, _ body: ([ContributionInfo], any ContributionReader) throws -> Void) throws {
         let holders = adapters.compactMap { adapter in adapter.file.tensor(named: tensorName).map { (adapter, $0) } }
         func gather(_ index: Int, _ gathered: [TensorContribution]) throws {
-            guard index < holders.count else { return try body(gathered) }
+            guard index < holders.count else { return try body(gathered.map(\.info), InPlaceContributionReader(gathered)) }
             let (adapter, tensor) = holders[index]
             try adapter.file.withBytes(of: tensor) { bytes in
                 try gather(

@@ -164,38 +164,51 @@ struct TensorPlan {
     }
 
     /// Adds `weight ·` the given output `slices` of one tensor of rank `clientRank` (a client's, or
-    /// the base's) to `sums`, for the output elements in `range` only (all by default).
+    /// the base's) to `sums`, for the output elements in `range` only (all by default). `source`
+    /// holds the tensor's elements from `sourceOffset` on (a part of it, say).
     func add(
-        _ source: UnsafeRawPointer, dtype: DType, clientRank: Int, slices: Range<Int>, weight: Double, into sums: UnsafeMutableBufferPointer<Double>,
-        kernels: KernelSet = .portable, range: Range<Int>? = nil
+        _ source: UnsafeRawPointer, sourceOffset: Int = 0, dtype: DType, clientRank: Int, slices: Range<Int>, weight: Double,
+        into sums: UnsafeMutableBufferPointer<Double>, kernels: KernelSet = .portable, range: Range<Int>? = nil
     ) {
         let range = range ?? 0..<outputElementCount
         switch (dtype, kernels) {
-        case (.f32, .portable): add(source, as: F32Codec.self, clientRank: clientRank, slices: slices, weight: weight, into: sums, range: range)
-        case (.f16, .portable): add(source, as: F16Codec.self, clientRank: clientRank, slices: slices, weight: weight, into: sums, range: range)
-        case (.bf16, .portable): add(source, as: BF16Codec.self, clientRank: clientRank, slices: slices, weight: weight, into: sums, range: range)
-        case (.f64, .portable): add(source, as: F64Codec.self, clientRank: clientRank, slices: slices, weight: weight, into: sums, range: range)
-        case (.f32, .avx2): add(source, as: F32Codec.Vectorised.self, clientRank: clientRank, slices: slices, weight: weight, into: sums, range: range)
-        case (.f16, .avx2): add(source, as: F16Codec.Vectorised.self, clientRank: clientRank, slices: slices, weight: weight, into: sums, range: range)
-        case (.bf16, .avx2): add(source, as: BF16Codec.Vectorised.self, clientRank: clientRank, slices: slices, weight: weight, into: sums, range: range)
-        case (.f64, .avx2): add(source, as: F64Codec.Vectorised.self, clientRank: clientRank, slices: slices, weight: weight, into: sums, range: range)
+        case (.f32, .portable): add(source, sourceOffset, as: F32Codec.self, clientRank: clientRank, slices: slices, weight: weight, into: sums, range: range)
+        case (.f16, .portable): add(source, sourceOffset, as: F16Codec.self, clientRank: clientRank, slices: slices, weight: weight, into: sums, range: range)
+        case (.bf16, .portable): add(source, sourceOffset, as: BF16Codec.self, clientRank: clientRank, slices: slices, weight: weight, into: sums, range: range)
+        case (.f64, .portable): add(source, sourceOffset, as: F64Codec.self, clientRank: clientRank, slices: slices, weight: weight, into: sums, range: range)
+        case (.f32, .avx2):
+            add(source, sourceOffset, as: F32Codec.Vectorised.self, clientRank: clientRank, slices: slices, weight: weight, into: sums, range: range)
+        case (.f16, .avx2):
+            add(source, sourceOffset, as: F16Codec.Vectorised.self, clientRank: clientRank, slices: slices, weight: weight, into: sums, range: range)
+        case (.bf16, .avx2):
+            add(source, sourceOffset, as: BF16Codec.Vectorised.self, clientRank: clientRank, slices: slices, weight: weight, into: sums, range: range)
+        case (.f64, .avx2):
+            add(source, sourceOffset, as: F64Codec.Vectorised.self, clientRank: clientRank, slices: slices, weight: weight, into: sums, range: range)
         }
     }
 
     private func add<Kernel: RunKernel>(
-        _ source: UnsafeRawPointer, as _: Kernel.Type, clientRank: Int, slices: Range<Int>, weight: Double, into sums: UnsafeMutableBufferPointer<Double>,
-        range: Range<Int>
+        _ source: UnsafeRawPointer, _ sourceOffset: Int, as _: Kernel.Type, clientRank: Int, slices: Range<Int>, weight: Double,
+        into sums: UnsafeMutableBufferPointer<Double>, range: Range<Int>
     ) {
-        guard !slices.isEmpty, !range.isEmpty else { return }
         let width = Kernel.dtype.byteWidth
         let sums = sums.baseAddress!
+        forEachRun(clientRank: clientRank, slices: slices, in: range) { sourceElement, outputElement, count in
+            Kernel.accumulate(source + (sourceElement &- sourceOffset) &* width, weight: weight, into: sums + outputElement, count: count)
+        }
+    }
+
+    /// The contiguous runs in which a tensor of rank `clientRank` gives the output elements of
+    /// `slices` within `range`: (its first element, the output's first element, length), both
+    /// increasing. Block b holds a run at output elements b·outputRank·inner + slices.lowerBound·inner
+    /// onwards and at source elements b·clientRank·inner + slices.lowerBound·inner onwards.
+    @inline(__always)
+    func forEachRun(clientRank: Int, slices: Range<Int>, in range: Range<Int>, _ body: (Int, Int, Int) -> Void) {
+        guard !slices.isEmpty, !range.isEmpty else { return }
         if clientRank == outputRank && slices == 0..<outputRank {
             // Same rank on both sides: the blocks are back to back in both, so it is one long run.
-            Kernel.accumulate(source + range.lowerBound &* width, weight: weight, into: sums + range.lowerBound, count: range.count)
-            return
+            return body(range.lowerBound, range.lowerBound, range.count)
         }
-        // Block b holds the run of the given slices at output elements runStart..<runStart + runLength
-        // and at source elements b·clientRank·inner + slices.lowerBound·inner onwards.
         let blockLength = outputRank &* inner
         let runOffset = slices.lowerBound &* inner
         let runLength = slices.count &* inner
@@ -204,9 +217,18 @@ struct TensorPlan {
             let start = max(runStart, range.lowerBound)
             let end = min(runStart &+ runLength, range.upperBound)
             guard start < end else { continue }
-            let sourceElement = block &* clientRank &* inner &+ runOffset &+ (start &- runStart)
-            Kernel.accumulate(source + sourceElement &* width, weight: weight, into: sums + start, count: end &- start)
+            body(block &* clientRank &* inner &+ runOffset &+ (start &- runStart), start, end &- start)
         }
+    }
+
+    /// The span of a rank-`clientRank` tensor's elements that the output elements in `range` need;
+    /// nil when they need none.
+    func sourceElements(clientRank: Int, slices: Range<Int>, in range: Range<Int>) -> Range<Int>? {
+        var span: Range<Int>?
+        forEachRun(clientRank: clientRank, slices: slices, in: range) { sourceElement, _, count in
+            span = (span?.lowerBound ?? sourceElement)..<(sourceElement + count)
+        }
+        return span
     }
 
     /// Writes `sums` divided slice by slice by the denominators, rounded to `dtype`, at `destination`
@@ -272,25 +294,25 @@ extension TensorPlan {
         try checkAllDelivered(next)
     }
 
-    /// The holders with their bytes, from every contribution at once, checked as `forEachHolder` does.
-    func checkedHolders(_ contributions: [TensorContribution]) throws(AdapterError) -> [(Holder, UnsafeRawPointer)] {
-        var checked: [(Holder, UnsafeRawPointer)] = []
-        for (index, contribution) in contributions.enumerated() {
-            let holder = try holder(at: index, delivering: contribution)
-            if let bytes = contribution.bytes.baseAddress { checked.append((holder, bytes)) }
-        }
+    /// The holders, from what a contribution reader announces, checked as `forEachHolder` checks them.
+    func checkedHolders(_ contributions: [ContributionInfo]) throws(AdapterError) -> [Holder] {
+        let checked = try contributions.enumerated().map { index, contribution throws(AdapterError) in try holder(at: index, delivering: contribution) }
         try checkAllDelivered(contributions.count)
         return checked
     }
 
     private func holder(at index: Int, delivering contribution: TensorContribution) throws(AdapterError) -> Holder {
+        try holder(at: index, delivering: contribution.info)
+    }
+
+    private func holder(at index: Int, delivering contribution: ContributionInfo) throws(AdapterError) -> Holder {
         guard index < holders.count, holders[index].clientID == contribution.clientID else {
             throw AdapterError(
                 .inconsistentSource, "the source delivered client '\(contribution.clientID)' out of client-id order or unannounced", tensor: name)
         }
         let holder = holders[index]
         guard contribution.dtype == holder.dtype, contribution.shape == holder.shape,
-            contribution.bytes.count == holder.shape.reduce(1, *) * holder.dtype.byteWidth
+            contribution.byteCount == holder.shape.reduce(1, *) * holder.dtype.byteWidth
         else {
             throw AdapterError(
                 .inconsistentSource, "client '\(holder.clientID)' delivered bytes that disagree with its announced dtype and shape", tensor: name)

@@ -250,6 +250,24 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
         #expect(try await tag([uploads[0], try upload("bob", rank: 8, weight: 1, seed: 6)]) != reference)
     }
 
+    /// The store's reader of blob parts, from two cores at once on large tensors, gives the bytes the
+    /// engine gives from the same files in memory.
+    @Test(arguments: [AggregationStrategy.replication, .zeroPadding, .hetlora])
+    func largeTensorsAggregateFromTheStoreAsFromMemory(strategy: AggregationStrategy) async throws {
+        let store = try AdapterStore(path: temporaryDatabase())
+        var adapters: [ClientAdapter] = []
+        for (index, (rank, dtype)) in [(64, DType.f32), (8, .bf16), (33, .f16)].enumerated() {
+            let item = try upload(
+                "client-\(index)", rank: rank, weight: Double(index + 1), seed: index, file: try makeAdapter(rank: rank, seed: index, width: 4099, dtype: dtype)
+            )
+            _ = try await store.put(item)
+            adapters.append(ClientAdapter(clientID: "client-\(index)", rank: rank, weight: Double(index + 1), file: item.file))
+        }
+        let stored = try #require(try await store.aggregate(federation: "fed", round: 0, client: nil, strategy: strategy, rank: nil, dtype: .bf16))
+        let options = AggregationOptions(strategy: strategy, dtype: .bf16, metadata: ["federation": "fed", "round": "0"])
+        #expect(stored.bytes == (try AdapterAggregator.aggregate(InMemoryAdapterSource(adapters), options: options)).bytes)
+    }
+
     @Test func twoStoresOnOneFileStayConsistentUnderConcurrentWrites() async throws {
         let path = temporaryDatabase()
         let first = try AdapterStore(path: path)
