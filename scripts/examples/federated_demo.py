@@ -83,11 +83,12 @@ def lora_model(base, rank):
 
 
 def dirichlet_split(y, clients, alpha, seed):
-    """Indices per client: for each digit, its samples are shared out with Dirichlet(alpha) weights."""
+    """Indices per client: for each label (digit), its samples are shared out with Dirichlet(alpha)
+    weights. Also paper_regime.py's split, for any labels."""
     rng = np.random.default_rng(seed)
     shares = [[] for _ in range(clients)]
-    for digit in range(10):
-        indices = rng.permutation(np.flatnonzero(y == digit))
+    for label in np.unique(y):
+        indices = rng.permutation(np.flatnonzero(y == label))
         cuts = (np.cumsum(rng.dirichlet([alpha] * clients)) * len(indices)).astype(int)[:-1]
         for client, part in enumerate(np.split(indices, cuts)):
             shares[client].extend(part.tolist())

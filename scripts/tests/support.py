@@ -12,7 +12,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 
 class ServerTestCase(unittest.TestCase):
-    """Starts `lora-aggregator serve` (the debug build) once per test class; `self.url` reaches it.
+    """Starts `lora-aggregator serve` (the debug build, or $LORA_AGGREGATOR_BINARY) once per test
+    class; `self.url` reaches it.
     A class may add flags (`server_arguments`) and `LORA_AGGREGATOR_*` variables (`server_environment`)."""
 
     server_arguments: list[str] = []
@@ -21,7 +22,7 @@ class ServerTestCase(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.directory = tempfile.TemporaryDirectory()
-        binary = ROOT / ".build/debug/lora-aggregator"
+        binary = os.environ.get("LORA_AGGREGATOR_BINARY") or ROOT / ".build/debug/lora-aggregator"
         cls.server = subprocess.Popen([str(binary), "serve", "--port", "0", "--database", os.path.join(cls.directory.name, "db.sqlite"), "--no-access-log",
                                        *cls.server_arguments], stdout=subprocess.PIPE, text=True, env={**os.environ, **cls.server_environment})
         port = re.search(r"127\.0\.0\.1:(\d+)", cls.server.stdout.readline()).group(1)
