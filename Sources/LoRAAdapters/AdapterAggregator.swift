@@ -164,12 +164,15 @@ public enum AdapterAggregator {
                         UnsafeMutableBufferPointer(rebasing: sums[block]).initialize(repeating: 0)
                         for (index, holder) in holders.enumerated() {
                             let slices = 0..<min(holder.rank, plan.outputRank)
-                            guard let elements = plan.sourceElements(clientRank: holder.rank, slices: slices, in: block) else { continue }
                             let width = holder.dtype.byteWidth
-                            try reader.withBytes(ofHolder: index, in: (elements.lowerBound * width)..<(elements.upperBound * width), scratch: scratch) {
-                                plan.add(
-                                    $0, sourceOffset: elements.lowerBound, dtype: holder.dtype, clientRank: holder.rank, slices: slices,
-                                    weight: holder.foldedWeight, into: sums, kernels: kernels, range: block)
+                            // Each span fits the scratch (runs are never longer than a block).
+                            for span in plan.sourceSpans(clientRank: holder.rank, slices: slices, in: block, maxElements: scratchBytes / width) {
+                                try reader.withBytes(ofHolder: index, in: (span.source.lowerBound * width)..<(span.source.upperBound * width), scratch: scratch)
+                                {
+                                    plan.add(
+                                        $0, sourceOffset: span.source.lowerBound, dtype: holder.dtype, clientRank: holder.rank, slices: slices,
+                                        weight: holder.foldedWeight, into: sums, kernels: kernels, range: span.output)
+                                }
                             }
                         }
                         if let baseBytes, let base = plan.base {

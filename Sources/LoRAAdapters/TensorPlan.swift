@@ -221,14 +221,20 @@ struct TensorPlan {
         }
     }
 
-    /// The span of a rank-`clientRank` tensor's elements that the output elements in `range` need;
-    /// nil when they need none.
-    func sourceElements(clientRank: Int, slices: Range<Int>, in range: Range<Int>) -> Range<Int>? {
-        var span: Range<Int>?
-        forEachRun(clientRank: clientRank, slices: slices, in: range) { sourceElement, _, count in
-            span = (span?.lowerBound ?? sourceElement)..<(sourceElement + count)
+    /// The spans of a rank-`clientRank` tensor's elements that the output elements in `range` need,
+    /// each at most `maxElements` long, with the output elements each span gives. A holder of a
+    /// higher rank than the output's gives every `clientRank`-th stretch only, so its span can be
+    /// far longer than the output range: it is cut into several.
+    func sourceSpans(clientRank: Int, slices: Range<Int>, in range: Range<Int>, maxElements: Int) -> [(source: Range<Int>, output: Range<Int>)] {
+        var spans: [(source: Range<Int>, output: Range<Int>)] = []
+        forEachRun(clientRank: clientRank, slices: slices, in: range) { sourceElement, outputElement, count in
+            if let last = spans.last, sourceElement + count - last.source.lowerBound <= maxElements {
+                spans[spans.count - 1] = (last.source.lowerBound..<(sourceElement + count), last.output.lowerBound..<(outputElement + count))
+            } else {
+                spans.append((sourceElement..<(sourceElement + count), outputElement..<(outputElement + count)))
+            }
         }
-        return span
+        return spans
     }
 
     /// Writes `sums` divided slice by slice by the denominators, rounded to `dtype`, at `destination`
