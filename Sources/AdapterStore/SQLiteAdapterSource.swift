@@ -32,11 +32,7 @@ struct SQLiteAdapterSource: AdapterSource {
 
     func forEachContribution(toTensor tensorName: String, _ body: (TensorContribution) throws -> Void) throws {
         guard includesUploads else { return }
-        let statement = try connection.statement(
-            """
-            SELECT u.client, t.dtype, t.shape, t.rowid FROM uploads u JOIN tensors t ON t.upload_id = u.id AND t.name = ?3
-            WHERE u.federation = ?1 AND u.round = ?2 ORDER BY u.client
-            """)
+        let statement = try connection.statement(Self.holdersOfTensor)
         try statement.bind(.id(federation), .round(round), .text(tensorName))
         try connection.withBlobReader(table: "tensors", column: "data") { blobs in
             while try statement.step() {
@@ -53,11 +49,7 @@ struct SQLiteAdapterSource: AdapterSource {
     /// caller's scratch: the bytes go from the mapped file into the cache the engine sums from.
     func withContributionReader(toTensor tensorName: String, _ body: ([ContributionInfo], any ContributionReader) throws -> Void) throws {
         guard includesUploads else { return try body([], InPlaceContributionReader([])) }
-        let statement = try connection.statement(
-            """
-            SELECT u.client, t.dtype, t.shape, t.rowid, length(t.data) FROM uploads u JOIN tensors t ON t.upload_id = u.id AND t.name = ?3
-            WHERE u.federation = ?1 AND u.round = ?2 ORDER BY u.client
-            """)
+        let statement = try connection.statement(Self.holdersOfTensor)
         try statement.bind(.id(federation), .round(round), .text(tensorName))
         let rows = try statement.rows {
             (
@@ -69,6 +61,12 @@ struct SQLiteAdapterSource: AdapterSource {
         defer { reader.close() }
         try body(rows.map(\.info), reader)
     }
+
+    /// The holders of tensor ?3 in client-id order: client, dtype, shape, blob row id, blob size.
+    private static let holdersOfTensor = """
+        SELECT u.client, t.dtype, t.shape, t.rowid, length(t.data) FROM uploads u JOIN tensors t ON t.upload_id = u.id AND t.name = ?3
+        WHERE u.federation = ?1 AND u.round = ?2 ORDER BY u.client
+        """
 
     func baseTensors() throws -> [BaseTensor] {
         let statement = try connection.statement(
