@@ -10,7 +10,7 @@ RUN scripts/build-static && install -m 0755 .build-static/release/lora-aggregato
 
 FROM debian:bookworm-slim
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends libsqlite3-0 zlib1g libzstd1 libopenblas0-pthread curl ca-certificates \
+    && apt-get install -y --no-install-recommends libsqlite3-0 libpq5 zlib1g libzstd1 libopenblas0-pthread curl ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --home-dir /data --shell /usr/sbin/nologin lora \
     && mkdir -p /data && chown lora:lora /data

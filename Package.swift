@@ -19,8 +19,9 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
     ],
     targets: [
-        // System libraries, linked through their C APIs (apt: libsqlite3-dev, zlib1g-dev, libzstd-dev, libopenblas-dev).
+        // System libraries, linked through their C APIs (apt: libsqlite3-dev, libpq-dev, zlib1g-dev, libzstd-dev, libopenblas-dev).
         .systemLibrary(name: "CSQLite3", path: "Sources/CSQLite3", providers: [.apt(["libsqlite3-dev"])]),
+        .systemLibrary(name: "CPostgres", path: "Sources/CPostgres", providers: [.apt(["libpq-dev"])]),
         .systemLibrary(name: "CZlib", path: "Sources/CZlib", providers: [.apt(["zlib1g-dev"])]),
         .systemLibrary(name: "CZstd", path: "Sources/CZstd", providers: [.apt(["libzstd-dev"])]),
         // LAPACK (QR, SVD) and BLAS from OpenBLAS, for the svd and hetlora strategies (apt: libopenblas-dev).
@@ -37,9 +38,9 @@ let package = Package(
         // SHA-256 (hex) and CRC-32 of byte strings, for the store and the service alike.
         .target(name: "Digests", dependencies: ["CZlib", .product(name: "Crypto", package: "swift-crypto")], swiftSettings: strictSettings),
 
-        // SQLite storage of uploads, rounds and cached aggregates; the engine's streaming source.
+        // SQLite or PostgreSQL storage of uploads, rounds and cached aggregates; the engine's streaming source.
         .target(
-            name: "AdapterStore", dependencies: ["CSQLite3", "Digests", "LoRAAdapters", .product(name: "Crypto", package: "swift-crypto")],
+            name: "AdapterStore", dependencies: ["CSQLite3", "CPostgres", "Digests", "LoRAAdapters", .product(name: "Crypto", package: "swift-crypto")],
             swiftSettings: strictSettings),
 
         // HTTP/1.1 on POSIX sockets and epoll; knows nothing of LoRA.

@@ -40,7 +40,7 @@ extension AdapterStore {
             if let wider = cache.wider(than: key) {
                 return handOver(.complete(try cut(wider, tag: tag, for: key, recorded: recorded)))
             }
-            let source = SQLiteAdapterSource(connection: connection, federation: federation, round: round)
+            let source = StoreAdapterSource(connection: connection, federation: federation, round: round)
             let options = AggregationOptions(
                 strategy: strategy, rank: key.rank, dtype: dtype, scaling: scaling, metadata: ["federation": federation.rawValue, "round": round.description])
             guard planned == .stream else { return handOver(.complete(try compute(source, options, tag: tag, for: key, recorded: recorded))) }
@@ -53,7 +53,7 @@ extension AdapterStore {
 
     /// Computes and hashes the aggregate, caches it, and records its digest unless it is on record.
     private func compute(
-        _ source: SQLiteAdapterSource, _ options: AggregationOptions, tag: String, for key: AggregateCache.Key, recorded: AggregateDigest?
+        _ source: StoreAdapterSource, _ options: AggregationOptions, tag: String, for key: AggregateCache.Key, recorded: AggregateDigest?
     ) throws -> StoredAggregate {
         let digest = BackgroundDigest(sha256: true)
         let result = try AdapterAggregator.aggregate(source, options: options, observer: digest)
@@ -85,7 +85,7 @@ extension AdapterStore {
     /// The pieces are copies, so a slow client holds them (at most one aggregate) but not the
     /// store's reader.
     private func stream(
-        _ source: SQLiteAdapterSource, _ options: AggregationOptions, tag: String, for key: AggregateCache.Key, recorded: AggregateDigest?,
+        _ source: StoreAdapterSource, _ options: AggregationOptions, tag: String, for key: AggregateCache.Key, recorded: AggregateDigest?,
         into stream: DigestCheckedStream, begin: @escaping (Int) -> Void
     ) throws {
         let digest = BackgroundDigest(sha256: recorded == nil, begin: begin, forward: stream.forward)
@@ -114,7 +114,7 @@ extension AdapterStore {
     /// SHA-256, weight, rank and scale) and base. The engine is deterministic, so equal tags mean
     /// equal bytes, and a first computation can send its tag before the body exists. Unlike the
     /// round's revision, it also holds across databases.
-    private static func aggregateTag(_ connection: SQLiteConnection, _ key: AggregateCache.Key, client: ClientID?) throws -> String {
+    private static func aggregateTag(_ connection: any StoreConnection, _ key: AggregateCache.Key, client: ClientID?) throws -> String {
         var hasher = SHA256()
         func add(_ bytes: some Collection<UInt8>) {
             withUnsafeBytes(of: UInt64(bytes.count).littleEndian) { hasher.update(bufferPointer: $0) }
@@ -149,10 +149,10 @@ extension AdapterStore {
     /// have scale 1 and one rank gets the scale-1 aggregate at its rank (which a wider one can be cut
     /// to); any other client gets its own ranks and scales.
     private static func aggregateKey(
-        _ connection: SQLiteConnection, _ federation: FederationID, _ round: RoundNumber, _ client: ClientID?,
+        _ connection: any StoreConnection, _ federation: FederationID, _ round: RoundNumber, _ client: ClientID?,
         _ strategy: AggregationStrategy, _ requestedRank: Int?, _ dtype: DType, _ requestedScaling: TargetScaling
     ) throws -> (AggregateCache.Key, TargetScaling)? {
-        let source = SQLiteAdapterSource(connection: connection, federation: federation, round: round)
+        let source = StoreAdapterSource(connection: connection, federation: federation, round: round)
         let participants = try source.participants()
         guard !participants.isEmpty else { return nil }
         var rank = requestedRank
@@ -183,7 +183,7 @@ extension AdapterStore {
         }
     }
 
-    private static func recordedDigest(_ connection: SQLiteConnection, _ key: AggregateCache.Key) throws -> AggregateDigest? {
+    private static func recordedDigest(_ connection: any StoreConnection, _ key: AggregateCache.Key) throws -> AggregateDigest? {
         let statement = try connection.statement("SELECT \(AggregateDigest.columns) FROM aggregate_digests WHERE \(digestKeyColumns)")
         try statement.bind(digestKey(key))
         guard try statement.step() else { return nil }
@@ -194,7 +194,7 @@ extension AdapterStore {
     /// order: digests of this engine version only.
     private static let digestKeyColumns =
         "federation = ?1 AND round = ?2 AND revision = ?3 AND strategy = ?4 AND rank = ?5 AND dtype = ?6 AND scaling = ?7 AND engine_version = ?8"
-    private static func digestKey(_ key: AggregateCache.Key) -> [SQLiteValue] {
+    private static func digestKey(_ key: AggregateCache.Key) -> [StoreValue] {
         [
             .id(key.federation), .round(key.round), .integer(key.revision), .text(key.strategy.rawValue),
             .integer(Int64(key.rank)), .text(key.dtype.rawValue), .text(key.scaling), .integer(Int64(AdapterAggregator.outputVersion)),
@@ -207,8 +207,10 @@ extension AdapterStore {
         writer.writeDetached { connection in
             try connection.statement(
                 """
-                INSERT OR REPLACE INTO aggregate_digests (federation, round, revision, strategy, rank, dtype, scaling, engine_version, sha256, crc32, bytes)
+                INSERT INTO aggregate_digests (federation, round, revision, strategy, rank, dtype, scaling, engine_version, sha256, crc32, bytes)
                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                ON CONFLICT (federation, round, revision, strategy, rank, dtype, scaling, engine_version)
+                DO UPDATE SET sha256 = excluded.sha256, crc32 = excluded.crc32, bytes = excluded.bytes
                 """
             ).bind(Self.digestKey(key) + [.text(digest.sha256), .integer(Int64(digest.crc32)), .integer(Int64(digest.byteCount))]).run()
         }

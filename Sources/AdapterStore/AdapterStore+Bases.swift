@@ -34,8 +34,9 @@ extension AdapterStore {
         try await reader.read { connection in try Self.storedBaseFile(connection, federation, round) }
     }
 
-    static func storedBaseFile(_ connection: SQLiteConnection, _ federation: FederationID, _ round: RoundNumber) throws -> (record: BaseRecord, file: [UInt8])?
-    {
+    static func storedBaseFile(_ connection: any StoreConnection, _ federation: FederationID, _ round: RoundNumber) throws -> (
+        record: BaseRecord, file: [UInt8]
+    )? {
         guard let record = try baseRecord(connection, federation, round) else { return nil }
         let header = try connection.statement("SELECT id, header FROM bases WHERE federation = ?1 AND round = ?2")
         try header.bind(.id(federation), .round(round))
@@ -51,7 +52,7 @@ extension AdapterStore {
     public func baseAdapter(federation: FederationID, round: RoundNumber, rank: Int?, dtype: DType, scaling: TargetScaling) async throws -> [UInt8]? {
         try await reader.read { connection in
             guard let record = try Self.baseRecord(connection, federation, round) else { return nil }
-            let source = SQLiteAdapterSource(connection: connection, federation: federation, round: round, includesUploads: false)
+            let source = StoreAdapterSource(connection: connection, federation: federation, round: round, includesUploads: false)
             let options = AggregationOptions(
                 strategy: .replication, rank: rank, dtype: dtype, scaling: scaling,
                 metadata: ["federation": federation.rawValue, "round": round.description, "base": record.source.rawValue])
@@ -62,26 +63,26 @@ extension AdapterStore {
     /// Replaces the round's base with `file`; true when it replaced one. The caller has checked the
     /// round is open and marks it changed.
     static func storeBase(
-        _ file: SafetensorsFile, sha256: String, source: BaseSource, _ federation: FederationID, _ round: RoundNumber, _ connection: SQLiteConnection
+        _ file: SafetensorsFile, sha256: String, source: BaseSource, _ federation: FederationID, _ round: RoundNumber, _ connection: any StoreConnection
     ) throws -> Bool {
         try checkShapes(of: file, in: federation, round, except: nil, base: false, connection)
         try connection.statement("DELETE FROM bases WHERE federation = ?1 AND round = ?2").bind(.id(federation), .round(round)).run()
         let replaced = connection.changes > 0
         let rank = ModuleRanks.ranks(of: file.tensors.map { BaseTensor(name: $0.name, dtype: $0.dtype, shape: $0.shape) }).values.max() ?? 0
-        try connection.statement(
+        let inserted = try connection.statement(
             """
             INSERT INTO bases (federation, round, rank, bytes, sha256, source, created_at, header)
-            VALUES (?1, ?2, ?3, ?4, ?5, ?6, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), ?7)
+            VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) RETURNING id
             """
         ).bind(
-            .id(federation), .round(round), .integer(Int64(rank)), .integer(Int64(file.bytes.count)), .text(sha256), .text(source.rawValue),
+            .id(federation), .round(round), .integer(Int64(rank)), .integer(Int64(file.bytes.count)), .text(sha256), .text(source.rawValue), .now,
             .blob(file.headerBytes)
-        ).run()
-        try insertTensors(of: file, into: "base_tensors", owner: "base_id", ownerID: connection.lastInsertedRowID, connection)
+        )
+        try insertTensors(of: file, into: "base_tensors", owner: "base_id", ownerID: try returnedID(inserted), connection)
         return replaced
     }
 
-    static func baseRecord(_ connection: SQLiteConnection, _ federation: FederationID, _ round: RoundNumber) throws -> BaseRecord? {
+    static func baseRecord(_ connection: any StoreConnection, _ federation: FederationID, _ round: RoundNumber) throws -> BaseRecord? {
         let statement = try connection.statement("SELECT rank, bytes, sha256, source FROM bases WHERE federation = ?1 AND round = ?2")
         try statement.bind(.id(federation), .round(round))
         guard try statement.step() else { return nil }
@@ -91,7 +92,7 @@ extension AdapterStore {
     }
 
     /// The rank of each module the round's base holds (empty without a base).
-    static func baseRanks(_ connection: SQLiteConnection, _ federation: FederationID, _ round: RoundNumber) throws -> [String: Int] {
-        ModuleRanks.ranks(of: try SQLiteAdapterSource(connection: connection, federation: federation, round: round).baseTensors())
+    static func baseRanks(_ connection: any StoreConnection, _ federation: FederationID, _ round: RoundNumber) throws -> [String: Int] {
+        ModuleRanks.ranks(of: try StoreAdapterSource(connection: connection, federation: federation, round: round).baseTensors())
     }
 }

@@ -6,7 +6,7 @@ extension AdapterStore {
         try await reader.read { connection in try Self.roundConfigs(connection, federation, round) }
     }
 
-    static func roundConfigs(_ connection: SQLiteConnection, _ federation: FederationID, _ round: RoundNumber) throws -> RoundConfigs? {
+    static func roundConfigs(_ connection: any StoreConnection, _ federation: FederationID, _ round: RoundNumber) throws -> RoundConfigs? {
         let statement = try connection.statement(
             "SELECT client, \(AdapterConfig.storedColumns) FROM uploads WHERE federation = ?1 AND round = ?2 ORDER BY client")
         try statement.bind(.id(federation), .round(round))

@@ -20,10 +20,10 @@ extension AdapterStore {
             let created = try !existing.step()
             try connection.statement(
                 """
-                INSERT INTO federations (federation, settings, updated_at) VALUES (?1, ?2, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
-                ON CONFLICT DO UPDATE SET settings = excluded.settings, updated_at = excluded.updated_at
+                INSERT INTO federations (federation, settings, updated_at) VALUES (?1, ?2, ?3)
+                ON CONFLICT (federation) DO UPDATE SET settings = excluded.settings, updated_at = excluded.updated_at
                 """
-            ).bind(.id(federation), .text(settings.encoded())).run()
+            ).bind(.id(federation), .text(settings.encoded()), .now).run()
             return created
         }
     }
@@ -37,8 +37,8 @@ extension AdapterStore {
         try await reader.read { connection in
             let rounds = try connection.statement(
                 """
-                SELECT coalesce(max(CASE WHEN r.sealed THEN r.round END) + 1, 0),
-                       count(CASE WHEN r.sealed OR EXISTS (SELECT 1 FROM uploads u WHERE u.federation = r.federation AND u.round = r.round)
+                SELECT coalesce(max(CASE WHEN r.sealed <> 0 THEN r.round END) + 1, 0),
+                       count(CASE WHEN r.sealed <> 0 OR EXISTS (SELECT 1 FROM uploads u WHERE u.federation = r.federation AND u.round = r.round)
                                   OR EXISTS (SELECT 1 FROM bases b WHERE b.federation = r.federation AND b.round = r.round) THEN 1 END)
                 FROM rounds r WHERE r.federation = ?1
                 """)
@@ -95,7 +95,7 @@ extension AdapterStore {
 
     /// Fires one deadline if it is still on record (another process may have fired it); returns
     /// the reason when it sealed the round. A deadline whose setting was removed since is dropped.
-    private static func fire(_ reason: String, _ federation: FederationID, _ round: RoundNumber, _ connection: SQLiteConnection) throws -> SealReason? {
+    private static func fire(_ reason: String, _ federation: FederationID, _ round: RoundNumber, _ connection: any StoreConnection) throws -> SealReason? {
         try connection.statement("DELETE FROM deadlines WHERE federation = ?1 AND round = ?2 AND reason = ?3")
             .bind(.id(federation), .round(round), .text(reason)).run()
         guard connection.changes > 0 else { return nil }
@@ -110,7 +110,7 @@ extension AdapterStore {
         case .timeout?:
             guard settings.roundTimeoutSeconds != nil else { return nil }
             if uploads >= settings.uploadsToSealOnTimeout { return try seal(connection, federation, round, by: .timeout) ? .timeout : nil }
-            try connection.statement("UPDATE rounds SET deadline_missed = 1 WHERE federation = ?1 AND round = ?2 AND NOT sealed")
+            try connection.statement("UPDATE rounds SET deadline_missed = 1 WHERE federation = ?1 AND round = ?2 AND sealed = 0")
                 .bind(.id(federation), .round(round)).run()
         default:
             break
@@ -122,9 +122,9 @@ extension AdapterStore {
     /// as the next round's base in the same transaction. True when this call sealed it. A chain that
     /// cannot be stored (the next round's uploads disagree with it in shape) is logged and skipped:
     /// the seal stands.
-    static func seal(_ connection: SQLiteConnection, _ federation: FederationID, _ round: RoundNumber, by reason: SealReason) throws -> Bool {
+    static func seal(_ connection: any StoreConnection, _ federation: FederationID, _ round: RoundNumber, by reason: SealReason) throws -> Bool {
         try ensureRoundRow(connection, federation, round)
-        try connection.statement("UPDATE rounds SET sealed = 1, sealed_by = ?3, deadline_missed = 0 WHERE federation = ?1 AND round = ?2 AND NOT sealed")
+        try connection.statement("UPDATE rounds SET sealed = 1, sealed_by = ?3, deadline_missed = 0 WHERE federation = ?1 AND round = ?2 AND sealed = 0")
             .bind(.id(federation), .round(round), .text(reason.rawValue)).run()
         guard connection.changes > 0 else { return false }
         try connection.statement("DELETE FROM deadlines WHERE federation = ?1 AND round = ?2").bind(.id(federation), .round(round)).run()
@@ -141,9 +141,9 @@ extension AdapterStore {
     /// Round t's global aggregate (the strategy, F32, scale 1) becomes round t+1's base, unless that
     /// round has one or is sealed. A round without uploads passes its own base on as it is (its
     /// aggregate would be zeros under every strategy but replication); one with neither, nothing.
-    private static func chain(_ connection: SQLiteConnection, _ federation: FederationID, from round: RoundNumber, strategy: AggregationStrategy) throws {
+    private static func chain(_ connection: any StoreConnection, _ federation: FederationID, from round: RoundNumber, strategy: AggregationStrategy) throws {
         guard let next = RoundNumber(rawValue: round.rawValue + 1) else { return }
-        let source = SQLiteAdapterSource(connection: connection, federation: federation, round: round)
+        let source = StoreAdapterSource(connection: connection, federation: federation, round: round)
         let hasUploads = try !source.participants().isEmpty
         guard try hasUploads || !source.baseTensors().isEmpty else { return }
         try ensureRoundRow(connection, federation, next)
@@ -166,7 +166,7 @@ extension AdapterStore {
     /// After an upload was stored: the round's first upload starts its timeout; reaching
     /// `min_uploads` starts the grace period (sealing at once without one); `max_uploads` seals.
     /// Returns the reason when the upload sealed the round.
-    static func roundReceivedUpload(_ connection: SQLiteConnection, _ federation: FederationID, _ round: RoundNumber) throws -> SealReason? {
+    static func roundReceivedUpload(_ connection: any StoreConnection, _ federation: FederationID, _ round: RoundNumber) throws -> SealReason? {
         let settings = try settings(connection, federation)
         guard settings.quorum != nil || settings.roundTimeoutSeconds != nil else { return nil }
         let now = Date().timeIntervalSince1970
@@ -194,14 +194,19 @@ extension AdapterStore {
         return nil
     }
 
-    private static func setDeadline(_ connection: SQLiteConnection, _ federation: FederationID, _ round: RoundNumber, _ reason: SealReason, at due: Double)
+    private static func setDeadline(_ connection: any StoreConnection, _ federation: FederationID, _ round: RoundNumber, _ reason: SealReason, at due: Double)
         throws
     {
-        try connection.statement("INSERT OR REPLACE INTO deadlines (federation, round, reason, due_at) VALUES (?1, ?2, ?3, ?4)")
-            .bind(.id(federation), .round(round), .text(reason.rawValue), .real(due)).run()
+        try connection.statement(
+            """
+            INSERT INTO deadlines (federation, round, reason, due_at) VALUES (?1, ?2, ?3, ?4)
+            ON CONFLICT (federation, round, reason) DO UPDATE SET due_at = excluded.due_at
+            """
+        )
+        .bind(.id(federation), .round(round), .text(reason.rawValue), .real(due)).run()
     }
 
-    static func settings(_ connection: SQLiteConnection, _ federation: FederationID) throws -> FederationSettings {
+    static func settings(_ connection: any StoreConnection, _ federation: FederationID) throws -> FederationSettings {
         let statement = try connection.statement("SELECT settings FROM federations WHERE federation = ?1")
         try statement.bind(.id(federation))
         guard try statement.step() else { return FederationSettings() }
@@ -212,7 +217,7 @@ extension AdapterStore {
         }
     }
 
-    private static func uploadCount(_ connection: SQLiteConnection, _ federation: FederationID, _ round: RoundNumber) throws -> Int {
+    private static func uploadCount(_ connection: any StoreConnection, _ federation: FederationID, _ round: RoundNumber) throws -> Int {
         let statement = try connection.statement("SELECT count(*) FROM uploads WHERE federation = ?1 AND round = ?2")
         try statement.bind(.id(federation), .round(round))
         _ = try statement.step()

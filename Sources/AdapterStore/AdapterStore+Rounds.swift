@@ -12,8 +12,8 @@ extension AdapterStore {
                 """
                 SELECT r.round, r.sealed, count(u.id), r.max_rank FROM rounds r
                 LEFT JOIN uploads u ON u.federation = r.federation AND u.round = r.round
-                WHERE r.federation = ?1 GROUP BY r.round
-                HAVING count(u.id) > 0 OR r.sealed OR EXISTS (SELECT 1 FROM bases b WHERE b.federation = r.federation AND b.round = r.round)
+                WHERE r.federation = ?1 GROUP BY r.federation, r.round
+                HAVING count(u.id) > 0 OR r.sealed <> 0 OR EXISTS (SELECT 1 FROM bases b WHERE b.federation = r.federation AND b.round = r.round)
                 ORDER BY r.round
                 """)
             try statement.bind(.id(federation))
@@ -21,7 +21,7 @@ extension AdapterStore {
         }
     }
 
-    static func roundRecord(_ connection: SQLiteConnection, _ federation: FederationID, _ round: RoundNumber) throws -> RoundRecord? {
+    static func roundRecord(_ connection: any StoreConnection, _ federation: FederationID, _ round: RoundNumber) throws -> RoundRecord? {
         let statement = try connection.statement("SELECT sealed, max_rank, sealed_by, deadline_missed FROM rounds WHERE federation = ?1 AND round = ?2")
         try statement.bind(.id(federation), .round(round))
         let exists = try statement.step()
@@ -42,7 +42,7 @@ extension AdapterStore {
         participants: [RoundParticipant], holdings: [TensorHolding], base: [BaseTensor]
     ) {
         try await reader.read { connection in
-            let source = SQLiteAdapterSource(connection: connection, federation: federation, round: round)
+            let source = StoreAdapterSource(connection: connection, federation: federation, round: round)
             return (try source.participants(), try source.holdings(), try source.baseTensors())
         }
     }

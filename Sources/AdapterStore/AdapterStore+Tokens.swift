@@ -3,9 +3,9 @@ extension AdapterStore {
     public func addClientToken(hash: String, federation: FederationID, client: ClientID) async throws {
         try await writer.write { connection in
             try connection.statement(
-                "INSERT INTO client_tokens (token_hash, federation, client, created_at) VALUES (?1, ?2, ?3, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))"
+                "INSERT INTO client_tokens (token_hash, federation, client, created_at) VALUES (?1, ?2, ?3, ?4)"
             )
-            .bind(.text(hash), .id(federation), .id(client)).run()
+            .bind(.text(hash), .id(federation), .id(client), .now).run()
         }
     }
 

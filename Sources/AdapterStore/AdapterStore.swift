@@ -1,22 +1,40 @@
 import LoRAAdapters
 import Synchronization
 
-/// Uploads and rounds in one SQLite file (WAL, `synchronous=FULL`: a returned
-/// write is on disk). Every call runs on one of two serial queues, one per connection: a writer and
-/// a reader, so SQLite's blocking calls never run on Swift's cooperative pool and an aggregation
-/// (a long read transaction) does not stop uploads. Several processes may share one file; SQLite's
-/// locks and the busy timeout keep them correct. Computed aggregates are cached in memory.
+/// Uploads and rounds in a database: one SQLite file (the embedded default), or PostgreSQL, which
+/// any number of processes on any machines may share. Every call runs on a serial queue of one
+/// connection, so the databases' blocking calls never run on Swift's cooperative pool: writes on a
+/// writer, reads on a reader, so an aggregation (a long read transaction) does not stop uploads.
+/// Writes run one at a time across all processes on the database (SQLite's write lock, a PostgreSQL
+/// advisory lock), so a seal, its chaining and a deadline firing are never done twice. Computed
+/// aggregates are cached in memory, keyed by the round's revision in the database.
 public final class AdapterStore: Sendable {
-    let writer: ConnectionQueue
-    let reader: ConnectionQueue
+    let writer: ConnectionPool
+    let reader: ConnectionPool
     let cache: AggregateCache
-    private let checkpointer: ConnectionQueue
+    /// SQLite's WAL checkpoints; nil for PostgreSQL, which checkpoints by itself.
+    private let checkpointer: ConnectionQueue?
     /// True while a checkpoint is queued, so a burst of writes queues one.
     private let checkpointQueued = Mutex(false)
 
-    /// - Parameter aggregateCacheBytes: memory kept for recently computed aggregates.
-    public init(path: String, aggregateCacheBytes: Int = 1 << 30) throws {
+    /// - Parameters:
+    ///   - database: a SQLite file's path, or a `postgresql://` (or `postgres://`) URI.
+    ///   - aggregateCacheBytes: memory kept for recently computed aggregates.
+    ///   - readConnections: PostgreSQL connections for reads (SQLite uses one).
+    public init(database: String, aggregateCacheBytes: Int = 1 << 30, readConnections: Int = 8) throws {
         cache = AggregateCache(capacityBytes: aggregateCacheBytes)
+        if PostgresConnection.accepts(database) {
+            let writerConnection = try PostgresConnection(uri: database)
+            try PostgresSchema.migrate(writerConnection)
+            writer = ConnectionPool([ConnectionQueue(writerConnection, label: "lora-aggregator.store.writer")])
+            reader = ConnectionPool(
+                try (0..<max(1, readConnections)).map { index in
+                    ConnectionQueue(try PostgresConnection(uri: database), label: "lora-aggregator.store.reader.\(index)")
+                })
+            checkpointer = nil
+            return
+        }
+        let path = database
         let writerConnection = try SQLiteConnection(path: path)
         // Tensors are large blobs: 64 KiB pages (the largest; it applies only to a new file, before
         // WAL) make a 1 MB tensor 16 overflow pages instead of 256, and reads go through a memory
@@ -31,8 +49,8 @@ public final class AdapterStore: Sendable {
         let readerConnection = try SQLiteConnection(path: path)
         try readerConnection.execute("PRAGMA foreign_keys = ON; PRAGMA query_only = ON;")
         try readerConnection.execute(Self.readTuning)
-        writer = ConnectionQueue(writerConnection, label: "lora-aggregator.store.writer")
-        reader = ConnectionQueue(readerConnection, label: "lora-aggregator.store.reader")
+        writer = ConnectionPool([ConnectionQueue(writerConnection, label: "lora-aggregator.store.writer")])
+        reader = ConnectionPool([ConnectionQueue(readerConnection, label: "lora-aggregator.store.reader")])
         // A short busy timeout: the checkpointer gives way to writers and long readers, and retries.
         checkpointer = ConnectionQueue(try SQLiteConnection(path: path, busyTimeoutMilliseconds: 50), label: "lora-aggregator.store.checkpoint")
     }
@@ -44,7 +62,7 @@ public final class AdapterStore: Sendable {
     /// reads come from the memory-mapped file again instead of WAL frames. If readers hold the WAL,
     /// it tries again a second later.
     func scheduleCheckpoint(after delay: Double = 0, attempts: Int = 30) {
-        guard
+        guard let checkpointer,
             checkpointQueued.withLock({ queued in
                 defer { queued = true }
                 return !queued

@@ -4,7 +4,7 @@ import Synchronization
 
 /// One SQLite connection and its prepared statements, wrapping the C handles. Not thread-safe:
 /// `AdapterStore` confines each connection to one serial queue.
-final class SQLiteConnection {
+final class SQLiteConnection: StoreConnection {
     private let handle: OpaquePointer
     private var statements: [String: SQLiteStatement] = [:]
 
@@ -39,7 +39,9 @@ final class SQLiteConnection {
     }
 
     /// The prepared statement for `sql`, prepared on first use and reset for reuse after.
-    func statement(_ sql: String) throws(StoreError) -> SQLiteStatement {
+    func statement(_ sql: String) throws(StoreError) -> any StoreStatement { try sqliteStatement(sql) }
+
+    func sqliteStatement(_ sql: String) throws(StoreError) -> SQLiteStatement {
         if let statement = statements[sql] {
             statement.reset()
             return statement
@@ -52,10 +54,11 @@ final class SQLiteConnection {
         return statement
     }
 
-    /// Runs `body` in a transaction; `immediate` takes the write lock at the start. Every cached
-    /// statement is reset before the end: one left on a row would keep its read snapshot pinned.
-    func transaction<Result>(immediate: Bool, _ body: () throws -> Result) throws -> Result {
-        try execute(immediate ? "BEGIN IMMEDIATE" : "BEGIN")
+    /// A write transaction is immediate: it takes the write lock at the start, so it never fails
+    /// half-way for want of it. Every cached statement is reset before the end: one left on a row
+    /// would keep its read snapshot pinned.
+    func transaction<Result>(_ kind: TransactionKind, _ body: () throws -> Result) throws -> Result {
+        try execute(kind == .write ? "BEGIN IMMEDIATE" : "BEGIN")
         do {
             let result = try body()
             resetStatements()
@@ -68,51 +71,34 @@ final class SQLiteConnection {
         }
     }
 
-    /// Runs `body` inside a savepoint of the current transaction: on a throw, only what `body` did
-    /// is rolled back, and the error is rethrown.
-    func savepoint<Result>(_ body: () throws -> Result) throws -> Result {
-        try execute("SAVEPOINT nested")
-        do {
-            let result = try body()
-            try execute("RELEASE nested")
-            return result
-        } catch {
-            try? execute("ROLLBACK TO nested")
-            try? execute("RELEASE nested")
-            throw error
-        }
-    }
-
     private func resetStatements() {
         for statement in statements.values { statement.reset() }
     }
 
-    /// Runs `body` with a reader of the blobs in one column of a table; its handle is closed after.
-    func withBlobReader<Result>(table: String, column: String, _ body: (SQLiteBlobReader) throws -> Result) rethrows -> Result {
+    func withBlobReader<Result>(table: String, column: String, _ body: (any BlobReader) throws -> Result) throws -> Result {
         let reader = SQLiteBlobReader(connection: self, database: handle, table: table, column: column)
         defer { reader.close() }
         return try body(reader)
     }
 
-    /// Incremental readers of the blobs of `rowIDs`, all open at once, for reading parts of them
-    /// from several threads; `close()` when done.
-    func blobs(table: String, column: String, rowIDs: [Int64]) throws -> SQLiteBlobParts {
+    /// Incremental readers of the blobs, all open at once (SQLite keeps each one's overflow-page
+    /// list, so a part anywhere in a blob costs only its own pages).
+    func withBlobParts<Result>(table: String, column: String, rowIDs: [Int64], _ body: (any ContributionReader) throws -> Result) throws -> Result {
         let parts = SQLiteBlobParts(connection: self)
+        defer { parts.close() }
         for rowID in rowIDs {
             var blob: OpaquePointer?
             let status = sqlite3_blob_open(handle, "main", table, column, rowID, 0, &blob)
             guard status == SQLITE_OK else {
                 sqlite3_blob_close(blob)
-                parts.close()
                 throw failure(status)
             }
             parts.handles.append(blob)
         }
-        return parts
+        return try body(parts)
     }
 
     var changes: Int { Int(sqlite3_changes(handle)) }
-    var lastInsertedRowID: Int64 { sqlite3_last_insert_rowid(handle) }
 
     func failure(_ status: Int32) -> StoreError {
         Self.error(status, "the database operation failed", detail: String(cString: sqlite3_errmsg(handle)))
@@ -129,7 +115,7 @@ final class SQLiteConnection {
 }
 
 /// A prepared statement; bind with 1-based indices, then step.
-final class SQLiteStatement {
+final class SQLiteStatement: StoreStatement {
     private let raw: OpaquePointer
     private unowned let connection: SQLiteConnection
 
@@ -146,10 +132,7 @@ final class SQLiteStatement {
     }
 
     @discardableResult
-    func bind(_ values: SQLiteValue...) throws(StoreError) -> SQLiteStatement { try bind(values) }
-
-    @discardableResult
-    func bind(_ values: [SQLiteValue]) throws(StoreError) -> SQLiteStatement {
+    func bind(_ values: [StoreValue]) throws(StoreError) -> Self {
         for (offset, value) in values.enumerated() {
             let index = Int32(offset + 1)
             let status: Int32 =
@@ -158,7 +141,6 @@ final class SQLiteStatement {
                 case .real(let real): sqlite3_bind_double(raw, index, real)
                 case .text(let text): sqlite3_bind_text(raw, index, text, -1, csqlite3_transient())
                 case .blob(let bytes): bytes.withUnsafeBytes { sqlite3_bind_blob64(raw, index, $0.baseAddress, sqlite3_uint64($0.count), csqlite3_transient()) }
-                // Bound without a copy: the caller keeps the memory alive until the statement has stepped.
                 case .borrowedBlob(let bytes): sqlite3_bind_blob64(raw, index, bytes.baseAddress, sqlite3_uint64(bytes.count), csqlite3_static())
                 case .null: sqlite3_bind_null(raw, index)
                 }
@@ -177,16 +159,6 @@ final class SQLiteStatement {
         }
     }
 
-    /// Steps a statement that returns no rows.
-    func run() throws(StoreError) { _ = try step() }
-
-    /// Steps through every row, each decoded by `decode`.
-    func rows<Row>(_ decode: (SQLiteStatement) throws -> Row) throws -> [Row] {
-        var rows: [Row] = []
-        while try step() { rows.append(try decode(self)) }
-        return rows
-    }
-
     func integer(_ column: Int32) -> Int64 { sqlite3_column_int64(raw, column) }
     func real(_ column: Int32) -> Double { sqlite3_column_double(raw, column) }
     func text(_ column: Int32) -> String { sqlite3_column_text(raw, column).map { String(cString: $0) } ?? "" }
@@ -197,26 +169,11 @@ final class SQLiteStatement {
         let count = Int(sqlite3_column_bytes(raw, column))
         return try body(UnsafeRawBufferPointer(start: sqlite3_column_blob(raw, column), count: count))
     }
-
-    func blob(_ column: Int32) -> [UInt8] { withBlob(column) { Array($0) } }
-}
-
-enum SQLiteValue {
-    case integer(Int64)
-    case real(Double)
-    case text(String)
-    case blob([UInt8])
-    case borrowedBlob(UnsafeRawBufferPointer)
-    case null
-
-    /// A federation or client id, as its text.
-    static func id<Kind>(_ id: Identifier<Kind>) -> SQLiteValue { .text(id.rawValue) }
-    static func round(_ round: RoundNumber) -> SQLiteValue { .integer(round.rawValue) }
 }
 
 /// Reads whole blobs through SQLite's incremental I/O into one buffer it reuses, instead of the
 /// fresh allocation `sqlite3_column_blob` makes for every blob that spills into overflow pages.
-final class SQLiteBlobReader {
+final class SQLiteBlobReader: BlobReader {
     private unowned let connection: SQLiteConnection
     private let database: OpaquePointer
     private let table: String, column: String

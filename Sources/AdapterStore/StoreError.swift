@@ -13,14 +13,17 @@ public struct StoreError: Error, Sendable, Equatable, CustomStringConvertible {
         public static let readOnly = Code("read_only")
         /// The database is locked by another process for longer than the busy timeout.
         public static let busy = Code("busy")
-        /// Any other SQLite failure.
+        /// The database server cannot be reached (down, restarting, or the network); it is tried
+        /// again with the next request.
+        public static let unavailable = Code("database_unavailable")
+        /// Any other database failure.
         public static let database = Code("database_error")
     }
 
     public let code: Code
-    /// Safe to show a client: never SQL, a file path or SQLite internals.
+    /// Safe to show a client: never SQL, a file path or the database's internals.
     public let message: String
-    /// What SQLite said, for the server's own log only.
+    /// What the database said, for the server's own log only.
     public let detail: String
 
     init(_ code: Code, _ message: String, detail: String = "") {

@@ -29,7 +29,8 @@ public final class AggregatorService: Sendable {
             throw ServiceError(.badRequest, "the admin token must be at least 16 characters")
         }
         self.configuration = configuration
-        self.store = try AdapterStore(path: configuration.databasePath, aggregateCacheBytes: configuration.aggregateCacheBytes)
+        self.store = try AdapterStore(
+            database: configuration.database, aggregateCacheBytes: configuration.aggregateCacheBytes, readConnections: configuration.databaseConnections)
         self.authorization = Authorization(adminToken: configuration.adminToken, store: store)
         deadlines = DeadlineTimer(store: store, metrics: metrics)
     }

@@ -48,7 +48,7 @@ enum Problem {
                 switch error.code {
                 case .roundSealed: .conflict
                 case .storageFull: .insufficientStorage
-                case .readOnly, .busy: .serviceUnavailable
+                case .readOnly, .busy, .unavailable: .serviceUnavailable
                 default: .internalServerError
                 }
             if !error.detail.isEmpty { log("store error: \(error)") }

@@ -2,8 +2,11 @@ import HTTPServer
 
 /// Everything `lora-aggregator serve` can be told; each has a safe default.
 public struct ServiceConfiguration: Sendable {
-    /// The SQLite file holding all state.
-    public var databasePath = "./lora-aggregator.sqlite"
+    /// Where all state lives: a SQLite file's path, or a `postgresql://` URI, which any number of
+    /// server processes may share.
+    public var database = "./lora-aggregator.sqlite"
+    /// PostgreSQL connections each process opens for reads (plus one for writes).
+    public var databaseConnections = 8
     /// Caps both an upload's body as sent and its decompressed size.
     public var maxUploadBytes = 1 << 30
     /// Memory kept for recently computed aggregates (least recently used out first).
@@ -19,4 +22,12 @@ public struct ServiceConfiguration: Sendable {
     public var http = HTTPServerConfiguration()
 
     public init() {}
+
+    /// The database as logs may show it: a URI's password replaced by `***`.
+    public var databaseForLogs: String {
+        guard let scheme = database.range(of: "://"), let at = database[scheme.upperBound...].firstIndex(of: "@"),
+            let colon = database[scheme.upperBound..<at].firstIndex(of: ":")
+        else { return database }
+        return database[..<database.index(after: colon)] + "***" + database[at...]
+    }
 }

@@ -116,7 +116,9 @@ public struct InPlaceContributionReader: ContributionReader, @unchecked Sendable
     // @unchecked: the pointers are only read, and outlive the reader (the caller's contract).
     private let bytes: [UnsafeRawPointer?]
 
-    public init(_ contributions: [TensorContribution]) { bytes = contributions.map(\.bytes.baseAddress) }
+    public init(_ contributions: [TensorContribution]) { self.init(holders: contributions.map(\.bytes)) }
+
+    public init(holders: [UnsafeRawBufferPointer]) { bytes = holders.map(\.baseAddress) }
 
     public func withBytes(
         ofHolder index: Int, in byteRange: Range<Int>, scratch: UnsafeMutableRawPointer, _ body: (UnsafeRawPointer) throws -> Void

@@ -18,7 +18,9 @@ struct Serve: AsyncParsableCommand {
 
     @Option(help: "Address to listen on. (default: 127.0.0.1)") var host: String?
     @Option(help: "Port; 0 picks a free one and the ready line names it. (default: 8080)") var port: Int?
-    @Option(help: "SQLite database file. (default: ./lora-aggregator.sqlite)") var database: String?
+    @Option(help: "SQLite database file, or a postgresql:// URI that any number of servers may share. (default: ./lora-aggregator.sqlite)")
+    var database: String?
+    @Option(help: "PostgreSQL connections for reads per server (one more is opened for writes). (default: 8)") var databaseConnections: Int?
     @Option(help: "Largest upload, as sent and decompressed, in bytes. (default: 1073741824)") var maxUploadBytes: Int?
     @Option(help: "Memory for recently computed aggregates, in bytes. (default: 1073741824)") var aggregateCacheBytes: Int?
     @Option(help: "Open connections before accepting pauses. (default: 1024)") var maxConnections: Int?
@@ -43,7 +45,8 @@ struct Serve: AsyncParsableCommand {
         let environment = Environment()
         configuration.http.host = try host ?? environment.value("host") ?? configuration.http.host
         configuration.http.port = try port ?? environment.value("port") ?? configuration.http.port
-        configuration.databasePath = try database ?? environment.value("database") ?? configuration.databasePath
+        configuration.database = try database ?? environment.value("database") ?? configuration.database
+        configuration.databaseConnections = try databaseConnections ?? environment.value("database-connections") ?? configuration.databaseConnections
         configuration.maxUploadBytes = try maxUploadBytes ?? environment.value("max-upload-bytes") ?? configuration.maxUploadBytes
         configuration.aggregateCacheBytes = try aggregateCacheBytes ?? environment.value("aggregate-cache-bytes") ?? configuration.aggregateCacheBytes
         configuration.http.maxConnections = try maxConnections ?? environment.value("max-connections") ?? configuration.http.maxConnections
@@ -77,6 +80,7 @@ struct Serve: AsyncParsableCommand {
         guard (0...65535).contains(configuration.http.port) else { throw ValidationError("--port must be 0 to 65535") }
         guard configuration.maxUploadBytes > 0 else { throw ValidationError("--max-upload-bytes must be positive") }
         guard configuration.aggregateCacheBytes >= 0 else { throw ValidationError("--aggregate-cache-bytes must not be negative") }
+        guard configuration.databaseConnections > 0 else { throw ValidationError("--database-connections must be positive") }
 
         let service: AggregatorService
         do {
@@ -84,7 +88,7 @@ struct Serve: AsyncParsableCommand {
         } catch let error as ServiceError {
             throw ValidationError(error.message)
         } catch {
-            throw ValidationError("cannot open the database '\(configuration.databasePath)': \(error)")
+            throw ValidationError("cannot open the database '\(configuration.databaseForLogs)': \(error)")
         }
         let server = service.makeServer()
         let address = try server.start()
@@ -96,7 +100,7 @@ struct Serve: AsyncParsableCommand {
             return source
         }
         // Written straight to the descriptor: a pipe would otherwise hold stdout's buffer back.
-        FileHandle.standardOutput.write(Data("lora-aggregator listening on http://\(address) (database \(configuration.databasePath))\n".utf8))
+        FileHandle.standardOutput.write(Data("lora-aggregator listening on http://\(address) (database \(configuration.databaseForLogs))\n".utf8))
         await server.run()
         for signal in signals { signal.cancel() }
     }

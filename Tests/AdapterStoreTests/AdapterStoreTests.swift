@@ -19,9 +19,12 @@ func makeAdapter(rank: Int, seed: Int, width: Int = 6, dtype: DType = .f32) thro
     return try SafetensorsFile(bytes: SafetensorsWriter.write(records, metadata: ["format": "pt"]))
 }
 
-/// A database path in the temporary directory that no other test uses.
-func temporaryDatabase() -> String {
-    FileManager.default.temporaryDirectory.appendingPathComponent("store-\(UUID().uuidString).sqlite").path
+/// Runs `sql` behind the store's back: on SQLite through its own connection, on PostgreSQL through psql.
+func tamper(_ database: String, _ backend: DatabaseBackend, sqlite: String, postgresql: String) throws {
+    switch backend {
+    case .sqlite: try SQLiteConnection(path: database).execute(sqlite)
+    case .postgresql: try DatabaseBackend.psql(database, postgresql)
+    }
 }
 
 func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, seed: Int = 0, file: SafetensorsFile? = nil) throws -> NewUpload {
@@ -32,8 +35,8 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
 }
 
 @Suite struct AdapterStoreTests {
-    @Test func storesAndReturnsTheExactFile() async throws {
-        let store = try AdapterStore(path: temporaryDatabase())
+    @Test(arguments: DatabaseBackend.available) func storesAndReturnsTheExactFile(_ backend: DatabaseBackend) async throws {
+        let store = try AdapterStore(database: try backend.makeDatabase())
         let first = try upload("alice", rank: 4, weight: 3)
         let (record, created, _) = try await store.put(first)
         #expect(created)
@@ -45,8 +48,8 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
         #expect(try await store.upload(federation: "other", round: 0, client: "alice") == nil)
     }
 
-    @Test func replacingAnUploadKeepsOnlyTheNewOne() async throws {
-        let store = try AdapterStore(path: temporaryDatabase())
+    @Test(arguments: DatabaseBackend.available) func replacingAnUploadKeepsOnlyTheNewOne(_ backend: DatabaseBackend) async throws {
+        let store = try AdapterStore(database: try backend.makeDatabase())
         _ = try await store.put(upload("alice", rank: 4, seed: 1))
         let replacement = try upload("alice", rank: 2, seed: 2)
         let (_, created, _) = try await store.put(replacement)
@@ -56,8 +59,8 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
         #expect(round.uploads.map(\.rank) == [2])
     }
 
-    @Test func aSealedRoundRefusesUploadsAndDeletes() async throws {
-        let store = try AdapterStore(path: temporaryDatabase())
+    @Test(arguments: DatabaseBackend.available) func aSealedRoundRefusesUploadsAndDeletes(_ backend: DatabaseBackend) async throws {
+        let store = try AdapterStore(database: try backend.makeDatabase())
         _ = try await store.put(upload("alice", rank: 4))
         let (sealed, sealedNow) = try await store.seal(federation: "fed", round: 0)
         #expect(sealed.sealed && sealed.sealedBy == .request && sealed.uploads.count == 1 && sealedNow)
@@ -71,8 +74,8 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
         #expect(try await store.rounds(federation: "fed").map(\.round) == [0, 5])
     }
 
-    @Test func aShapeConflictWritesNothingAndKeepsTheEarlierUpload() async throws {
-        let store = try AdapterStore(path: temporaryDatabase())
+    @Test(arguments: DatabaseBackend.available) func aShapeConflictWritesNothingAndKeepsTheEarlierUpload(_ backend: DatabaseBackend) async throws {
+        let store = try AdapterStore(database: try backend.makeDatabase())
         _ = try await store.put(upload("alice", rank: 4))
         let bobFirst = try upload("bob", rank: 2, seed: 3)
         _ = try await store.put(bobFirst)
@@ -84,8 +87,8 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
         #expect(try await store.upload(federation: "fed", round: 0, client: "bob")?.file == bobFirst.file.bytes)
     }
 
-    @Test func deleteRemovesAndAnEmptyRoundDisappears() async throws {
-        let store = try AdapterStore(path: temporaryDatabase())
+    @Test(arguments: DatabaseBackend.available) func deleteRemovesAndAnEmptyRoundDisappears(_ backend: DatabaseBackend) async throws {
+        let store = try AdapterStore(database: try backend.makeDatabase())
         _ = try await store.put(upload("alice", rank: 4))
         #expect(try await store.deleteUpload(federation: "fed", round: 0, client: "alice"))
         #expect(try await !store.deleteUpload(federation: "fed", round: 0, client: "alice"))
@@ -93,8 +96,8 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
         #expect(try await store.rounds(federation: "fed").isEmpty)
     }
 
-    @Test func aggregatesEqualTheInMemoryEngineAndAreCachedUntilTheRoundChanges() async throws {
-        let store = try AdapterStore(path: temporaryDatabase())
+    @Test(arguments: DatabaseBackend.available) func aggregatesEqualTheInMemoryEngineAndAreCachedUntilTheRoundChanges(_ backend: DatabaseBackend) async throws {
+        let store = try AdapterStore(database: try backend.makeDatabase())
         let uploads = try [
             upload("carol", rank: 8, weight: 2, seed: 1), upload("alice", rank: 2, weight: 5, seed: 2), upload("bob", rank: 4, weight: 1, seed: 3),
         ]
@@ -127,9 +130,9 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
 
     /// A lower rank of a cached aggregate is cut from it: equal to the engine's, and without reading
     /// the uploads (overwritten here behind the store's back, which a recomputation would show).
-    @Test func aLowerRankIsCutFromTheCachedAggregateWithoutReadingTheUploads() async throws {
-        let path = temporaryDatabase()
-        let store = try AdapterStore(path: path)
+    @Test(arguments: DatabaseBackend.available) func aLowerRankIsCutFromTheCachedAggregateWithoutReadingTheUploads(_ backend: DatabaseBackend) async throws {
+        let path = try backend.makeDatabase()
+        let store = try AdapterStore(database: path)
         let uploads = try [
             upload("alice", rank: 2, weight: 3, seed: 4), upload("bob", rank: 8, weight: 1, seed: 5), upload("carol", rank: 4, weight: 2, seed: 6),
         ]
@@ -141,7 +144,9 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
             ).bytes
         }
         _ = try #require(try await store.aggregate(federation: "fed", round: 0, client: nil, strategy: .zeroPadding, rank: nil, dtype: .f16))
-        try SQLiteConnection(path: path).execute("UPDATE tensors SET data = zeroblob(length(data))")
+        try tamper(
+            path, backend, sqlite: "UPDATE tensors SET data = zeroblob(length(data))",
+            postgresql: "UPDATE tensors SET data = decode(repeat('00', length(data)), 'hex')")
 
         for (client, rank) in [("alice", 2), ("carol", 4)] as [(ClientID, Int)] {
             let cut = try #require(try await store.aggregate(federation: "fed", round: 0, client: client, strategy: .zeroPadding, rank: nil, dtype: .f16))
@@ -161,9 +166,9 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
     /// file: a store without it in memory (another process, or after a restart) gives the tag and
     /// digest without computing, or streams the same bytes; bytes that disagree with the record lose
     /// their last piece and the record. A first computation streams too, announced by its size.
-    @Test func aggregatesStreamAndARecordedDigestIsCheckedAgainstWhatIsStreamed() async throws {
-        let path = temporaryDatabase()
-        let store = try AdapterStore(path: path, aggregateCacheBytes: 0)
+    @Test(arguments: DatabaseBackend.available) func aggregatesStreamAndARecordedDigestIsCheckedAgainstWhatIsStreamed(_ backend: DatabaseBackend) async throws {
+        let path = try backend.makeDatabase()
+        let store = try AdapterStore(database: path, aggregateCacheBytes: 0)
         let uploads = try [upload("alice", rank: 2, weight: 3, seed: 4), upload("bob", rank: 8, weight: 1, seed: 5)]
         for item in uploads { _ = try await store.put(item) }
 
@@ -193,7 +198,7 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
             })
         #expect(recorded?.sha256 == computed.sha256 && recorded?.byteCount == computed.bytes.count && recorded?.rank == 8)
 
-        let restarted = try AdapterStore(path: path)
+        let restarted = try AdapterStore(database: path)
         guard case .streaming(tag, computed.bytes.count, computed.sha256, let pieces)? = try await outcome(restarted, .stream) else {
             Issue.record("not streamed under the same tag and the recorded digest")
             return
@@ -207,7 +212,8 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
         #expect(cached.fromCache && cached.sha256 == computed.sha256 && cached.tag == tag)
 
         // A record the bytes do not match: the stream fails before its last piece and the record goes.
-        try SQLiteConnection(path: path).execute("UPDATE aggregate_digests SET crc32 = (crc32 + 1) % 4294967296")
+        let nextCRC = "UPDATE aggregate_digests SET crc32 = (crc32 + 1) % 4294967296"
+        try tamper(path, backend, sqlite: nextCRC, postgresql: nextCRC)
         guard case .streaming(_, _, _, let mismatched)? = try await outcome(store, .stream) else {
             Issue.record("not streamed")
             return
@@ -231,9 +237,9 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
 
     /// The tag names what determines the bytes, not the database: the same uploads in another file
     /// give the same tag, and any change to an upload's bytes, weight or scale gives another.
-    @Test func theTagFollowsTheInputsAcrossDatabases() async throws {
+    @Test(arguments: DatabaseBackend.available) func theTagFollowsTheInputsAcrossDatabases(_ backend: DatabaseBackend) async throws {
         func tag(_ uploads: [NewUpload], strategy: AggregationStrategy = .replication, dtype: DType = .f32) async throws -> String {
-            let store = try AdapterStore(path: temporaryDatabase())
+            let store = try AdapterStore(database: try backend.makeDatabase())
             for item in uploads { _ = try await store.put(item) }
             guard
                 case .bodiless(let tag, _)? = try await store.aggregate(
@@ -252,9 +258,9 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
 
     /// The store's reader of blob parts, from two cores at once on large tensors, gives the bytes the
     /// engine gives from the same files in memory.
-    @Test(arguments: [AggregationStrategy.replication, .zeroPadding, .hetlora])
-    func largeTensorsAggregateFromTheStoreAsFromMemory(strategy: AggregationStrategy) async throws {
-        let store = try AdapterStore(path: temporaryDatabase(), aggregateCacheBytes: 0)
+    @Test(arguments: DatabaseBackend.available, [AggregationStrategy.replication, .zeroPadding, .hetlora])
+    func largeTensorsAggregateFromTheStoreAsFromMemory(_ backend: DatabaseBackend, strategy: AggregationStrategy) async throws {
+        let store = try AdapterStore(database: try backend.makeDatabase(), aggregateCacheBytes: 0)
         var adapters: [ClientAdapter] = []
         for (index, (rank, dtype)) in [(64, DType.f32), (8, .bf16), (33, .f16)].enumerated() {
             let item = try upload(
@@ -271,10 +277,10 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
         }
     }
 
-    @Test func twoStoresOnOneFileStayConsistentUnderConcurrentWrites() async throws {
-        let path = temporaryDatabase()
-        let first = try AdapterStore(path: path)
-        let second = try AdapterStore(path: path)
+    @Test(arguments: DatabaseBackend.available) func twoStoresOnOneFileStayConsistentUnderConcurrentWrites(_ backend: DatabaseBackend) async throws {
+        let path = try backend.makeDatabase()
+        let first = try AdapterStore(database: path)
+        let second = try AdapterStore(database: path)
         try await withThrowingTaskGroup(of: Void.self) { group in
             for index in 0..<40 {
                 let store = index % 2 == 0 ? first : second
@@ -294,10 +300,10 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
     @Test func aReadOnlyDatabaseIsAClearError() throws {
         try withReadOnlyDirectory(
             prepare: { directory in
-                _ = try AdapterStore(path: directory + "/db.sqlite")
+                _ = try AdapterStore(database: directory + "/db.sqlite")
             },
             check: { directory in
-                #expect { _ = try AdapterStore(path: directory + "/db.sqlite") } throws: { ($0 as? StoreError)?.code == .readOnly }
+                #expect { _ = try AdapterStore(database: directory + "/db.sqlite") } throws: { ($0 as? StoreError)?.code == .readOnly }
             })
     }
 }

@@ -13,8 +13,8 @@ import Testing
         while Date().timeIntervalSince1970 <= time { try await Task.sleep(for: .milliseconds(5)) }
     }
 
-    @Test func aRoundWithOnlyABasePassesItOnAsItIs() async throws {
-        let store = try AdapterStore(path: temporaryDatabase())
+    @Test(arguments: DatabaseBackend.available) func aRoundWithOnlyABasePassesItOnAsItIs(_ backend: DatabaseBackend) async throws {
+        let store = try AdapterStore(database: try backend.makeDatabase())
         _ = try await store.putSettings(FederationSettings(strategy: .svd, chain: true), federation: "fed")
         let base = try makeAdapter(rank: 4, seed: 9)
         _ = try await store.putBase(federation: "fed", round: 0, file: base, sha256: ContentDigest.sha256Hex(base.bytes))
@@ -24,8 +24,8 @@ import Testing
         #expect(carried.file == base.bytes && carried.record.source == .chain)
     }
 
-    @Test func aChainThatCannotBeStoredLeavesTheSealStanding() async throws {
-        let store = try AdapterStore(path: temporaryDatabase())
+    @Test(arguments: DatabaseBackend.available) func aChainThatCannotBeStoredLeavesTheSealStanding(_ backend: DatabaseBackend) async throws {
+        let store = try AdapterStore(database: try backend.makeDatabase())
         _ = try await store.putSettings(FederationSettings(chain: true), federation: "fed")
         _ = try await store.put(upload("a", rank: 4))
         // Round 1 already has an upload whose tensors are wider: round 0's aggregate cannot be its base.
@@ -36,8 +36,8 @@ import Testing
         #expect(try await store.round(federation: "fed", round: 1)?.uploads.count == 1, "round 1 is untouched")
     }
 
-    @Test func aDeadlineWhoseSettingWasRemovedIsDropped() async throws {
-        let store = try AdapterStore(path: temporaryDatabase())
+    @Test(arguments: DatabaseBackend.available) func aDeadlineWhoseSettingWasRemovedIsDropped(_ backend: DatabaseBackend) async throws {
+        let store = try AdapterStore(database: try backend.makeDatabase())
         _ = try await store.putSettings(FederationSettings(roundTimeoutSeconds: 0.05), federation: "fed")
         let before = Date().timeIntervalSince1970
         _ = try await store.put(upload("a", rank: 4))
@@ -50,9 +50,9 @@ import Testing
         #expect(try await store.nextDeadline() == nil, "fired once, gone")
     }
 
-    @Test func aTimeoutSealsAndChainsOnceWhateverTheNumberOfFirings() async throws {
-        let path = temporaryDatabase()
-        let (one, other) = (try AdapterStore(path: path), try AdapterStore(path: path))
+    @Test(arguments: DatabaseBackend.available) func aTimeoutSealsAndChainsOnceWhateverTheNumberOfFirings(_ backend: DatabaseBackend) async throws {
+        let path = try backend.makeDatabase()
+        let (one, other) = (try AdapterStore(database: path), try AdapterStore(database: path))
         _ = try await one.putSettings(FederationSettings(chain: true, roundTimeoutSeconds: 0.05), federation: "fed")
         _ = try await one.put(upload("a", rank: 4))
         try await waitUntilPast(try #require(try await one.nextDeadline()))

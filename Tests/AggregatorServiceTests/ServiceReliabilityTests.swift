@@ -201,7 +201,7 @@ private func openAPIDocumentPath(_ file: String = #filePath) -> String {
         let service = try AggregatorService(
             configuration: {
                 var configuration = ServiceConfiguration()
-                configuration.databasePath = ServiceProcess.temporaryDatabase()
+                configuration.database = ServiceProcess.temporaryDatabase()
                 return configuration
             }())
         let routes = Set(service.makeRouter().routes.map(\.pattern))

@@ -1,11 +1,11 @@
 import LoRAAdapters
 
 /// A round in the database as the aggregation engine's source: one tensor name across all clients
-/// at a time, in client-id order (SQLite's BINARY collation is byte order), each blob read into one
-/// reused buffer, and its base as one more row per tensor. Used inside a transaction, so the round
-/// cannot change underneath.
-struct SQLiteAdapterSource: AdapterSource {
-    let connection: SQLiteConnection
+/// at a time, in client-id byte order (SQLite's BINARY collation, and the "C" collation PostgreSQL's
+/// schema gives ids, so both feed the engine alike), each blob read into one reused buffer, and its
+/// base as one more row per tensor. Used inside a transaction, so the round cannot change underneath.
+struct StoreAdapterSource: AdapterSource {
+    let connection: any StoreConnection
     let federation: FederationID
     let round: RoundNumber
     /// False to read the base alone, as a round without uploads.
@@ -44,9 +44,8 @@ struct SQLiteAdapterSource: AdapterSource {
         }
     }
 
-    /// Each holder's blob opened for incremental reading (SQLite keeps each one's overflow-page
-    /// list, so a part anywhere in a blob costs only its own pages), read part by part into the
-    /// caller's scratch: the bytes go from the mapped file into the cache the engine sums from.
+    /// Each holder's blob readable in parts (SQLite reads each part from the mapped file into the
+    /// caller's scratch, the cache the engine sums from; PostgreSQL fetches the blobs first).
     func withContributionReader(toTensor tensorName: String, _ body: ([ContributionInfo], any ContributionReader) throws -> Void) throws {
         guard includesUploads else { return try body([], InPlaceContributionReader([])) }
         let statement = try connection.statement(Self.holdersOfTensor)
@@ -57,9 +56,7 @@ struct SQLiteAdapterSource: AdapterSource {
                 rowID: $0.integer(3)
             )
         }
-        let reader = try connection.blobs(table: "tensors", column: "data", rowIDs: rows.map(\.rowID))
-        defer { reader.close() }
-        try body(rows.map(\.info), reader)
+        try connection.withBlobParts(table: "tensors", column: "data", rowIDs: rows.map(\.rowID)) { try body(rows.map(\.info), $0) }
     }
 
     /// The holders of tensor ?3 in client-id order: client, dtype, shape, blob row id, blob size.

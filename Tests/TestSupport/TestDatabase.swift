@@ -1,0 +1,44 @@
+import Foundation
+
+/// The databases the store's and the service's suites run against. SQLite always; PostgreSQL on
+/// the throw-away server `scripts/test` starts (its URI in `LORA_AGGREGATOR_TEST_POSTGRES`), and
+/// always under CI, where a missing server fails the PostgreSQL cases instead of leaving them out.
+public enum DatabaseBackend: String, Sendable {
+    case sqlite
+    case postgresql
+
+    public static let available: [DatabaseBackend] =
+        serverURI != nil || ProcessInfo.processInfo.environment["CI"] == "true" ? [.sqlite, .postgresql] : [.sqlite]
+
+    private static let serverURI = ProcessInfo.processInfo.environment["LORA_AGGREGATOR_TEST_POSTGRES"]
+
+    /// A new, empty database no other test uses: a file in the temporary directory, or a schema of
+    /// its own on the test server (the URI sets it as the search path).
+    public func makeDatabase() throws -> String {
+        switch self {
+        case .sqlite:
+            return FileManager.default.temporaryDirectory.appendingPathComponent("store-\(UUID().uuidString).sqlite").path
+        case .postgresql:
+            guard let server = Self.serverURI else { throw TestDatabaseError("LORA_AGGREGATOR_TEST_POSTGRES is not set: run the tests with scripts/test") }
+            let schema = "t_" + UUID().uuidString.replacingOccurrences(of: "-", with: "").lowercased()
+            try Self.psql(server, "CREATE SCHEMA \(schema)")
+            return server + (server.contains("?") ? "&" : "?") + "options=-csearch_path%3D\(schema)"
+        }
+    }
+
+    /// Runs `sql` on a PostgreSQL database through psql, behind the store's back.
+    public static func psql(_ uri: String, _ sql: String) throws {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        process.arguments = ["psql", "--no-psqlrc", "--quiet", "-v", "ON_ERROR_STOP=1", "--dbname", uri, "--command", sql]
+        process.standardOutput = FileHandle.nullDevice
+        try process.run()
+        process.waitUntilExit()
+        guard process.terminationStatus == 0 else { throw TestDatabaseError("psql failed (\(process.terminationStatus)) on: \(sql)") }
+    }
+}
+
+public struct TestDatabaseError: Error, CustomStringConvertible {
+    public let description: String
+    init(_ description: String) { self.description = description }
+}
