@@ -95,7 +95,7 @@ private func bearer(_ token: String) -> [(String, String)] { [("Authorization", 
         let (status, errorText) = try await onOwnThread { () throws -> (Int32, String) in
             let process = Process()
             process.executableURL = ServiceProcess.executable
-            process.arguments = ["serve", "--host", "0.0.0.0", "--port", "0", "--database", ServiceProcess.temporaryDatabase()]
+            process.arguments = ["serve", "--host", "0.0.0.0", "--port", "0", "--database", try ServiceProcess.temporaryDatabase()]
             let errors = Pipe()
             process.standardError = errors
             process.standardOutput = Pipe()

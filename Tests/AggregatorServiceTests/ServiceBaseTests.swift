@@ -26,8 +26,8 @@ import Testing
         return name == Self.a ? Array(values[(j * 12)..<((j + 1) * 12)]) : stride(from: j, to: values.count, by: tensor.shape[1]).map { values[$0] }
     }
 
-    @Test func aBaseIsStoredFoldedAndFillsTheSlicesNoUploadOwns() async throws {
-        let service = try await ServiceProcess.start()
+    @Test(arguments: DatabaseBackend.available) func aBaseIsStoredFoldedAndFillsTheSlicesNoUploadOwns(_ backend: DatabaseBackend) async throws {
+        let service = try await ServiceProcess.start(backend)
         let client = service.client
         let basePath = "/v1/federations/f/rounds/0/base"
         expectProblem(try await client.get(basePath), 404)

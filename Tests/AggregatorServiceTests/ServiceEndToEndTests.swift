@@ -21,9 +21,9 @@ private func uploadPath(_ client: String, rank: Int, weight: Double = 1, round: 
 }
 
 @Suite(.serialized) struct ServiceEndToEndTests {
-    @Test(arguments: 0..<3)
-    func randomRoundsUploadedCompressedMatchTheLiteralReference(seed: UInt64) async throws {
-        let service = try await ServiceProcess.start()
+    @Test(arguments: DatabaseBackend.available, 0..<3)
+    func randomRoundsUploadedCompressedMatchTheLiteralReference(_ backend: DatabaseBackend, seed: UInt64) async throws {
+        let service = try await ServiceProcess.start(backend)
         let client = service.client
         var random = SeededGenerator(seed: 900 + seed)
         let clients = TestRound.random(seed: 700 + seed)
@@ -66,8 +66,8 @@ private func uploadPath(_ client: String, rank: Int, weight: Double = 1, round: 
         }
     }
 
-    @Test func uploadsReplaceDeleteSealAndDownloadsWithETagsGzipAndHead() async throws {
-        let service = try await ServiceProcess.start()
+    @Test(arguments: DatabaseBackend.available) func uploadsReplaceDeleteSealAndDownloadsWithETagsGzipAndHead(_ backend: DatabaseBackend) async throws {
+        let service = try await ServiceProcess.start(backend)
         let client = service.client
         let first = try TestClient(id: "alice", rank: 4, weight: 2, dtype: .f32, tensors: TestRound.random(seed: 1, ranks: [4])[0].tensors).safetensors().bytes
         let second = try TestRound.random(seed: 2, ranks: [4])[0].safetensors().bytes
@@ -119,8 +119,8 @@ private func uploadPath(_ client: String, rank: Int, weight: Double = 1, round: 
         #expect(await service.stop() == 0)
     }
 
-    @Test func zstdBodiesAndDownloads() async throws {
-        let service = try await ServiceProcess.start(arguments: ["--max-upload-bytes", "200000"])
+    @Test(arguments: DatabaseBackend.available) func zstdBodiesAndDownloads(_ backend: DatabaseBackend) async throws {
+        let service = try await ServiceProcess.start(backend, arguments: ["--max-upload-bytes", "200000"])
         let client = service.client
         let file = try TestRound.random(seed: 41, ranks: [4])[0].safetensors().bytes
         let zstd = ContentCoding.zstd.compress(file)
@@ -174,8 +174,8 @@ private func uploadPath(_ client: String, rank: Int, weight: Double = 1, round: 
         #expect(await service.stop() == 0)
     }
 
-    @Test func everyRefusalIsAProblemAndLeavesTheEarlierUploadByteIdentical() async throws {
-        let service = try await ServiceProcess.start(arguments: ["--max-upload-bytes", "200000"])
+    @Test(arguments: DatabaseBackend.available) func everyRefusalIsAProblemAndLeavesTheEarlierUploadByteIdentical(_ backend: DatabaseBackend) async throws {
+        let service = try await ServiceProcess.start(backend, arguments: ["--max-upload-bytes", "200000"])
         let client = service.client
         let good = try TestRound.random(seed: 3, ranks: [8])[0].safetensors().bytes
         let stored = try await client.request("PUT", uploadPath("alice", rank: 8), body: good)

@@ -35,8 +35,8 @@ import Testing
         try await client.get("/v1/federations/\(federation)/rounds/\(round)").json
     }
 
-    @Test func settingsAreValidatedStoredAndShown() async throws {
-        let service = try await ServiceProcess.start()
+    @Test(arguments: DatabaseBackend.available) func settingsAreValidatedStoredAndShown(_ backend: DatabaseBackend) async throws {
+        let service = try await ServiceProcess.start(backend)
         let client = service.client
         let fresh = try await client.get("/v1/federations/f").json
         #expect((fresh["settings"] as? [String: Any])?["strategy"] as? String == "replication" && fresh["current_round"] as? Int == 0)
@@ -71,8 +71,10 @@ import Testing
         #expect(await service.stop() == 0)
     }
 
-    @Test func theFederationsStrategyIsTheDefaultAndChainingCarriesTheAggregateForward() async throws {
-        let service = try await ServiceProcess.start()
+    @Test(arguments: DatabaseBackend.available) func theFederationsStrategyIsTheDefaultAndChainingCarriesTheAggregateForward(_ backend: DatabaseBackend)
+        async throws
+    {
+        let service = try await ServiceProcess.start(backend)
         let client = service.client
         #expect(try await Self.settings(client, "f", #"{"strategy":"zero_padding","chain":true}"#).statusCode == 201)
         #expect(try await Self.upload(client, "f", 0, "alice", rank: 2) == 201)
@@ -112,8 +114,8 @@ import Testing
         #expect(await service.stop() == 0)
     }
 
-    @Test func aQuorumSealsAfterItsGracePeriodAndMaxUploadsAtOnce() async throws {
-        let service = try await ServiceProcess.start()
+    @Test(arguments: DatabaseBackend.available) func aQuorumSealsAfterItsGracePeriodAndMaxUploadsAtOnce(_ backend: DatabaseBackend) async throws {
+        let service = try await ServiceProcess.start(backend)
         let client = service.client
         let grace = 2.0
         #expect(try await Self.settings(client, "q", #"{"quorum":{"min_uploads":2,"grace_seconds":\#(grace)}}"#).statusCode == 201)
@@ -142,8 +144,8 @@ import Testing
         #expect(await service.stop() == 0)
     }
 
-    @Test func aTimeoutSealsARoundWithItsQuorumAndFlagsOneWithout() async throws {
-        let service = try await ServiceProcess.start()
+    @Test(arguments: DatabaseBackend.available) func aTimeoutSealsARoundWithItsQuorumAndFlagsOneWithout(_ backend: DatabaseBackend) async throws {
+        let service = try await ServiceProcess.start(backend)
         let client = service.client
         // The quorum's grace is far away: only the timeout can seal these rounds.
         #expect(try await Self.settings(client, "t", #"{"quorum":{"min_uploads":2,"grace_seconds":3600},"round_timeout_seconds":1}"#).statusCode == 201)
@@ -158,9 +160,9 @@ import Testing
         #expect(await service.stop() == 0)
     }
 
-    @Test(arguments: [false, true])
-    func aDeadlineOutlivesTheServer(killed: Bool) async throws {
-        let database = ServiceProcess.temporaryDatabase()
+    @Test(arguments: DatabaseBackend.available, [false, true])
+    func aDeadlineOutlivesTheServer(_ backend: DatabaseBackend, killed: Bool) async throws {
+        let database = try ServiceProcess.temporaryDatabase(backend)
         let first = try await ServiceProcess.start(database: database)
         #expect(try await Self.settings(first.client, "r", #"{"round_timeout_seconds":1,"chain":true}"#).statusCode == 201)
         #expect(try await Self.upload(first.client, "r", 0, "a") == 201)
@@ -171,8 +173,8 @@ import Testing
         #expect(await second.stop() == 0)
     }
 
-    @Test func twoProcessesOnOneDatabaseSealAndChainARoundOnce() async throws {
-        let database = ServiceProcess.temporaryDatabase()
+    @Test(arguments: DatabaseBackend.available) func twoProcessesOnOneDatabaseSealAndChainARoundOnce(_ backend: DatabaseBackend) async throws {
+        let database = try ServiceProcess.temporaryDatabase(backend)
         let one = try await ServiceProcess.start(database: database)
         let other = try await ServiceProcess.start(database: database)
         #expect(try await Self.settings(one.client, "p", #"{"chain":true,"round_timeout_seconds":2}"#).statusCode == 201)

@@ -47,9 +47,9 @@ import Testing
         }
     }
 
-    @Test(arguments: 0..<3)
-    func scaledRoundsInBothFormsMatchTheLiteralReference(seed: UInt64) async throws {
-        let service = try await ServiceProcess.start()
+    @Test(arguments: DatabaseBackend.available, 0..<3)
+    func scaledRoundsInBothFormsMatchTheLiteralReference(_ backend: DatabaseBackend, seed: UInt64) async throws {
+        let service = try await ServiceProcess.start(backend)
         let client = service.client
         var random = SeededGenerator(seed: 600 + seed)
         let clients = TestRound.randomScaled(seed: 500 + seed, dtypes: [.f32, .f64])
@@ -95,8 +95,8 @@ import Testing
         #expect(await service.stop() == 0)
     }
 
-    @Test func refusedUploadsStoreNothingAndSayWhy() async throws {
-        let service = try await ServiceProcess.start(arguments: ["--max-upload-bytes", "200000"])
+    @Test(arguments: DatabaseBackend.available) func refusedUploadsStoreNothingAndSayWhy(_ backend: DatabaseBackend) async throws {
+        let service = try await ServiceProcess.start(backend, arguments: ["--max-upload-bytes", "200000"])
         let client = service.client
         let participant = TestClient(
             id: "alice", rank: 4, weight: 1, dtype: .f32, tensors: TestRound.random(seed: 3, ranks: [4])[0].tensors, loraAlpha: 16)
@@ -146,8 +146,8 @@ import Testing
         #expect(await service.stop() == 0)
     }
 
-    @Test func adapterConfigsDescribeTheirDownloads() async throws {
-        let service = try await ServiceProcess.start()
+    @Test(arguments: DatabaseBackend.available) func adapterConfigsDescribeTheirDownloads(_ backend: DatabaseBackend) async throws {
+        let service = try await ServiceProcess.start(backend)
         let client = service.client
         let tensors = { (seed: UInt64, rank: Int) in TestRound.random(seed: seed, ranks: [rank])[0].tensors }
         // alice: r = 8 with q_proj at rank 2; bob: tagged rank 4, lora_alpha 16; carol: r = 16.
@@ -207,8 +207,8 @@ import Testing
         #expect(await service.stop() == 0)
     }
 
-    @Test func theRoundsMaxRankIsItsLargestModuleRank() async throws {
-        let service = try await ServiceProcess.start()
+    @Test(arguments: DatabaseBackend.available) func theRoundsMaxRankIsItsLargestModuleRank(_ backend: DatabaseBackend) async throws {
+        let service = try await ServiceProcess.start(backend)
         let client = service.client
         // r = 2, with q_proj raised to 6 by rank_pattern: the round's global rank is 6, not r.
         var tensors = TestRound.random(seed: 31, ranks: [2])[0].tensors
@@ -233,8 +233,8 @@ import Testing
         #expect(await service.stop() == 0)
     }
 
-    @Test func withoutAnUploadedConfigTheGlobalConfigNamesTheModules() async throws {
-        let service = try await ServiceProcess.start()
+    @Test(arguments: DatabaseBackend.available) func withoutAnUploadedConfigTheGlobalConfigNamesTheModules(_ backend: DatabaseBackend) async throws {
+        let service = try await ServiceProcess.start(backend)
         let client = service.client
         for (name, seed, rank) in [("a", UInt64(21), 2), ("b", 22, 4)] {
             let file = try TestClient(id: name, rank: rank, weight: 1, dtype: .f32, tensors: TestRound.random(seed: seed, ranks: [rank])[0].tensors)

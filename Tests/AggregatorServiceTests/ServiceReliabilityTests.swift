@@ -7,11 +7,13 @@ import Testing
 @testable import AggregatorService
 
 @Suite(.serialized) struct ServiceReliabilityTests {
-    /// Concurrent uploads, SIGKILL in the middle, restart: every upload that got a 2xx is there with
-    /// its digest, and nothing is partial.
-    @Test func uploadsAcknowledgedBeforeASIGKILLSurviveIt() async throws {
-        let database = ServiceProcess.temporaryDatabase()
+    /// Concurrent uploads, SIGKILL in the middle: every upload that got a 2xx is there with its
+    /// digest, through another server on the same database that ran all along and through a
+    /// restarted one, and nothing is partial.
+    @Test(arguments: DatabaseBackend.available) func uploadsAcknowledgedBeforeASIGKILLSurviveIt(_ backend: DatabaseBackend) async throws {
+        let database = try ServiceProcess.temporaryDatabase(backend)
         let service = try await ServiceProcess.start(database: database)
+        let other = try await ServiceProcess.start(database: database)
         let files = try (0..<48).map { index in try TestRound.random(seed: UInt64(3000 + index), ranks: [16])[0].safetensors().bytes }
         // Each upload reports (index, digest) when acknowledged with a 2xx; the kill comes as the
         // fourth is, while the rest are still in flight.
@@ -33,26 +35,29 @@ import Testing
         #expect(acknowledgedNow.count >= 4)
 
         let restarted = try await ServiceProcess.start(database: database)
-        let round = try await restarted.client.get("/v1/federations/crash/rounds/0")
-        let listed = (round.json["uploads"] as? [[String: Any]]) ?? []
-        for (index, digest) in acknowledgedNow {
-            let stored = try await restarted.client.get("/v1/federations/crash/rounds/0/uploads/c\(index)")
-            #expect(stored.statusCode == 200, "acknowledged upload c\(index) is missing")
-            #expect(ContentDigest.sha256Hex(stored.body) == digest && stored.body == files[index])
+        for survivor in [other, restarted] {
+            let round = try await survivor.client.get("/v1/federations/crash/rounds/0")
+            let listed = (round.json["uploads"] as? [[String: Any]]) ?? []
+            for (index, digest) in acknowledgedNow {
+                let stored = try await survivor.client.get("/v1/federations/crash/rounds/0/uploads/c\(index)")
+                #expect(stored.statusCode == 200, "acknowledged upload c\(index) is missing")
+                #expect(ContentDigest.sha256Hex(stored.body) == digest && stored.body == files[index])
+            }
+            for entry in listed {
+                // Unacknowledged uploads may or may not have landed, but never partially.
+                let client = try #require(entry["client"] as? String)
+                let index = try #require(Int(client.dropFirst()))
+                let stored = try await survivor.client.get("/v1/federations/crash/rounds/0/uploads/\(client)")
+                #expect(stored.body == files[index], "\(client) is partial")
+            }
+            #expect(listed.count >= acknowledgedNow.count)
         }
-        for entry in listed {
-            // Unacknowledged uploads may or may not have landed, but never partially.
-            let client = try #require(entry["client"] as? String)
-            let index = try #require(Int(client.dropFirst()))
-            let stored = try await restarted.client.get("/v1/federations/crash/rounds/0/uploads/\(client)")
-            #expect(stored.body == files[index], "\(client) is partial")
-        }
-        #expect(listed.count >= acknowledgedNow.count)
+        #expect(await other.stop() == 0)
         #expect(await restarted.stop() == 0)
     }
 
-    @Test func twoServerProcessesShareOneDatabase() async throws {
-        let database = ServiceProcess.temporaryDatabase()
+    @Test(arguments: DatabaseBackend.available) func twoServerProcessesShareOneDatabase(_ backend: DatabaseBackend) async throws {
+        let database = try ServiceProcess.temporaryDatabase(backend)
         let first = try await ServiceProcess.start(database: database)
         let second = try await ServiceProcess.start(database: database)
         let clients = TestRound.random(seed: 44)
@@ -78,8 +83,8 @@ import Testing
     /// and the first computation streams. An aggregate computed once has its digest on record in the
     /// database: a server without a copy in memory (cache off, restarted) answers a HEAD without
     /// computing, and streams the identical body under the same ETag with its `Repr-Digest`.
-    @Test func conditionalGetsNeedNoComputingAndARecordedDigestSurvivesARestart() async throws {
-        let database = ServiceProcess.temporaryDatabase()
+    @Test(arguments: DatabaseBackend.available) func conditionalGetsNeedNoComputingAndARecordedDigestSurvivesARestart(_ backend: DatabaseBackend) async throws {
+        let database = try ServiceProcess.temporaryDatabase(backend)
         let uncached = try await ServiceProcess.start(database: database, arguments: ["--aggregate-cache-bytes", "0"])
         let uploads = try TestRound.random(seed: 46).map { participant in
             (
@@ -105,7 +110,7 @@ import Testing
         #expect(await uncached.stop() == 0)
 
         // Another database with the same uploads: the same ETag for the same bytes.
-        let elsewhere = try await ServiceProcess.start(database: ServiceProcess.temporaryDatabase())
+        let elsewhere = try await ServiceProcess.start(database: try ServiceProcess.temporaryDatabase(backend))
         for upload in uploads { #expect(try await elsewhere.client.request("PUT", upload.path, body: upload.bytes).statusCode == 201) }
         let same = try await elsewhere.client.get(path)
         #expect(same.header("ETag") == etag && same.body == first.body)
@@ -128,7 +133,7 @@ import Testing
 
         // A record the bytes do not match (written behind the server's back): the body is cut short
         // of its Content-Length, the server logs why and drops the record, and a GET computes afresh.
-        try sqlite(database, "UPDATE aggregate_digests SET crc32 = (crc32 + 1) % 4294967296")
+        try tamper(database, backend, "UPDATE aggregate_digests SET crc32 = (crc32 + 1) % 4294967296")
         let mismatched = try await ServiceProcess.start(database: database, arguments: ["--aggregate-cache-bytes", "0"])
         await #expect(throws: (any Error).self, "a truncated body") { _ = try await mismatched.client.get(path) }
         var recomputed: RawClient.Response?
@@ -150,8 +155,9 @@ import Testing
         #expect(mismatched.errorLog().contains("an aggregate stream failed after its head was sent"))
     }
 
-    /// Runs SQL on the database with Python's sqlite3 (the tests' tool for changing it behind the server's back).
-    private func sqlite(_ database: String, _ sql: String) throws {
+    /// Runs SQL on the database behind the server's back: with Python's sqlite3, or psql.
+    private func tamper(_ database: String, _ backend: DatabaseBackend, _ sql: String) throws {
+        guard backend == .sqlite else { return try DatabaseBackend.psql(database, sql) }
         let process = Process()
         process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
         process.arguments = ["python3", "-c", "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); c.execute(sys.argv[2]); c.commit()", database, sql]
@@ -168,8 +174,8 @@ import Testing
         return try lines.reduce(0) { total, line in total + (try #require(Int(line.split(separator: " ")[1]))) }
     }
 
-    @Test func sigtermFinishesTheRequestInFlightAndExitsZero() async throws {
-        let service = try await ServiceProcess.start()
+    @Test(arguments: DatabaseBackend.available) func sigtermFinishesTheRequestInFlightAndExitsZero(_ backend: DatabaseBackend) async throws {
+        let service = try await ServiceProcess.start(backend)
         let big = try TestRound.random(seed: 5, ranks: [64])[0].safetensors().bytes
         // The upload is in flight once the server asks for its body (100 Continue); SIGTERM then,
         // and only then send the body.
@@ -201,7 +207,7 @@ private func openAPIDocumentPath(_ file: String = #filePath) -> String {
         let service = try AggregatorService(
             configuration: {
                 var configuration = ServiceConfiguration()
-                configuration.database = ServiceProcess.temporaryDatabase()
+                configuration.database = try ServiceProcess.temporaryDatabase()
                 return configuration
             }())
         let routes = Set(service.makeRouter().routes.map(\.pattern))

@@ -10,9 +10,9 @@ import Testing
 /// from the cached aggregate, chaining, and metrics by strategy. Their numbers are checked against
 /// references in LoRAAdaptersTests and scripts/tests/test_strategies.py (numpy).
 @Suite(.serialized) struct ServiceStrategyTests {
-    @Test(arguments: [AggregationStrategy.hetlora, .svd])
-    func everyPathServesTheStrategy(_ strategy: AggregationStrategy) async throws {
-        let database = ServiceProcess.temporaryDatabase()
+    @Test(arguments: DatabaseBackend.available, [AggregationStrategy.hetlora, .svd])
+    func everyPathServesTheStrategy(_ backend: DatabaseBackend, _ strategy: AggregationStrategy) async throws {
+        let database = try ServiceProcess.temporaryDatabase(backend)
         let service = try await ServiceProcess.start(database: database)
         let client = service.client
         let clients = TestRound.randomScaled(seed: 31_000)

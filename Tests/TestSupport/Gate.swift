@@ -23,6 +23,8 @@ public final class Gate: Sendable {
         for waiter in waiters { waiter.resume() }
     }
 
+    public var isOpen: Bool { state.withLock { $0.isOpen } }
+
     public func wait() async {
         await withCheckedContinuation { continuation in
             let isOpen = state.withLock { state in

@@ -40,5 +40,5 @@ public enum DatabaseBackend: String, Sendable {
 
 public struct TestDatabaseError: Error, CustomStringConvertible {
     public let description: String
-    init(_ description: String) { self.description = description }
+    public init(_ description: String) { self.description = description }
 }

@@ -12,9 +12,9 @@ start_server() {
     "$binary" serve --port 0 --database "$database" --no-access-log "$@" >"$ready" &
     server_pid=$!
     wait_for_ready_line "$ready" "$server_pid"
-    url="http://$(grep -o '127\.0\.0\.1:[0-9]*' "$ready")"
+    url=$(grep -o 'http://127\.0\.0\.1:[0-9]*' "$ready" | head -1)
     rm -f "$ready"
-    [ "$url" != "http://" ] || { echo "the server did not start" >&2; return 1; }
+    [ -n "$url" ] || { echo "the server did not start" >&2; return 1; }
 }
 
 # wait_for_ready_line FILE PID: waits until FILE has the server's "listening" line or PID has exited;

@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import TestSupport
 
 /// The real `lora-aggregator` executable, started on port 0 against a database for one test and
@@ -9,6 +10,9 @@ final class ServiceProcess: @unchecked Sendable {
     let port: Int
     let databasePath: String
     private let errorOutput: Pipe
+    /// Standard error, read as it comes: a full pipe would block the server's logging, and with it
+    /// whatever request logs (a database outage logs every refusal).
+    private var errorLogDrain: LogDrain?
 
     static var executable: URL {
         // The test bundle sits next to the package's executables in the build directory.
@@ -26,12 +30,16 @@ final class ServiceProcess: @unchecked Sendable {
         var description: String { "the server exited (\(reason == .uncaughtSignal ? "signal" : "status") \(status)) before its ready line: \(log)" }
     }
 
-    static func temporaryDatabase() -> String {
-        FileManager.default.temporaryDirectory.appendingPathComponent("lora-aggregator-\(UUID().uuidString).sqlite").path
+    /// A new, empty database of `backend` (a SQLite file, or a PostgreSQL schema of its own).
+    static func temporaryDatabase(_ backend: DatabaseBackend = .sqlite) throws -> String { try backend.makeDatabase() }
+
+    /// Starts the server on a new database of `backend` and waits for its ready line.
+    static func start(_ backend: DatabaseBackend = .sqlite, arguments: [String] = []) async throws -> ServiceProcess {
+        try await start(database: try temporaryDatabase(backend), arguments: arguments)
     }
 
-    /// Starts the server and waits for its ready line (off the cooperative pool).
-    static func start(database: String = temporaryDatabase(), arguments: [String] = []) async throws -> ServiceProcess {
+    /// Starts the server on `database` and waits for its ready line (off the cooperative pool).
+    static func start(database: String, arguments: [String] = []) async throws -> ServiceProcess {
         try await onOwnThread { try ServiceProcess(database: database, arguments: arguments) }
     }
 
@@ -62,6 +70,7 @@ final class ServiceProcess: @unchecked Sendable {
         else { throw POSIXError(.EBADMSG) }
         self.port = port
         self.databasePath = database
+        errorLogDrain = LogDrain(errorOutput.fileHandleForReading)
     }
 
     /// A test that throws before stopping its server must not leave it running.
@@ -91,11 +100,31 @@ final class ServiceProcess: @unchecked Sendable {
     }
 
     /// What the server wrote to standard error; read it once the server has stopped.
-    func errorLog() -> String {
-        String(decoding: errorOutput.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-    }
+    func errorLog() -> String { errorLogDrain?.wholeLog() ?? "" }
 
     var client: ServiceClient { ServiceClient(port: port) }
+}
+
+/// Reads a pipe to its end on a thread of its own, keeping what it read.
+private final class LogDrain: Sendable {
+    private let data = Mutex(Data())
+    private let ended = DispatchSemaphore(value: 0)
+
+    init(_ handle: FileHandle) {
+        Thread.detachNewThread { self.read(handle) }
+    }
+
+    private func read(_ handle: FileHandle) {
+        while case let chunk = handle.availableData, !chunk.isEmpty { data.withLock { $0.append(chunk) } }
+        ended.signal()
+    }
+
+    /// Everything, once the writer has closed its end.
+    func wholeLog() -> String {
+        ended.wait()
+        ended.signal()
+        return String(decoding: data.withLock { $0 }, as: UTF8.self)
+    }
 }
 
 /// HTTP/1.1 requests to the service; each runs its blocking socket I/O on a Dispatch thread, so
