@@ -256,6 +256,30 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
         #expect(try await tag([uploads[0], try upload("bob", rank: 8, weight: 1, seed: 6)]) != reference)
     }
 
+    /// SQLite and PostgreSQL give the same aggregate bytes under the same tag, for every strategy and
+    /// for a client's own download: both feed the engine clients in byte order of their ids (ids
+    /// chosen here to sort otherwise in a language-aware collation).
+    @Test(.enabled(if: DatabaseBackend.available.contains(.postgresql)), arguments: AggregationStrategy.allCases)
+    func bothDatabasesGiveTheSameBytesUnderTheSameTag(strategy: AggregationStrategy) async throws {
+        let uploads = try [
+            upload("alice", rank: 2, weight: 3, seed: 4), upload("Zed", rank: 8, weight: 1, seed: 5), upload("_x", rank: 4, weight: 2, seed: 6),
+            upload("B-2", rank: 3, weight: 0.5, seed: 7),
+        ]
+        var answers: [[String]] = []
+        for backend in [DatabaseBackend.sqlite, .postgresql] {
+            let store = try AdapterStore(database: try backend.makeDatabase(), aggregateCacheBytes: 0)
+            for item in uploads.shuffled() { _ = try await store.put(item) }
+            var answer: [String] = []
+            for client in [nil, "B-2"] as [ClientID?] {
+                let aggregate = try #require(
+                    try await store.aggregate(federation: "fed", round: 0, client: client, strategy: strategy, rank: nil, dtype: .bf16))
+                answer += [aggregate.tag, ContentDigest.sha256Hex(aggregate.bytes)]
+            }
+            answers.append(answer)
+        }
+        #expect(answers[0] == answers[1])
+    }
+
     /// The store's reader of blob parts, from two cores at once on large tensors, gives the bytes the
     /// engine gives from the same files in memory.
     @Test(arguments: DatabaseBackend.available, [AggregationStrategy.replication, .zeroPadding, .hetlora])

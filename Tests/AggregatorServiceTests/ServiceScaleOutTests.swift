@@ -29,6 +29,20 @@ import Testing
         #expect(await other.stop() == 0)
     }
 
+    /// A database that cannot be reached at start is an exit with a non-zero status and libpq's
+    /// reason, and the URI's password is not repeated.
+    @Test func anUnreachableDatabaseAtStartIsANonZeroExitWithTheReason() async throws {
+        do {
+            let started = try await ServiceProcess.start(database: "postgresql://lora:secret-password@127.0.0.1:1/lora")
+            Issue.record("the server started")
+            await started.stop()
+        } catch let failure as ServiceProcess.ServerStartFailure {
+            #expect(failure.reason == .exit && failure.status != 0)
+            #expect(failure.log.contains("the database cannot be reached") && failure.log.contains("Connection refused"), "\(failure.log)")
+            #expect(!failure.log.contains("secret-password") && failure.log.contains("lora:***@127.0.0.1:1"))
+        }
+    }
+
     /// Two servers take uploads while their PostgreSQL server is stopped for two seconds and started
     /// again. Every answer is a 201 or a 503 problem with Retry-After (never a 500 or a dropped
     /// connection); uploads succeed again once it is back, without restarting either server; and
