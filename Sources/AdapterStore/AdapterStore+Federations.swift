@@ -80,7 +80,10 @@ extension AdapterStore {
         var sealed: [SealReason] = []
         for (federation, round, reason) in due {
             do {
-                if let reason = try await writer.write({ connection in try Self.fire(reason, federation, round, connection) }) { sealed.append(reason) }
+                if let reason = try await writer.write({ connection in try Self.fire(reason, federation, round, due: Date().timeIntervalSince1970, connection) }
+                ) {
+                    sealed.append(reason)
+                }
             } catch {
                 FileHandle.standardError.write(
                     Data("lora-aggregator: the \(reason) deadline of round \(round) of '\(federation)' failed: \(error); retrying in a minute\n".utf8))
@@ -93,11 +96,14 @@ extension AdapterStore {
         return sealed
     }
 
-    /// Fires one deadline if it is still on record (another process may have fired it); returns
-    /// the reason when it sealed the round. A deadline whose setting was removed since is dropped.
-    private static func fire(_ reason: String, _ federation: FederationID, _ round: RoundNumber, _ connection: any StoreConnection) throws -> SealReason? {
-        try connection.statement("DELETE FROM deadlines WHERE federation = ?1 AND round = ?2 AND reason = ?3")
-            .bind(.id(federation), .round(round), .text(reason)).run()
+    /// Fires one deadline if it is still on record and due by `now` (another process may have fired
+    /// it, and a new one for the same reason set since); returns the reason when it sealed the
+    /// round. A deadline whose setting was removed since is dropped.
+    private static func fire(_ reason: String, _ federation: FederationID, _ round: RoundNumber, due now: Double, _ connection: any StoreConnection) throws
+        -> SealReason?
+    {
+        try connection.statement("DELETE FROM deadlines WHERE federation = ?1 AND round = ?2 AND reason = ?3 AND due_at <= ?4")
+            .bind(.id(federation), .round(round), .text(reason), .real(now)).run()
         guard connection.changes > 0 else { return nil }
         let settings = try settings(connection, federation)
         let uploads = try uploadCount(connection, federation, round)

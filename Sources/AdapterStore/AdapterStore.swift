@@ -21,10 +21,11 @@ public final class AdapterStore: Sendable {
     ///   - database: a SQLite file's path, or a `postgresql://` (or `postgres://`) URI.
     ///   - aggregateCacheBytes: memory kept for recently computed aggregates.
     ///   - readConnections: PostgreSQL connections for reads (SQLite uses one).
-    public init(database: String, aggregateCacheBytes: Int = 1 << 30, readConnections: Int = 8) throws {
+    ///   - writeLockTimeoutSeconds: PostgreSQL: how long a write waits for another process's write.
+    public init(database: String, aggregateCacheBytes: Int = 1 << 30, readConnections: Int = 8, writeLockTimeoutSeconds: Double = 30) throws {
         cache = AggregateCache(capacityBytes: aggregateCacheBytes)
         if PostgresConnection.accepts(database) {
-            let writerConnection = try PostgresConnection(uri: database)
+            let writerConnection = try PostgresConnection(uri: database, lockTimeoutSeconds: writeLockTimeoutSeconds)
             try PostgresSchema.migrate(writerConnection)
             writer = ConnectionPool([ConnectionQueue(writerConnection, label: "lora-aggregator.store.writer")])
             reader = ConnectionPool(

@@ -13,15 +13,33 @@ final class PostgresConnection: StoreConnection {
     private var preparedCount = 0
     private(set) var changes = 0
 
-    /// Whether `database` names a PostgreSQL database rather than a SQLite file.
-    static func accepts(_ database: String) -> Bool { database.hasPrefix("postgresql://") || database.hasPrefix("postgres://") }
+    /// Whether `database` names a PostgreSQL database rather than a SQLite file: a `postgresql://`
+    /// (or `postgres://`) URI, or libpq's `key=value` form (`host=db dbname=lora`).
+    static func accepts(_ database: String) -> Bool {
+        database.hasPrefix("postgresql://") || database.hasPrefix("postgres://") || database.firstMatch(of: /^\s*[a-z_]+\s*=/) != nil
+    }
 
-    /// Writes across every process on the database take this transaction-scoped advisory lock
-    /// first, as SQLite writers take its write lock: they run one at a time and each sees all before.
-    private static let writeLock = 0x6C6F_7261
+    /// Writes across every process on the schema take this transaction-scoped advisory lock first
+    /// (with the schema's name as its second key, so deployments sharing a database in schemas of
+    /// their own do not wait for each other), as SQLite writers take its write lock: they run one at
+    /// a time and each sees all before it.
+    static let writeLock = "pg_advisory_xact_lock(1819243105, hashtext(current_schema()))"
 
-    init(uri: String) throws(StoreError) {
-        guard let handle = PQconnectdb(uri) else { throw StoreError(.unavailable, "the database cannot be reached", detail: "libpq is out of memory") }
+    /// Bounds on what a network can make a connection wait for, where the URI sets none: to connect,
+    /// and (keepalives, unacknowledged data) to notice a server that is gone without closing.
+    private static let networkDefaults = [
+        ("connect_timeout", "10"), ("keepalives_idle", "30"), ("keepalives_interval", "10"), ("keepalives_count", "3"), ("tcp_user_timeout", "30000"),
+    ]
+
+    /// - Parameter lockTimeoutSeconds: how long a write waits for another process's write (SQLite's
+    ///   busy timeout) before it fails with `busy` (503, Retry-After).
+    init(uri: String, lockTimeoutSeconds: Double = 30) throws(StoreError) {
+        self.lockTimeoutSeconds = lockTimeoutSeconds
+        // Keywords later in the list win, so the URI (expanded from `dbname`) overrides the defaults.
+        let keywords = Self.networkDefaults.map(\.0) + ["dbname"]
+        let values = Self.networkDefaults.map(\.1) + [uri]
+        let connection = withCStrings(keywords) { keywords in withCStrings(values) { values in PQconnectdbParams(keywords, values, 1) } }
+        guard let handle = connection else { throw StoreError(.unavailable, "the database cannot be reached", detail: "libpq is out of memory") }
         guard PQstatus(handle) == CONNECTION_OK else {
             let detail = Self.message(PQerrorMessage(handle))
             PQfinish(handle)
@@ -36,10 +54,14 @@ final class PostgresConnection: StoreConnection {
         PQfinish(handle)
     }
 
-    /// Session settings, again after every reconnection. A write waits at most this long for
-    /// another process's write (SQLite's busy timeout), then fails with 503 and Retry-After.
+    private let lockTimeoutSeconds: Double
+
+    /// Session settings, again after every reconnection. A session left idle inside a transaction
+    /// (its process hung or partitioned away) is ended by the server, so it cannot hold the write
+    /// lock for long; the store's transactions never wait between statements that long.
     private func configure() throws(StoreError) {
-        try execute("SET lock_timeout = '30s'; SET client_min_messages = warning")
+        try execute(
+            "SET lock_timeout = '\(Int(lockTimeoutSeconds * 1000))ms'; SET idle_in_transaction_session_timeout = '5min'; SET client_min_messages = warning")
     }
 
     func execute(_ sql: String) throws(StoreError) {
@@ -66,18 +88,21 @@ final class PostgresConnection: StoreConnection {
 
     /// A read sees one snapshot (REPEATABLE READ, as a SQLite read transaction does). A write takes
     /// the write lock, then reads what is committed (READ COMMITTED: all writes before it, since
-    /// they held the lock). A connection found lost is re-established before beginning, once.
+    /// they held the lock). A connection found lost is re-established before beginning, once. Any
+    /// failure after BEGIN (the lock not granted in time included) rolls back, so the connection is
+    /// never left inside a failed transaction.
     func transaction<Result>(_ kind: TransactionKind, _ body: () throws -> Result) throws -> Result {
-        let begin = kind == .write ? "BEGIN; SELECT pg_advisory_xact_lock(\(Self.writeLock))" : "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+        let begin = kind == .write ? "BEGIN" : "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
         if case .failure(let error) = Swift.Result(catching: { () throws(StoreError) in try beginOnce(begin) }) {
             // A server that restarted leaves the connection broken only once it is used.
             guard PQstatus(handle) != CONNECTION_OK else { throw error }
             try beginOnce(begin)
         }
         do {
+            if kind == .write { try execute("SELECT \(Self.writeLock)") }
             let result = try body()
             resetStatements()
-            try execute("COMMIT")
+            try commit()
             return result
         } catch {
             resetStatements()
@@ -88,7 +113,17 @@ final class PostgresConnection: StoreConnection {
 
     private func beginOnce(_ begin: String) throws(StoreError) {
         try reconnectIfLost()
+        // Never begin inside a transaction something left open.
+        if PQtransactionStatus(handle) != PQTRANS_IDLE { try execute("ROLLBACK") }
         try execute(begin)
+    }
+
+    /// COMMIT of a transaction that failed answers success with the tag ROLLBACK: that is a failure.
+    private func commit() throws(StoreError) {
+        let result = PQexec(handle, "COMMIT")
+        defer { PQclear(result) }
+        guard result != nil, PQresultStatus(result) == PGRES_COMMAND_OK else { throw failure(result) }
+        guard String(cString: PQcmdStatus(result)) == "COMMIT" else { throw StoreError(.database, "the transaction was rolled back") }
     }
 
     private func reconnectIfLost() throws(StoreError) {
@@ -109,7 +144,7 @@ final class PostgresConnection: StoreConnection {
 
     /// Runs a prepared statement; the result is the caller's to clear.
     fileprivate func run(_ name: String, _ parameters: [StoreValue]) throws(StoreError) -> OpaquePointer {
-        let wire = WireParameters(parameters)
+        let wire = try WireParameters(parameters)
         defer { wire.free() }
         let result = PQexecPrepared(handle, name, Int32(wire.values.count), wire.values, wire.lengths, wire.formats, 1)
         let status = PQresultStatus(result)
@@ -120,8 +155,9 @@ final class PostgresConnection: StoreConnection {
         }
         changes = Int(String(cString: PQcmdTuples(result))) ?? 0
         for column in 0..<PQnfields(result) where !PostgresStatement.readableTypes.contains(PQftype(result, column)) {
+            let type = PQftype(result, column)
             PQclear(result)
-            throw StoreError(.database, "a query returned a column of a type the store cannot read", detail: "type oid \(PQftype(result, column))")
+            throw StoreError(.database, "a query returned a column of a type the store cannot read", detail: "type oid \(type)")
         }
         return result
     }
@@ -188,8 +224,15 @@ private struct WireParameters {
     var formats: [Int32] = []
     private var owned: [UnsafeMutableRawPointer] = []
 
-    init(_ parameters: [StoreValue]) {
+    /// PostgreSQL's limit on one value (bytea included).
+    static let maxValueBytes = (1 << 30) - 1
+
+    init(_ parameters: [StoreValue]) throws(StoreError) {
         for parameter in parameters {
+            if case .borrowedBlob(let bytes) = parameter, bytes.count > Self.maxValueBytes {
+                free()
+                throw StoreError(.tooLarge, "a tensor over 1 GiB cannot be stored in PostgreSQL", detail: "\(bytes.count) bytes")
+            }
             switch parameter {
             case .integer(let integer): addText(String(integer))
             case .real(let real): addText(real.isFinite ? "\(real)" : real.isNaN ? "NaN" : real < 0 ? "-Infinity" : "Infinity")
@@ -305,6 +348,13 @@ final class PostgresStatement: StoreStatement {
     func withBlob<Result>(_ column: Int32, _ body: (UnsafeRawBufferPointer) throws -> Result) rethrows -> Result {
         try body(value(column) ?? UnsafeRawBufferPointer(start: nil, count: 0))
     }
+}
+
+/// Runs `body` with `strings` as C strings, in an array ending with a null pointer.
+private func withCStrings<Result>(_ strings: [String], _ body: ([UnsafePointer<CChar>?]) -> Result) -> Result {
+    let copies = strings.map { strdup($0) }
+    defer { for copy in copies { free(copy) } }
+    return body(copies.map { UnsafePointer($0) } + [nil])
 }
 
 /// Whole blobs by row id, each fetched by one prepared query.

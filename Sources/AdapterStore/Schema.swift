@@ -277,7 +277,11 @@ enum PostgresSchema {
     /// starting together on a new database, so each migration is applied once).
     static func migrate(_ connection: any StoreConnection) throws {
         try connection.transaction(.write) {
-            try connection.execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
+            // Looked up first: a role that may only read and write tables cannot even ask to create one.
+            let exists = try connection.statement("SELECT to_regclass('schema_version') IS NOT NULL")
+            _ = try exists.step()
+            if exists.integer(0) == 0 { try connection.execute("CREATE TABLE schema_version (version BIGINT NOT NULL)") }
+            exists.reset()
             let version = try connection.statement("SELECT coalesce(max(version), 0) FROM schema_version")
             _ = try version.step()
             let current = Int(version.integer(0))

@@ -16,6 +16,8 @@ public struct StoreError: Error, Sendable, Equatable, CustomStringConvertible {
         /// The database server cannot be reached (down, restarting, or the network); it is tried
         /// again with the next request.
         public static let unavailable = Code("database_unavailable")
+        /// A value is larger than the database can hold (PostgreSQL: 1 GiB per tensor).
+        public static let tooLarge = Code("too_large_for_database")
         /// Any other database failure.
         public static let database = Code("database_error")
     }

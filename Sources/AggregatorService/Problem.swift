@@ -48,6 +48,7 @@ enum Problem {
                 switch error.code {
                 case .roundSealed: .conflict
                 case .storageFull: .insufficientStorage
+                case .tooLarge: .contentTooLarge
                 case .readOnly, .busy, .unavailable: .serviceUnavailable
                 default: .internalServerError
                 }

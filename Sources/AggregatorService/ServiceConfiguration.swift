@@ -23,11 +23,9 @@ public struct ServiceConfiguration: Sendable {
 
     public init() {}
 
-    /// The database as logs may show it: a URI's password replaced by `***`.
+    /// The database as logs may show it: a password (a URI's `user:password@`, or `password=`)
+    /// replaced by `***`.
     public var databaseForLogs: String {
-        guard let scheme = database.range(of: "://"), let at = database[scheme.upperBound...].firstIndex(of: "@"),
-            let colon = database[scheme.upperBound..<at].firstIndex(of: ":")
-        else { return database }
-        return database[..<database.index(after: colon)] + "***" + database[at...]
+        database.replacing(/(:\/\/[^:@\/]*:)[^@]*@/) { "\($0.output.1)***@" }.replacing(/(password=)[^&\s]*/) { "\($0.output.1)***" }
     }
 }

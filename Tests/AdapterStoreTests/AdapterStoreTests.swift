@@ -256,6 +256,35 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
         #expect(try await tag([uploads[0], try upload("bob", rank: 8, weight: 1, seed: 6)]) != reference)
     }
 
+    /// On PostgreSQL, a write that waits too long for another process's write fails with `busy`,
+    /// and its connection is not left inside the failed transaction: once the other write is done,
+    /// the next one succeeds.
+    @Test(.enabled(if: DatabaseBackend.available.contains(.postgresql)))
+    func aWriteLockNotGrantedInTimeIsBusyAndTheNextWriteSucceeds() async throws {
+        let database = try DatabaseBackend.postgresql.makeDatabase()
+        let store = try AdapterStore(database: database, writeLockTimeoutSeconds: 0.2)
+        let released = Gate()
+        DispatchQueue.global().async {
+            // Another process's write, holding the lock for five seconds.
+            try? DatabaseBackend.psql(database, "SELECT \(PostgresConnection.writeLock); SELECT pg_sleep(5)")
+            released.open()
+        }
+        var refused = false
+        for attempt in 0..<400 where !refused && !released.isOpen {
+            do {
+                _ = try await store.put(upload("alice", rank: 2, seed: attempt))
+                try await Task.sleep(for: .milliseconds(10))  // the other write has not begun yet
+            } catch let error as StoreError {
+                #expect(error.code == .busy)
+                refused = true
+            }
+        }
+        #expect(refused, "a write waited for the other one and gave up")
+        await released.wait()
+        _ = try await store.put(upload("bob", rank: 4))
+        #expect(try await store.round(federation: "fed", round: 0)?.uploads.map(\.client.rawValue).contains("bob") == true)
+    }
+
     /// SQLite and PostgreSQL give the same aggregate bytes under the same tag, for every strategy and
     /// for a client's own download: both feed the engine clients in byte order of their ids (ids
     /// chosen here to sort otherwise in a language-aware collation).

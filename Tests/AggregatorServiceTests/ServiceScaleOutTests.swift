@@ -3,6 +3,8 @@ import Foundation
 import TestSupport
 import Testing
 
+@testable import AggregatorService
+
 /// Several servers on one PostgreSQL database, as behind a load balancer: what one does, the others
 /// see at once, and the database going away costs retries, never acknowledged data.
 @Suite(.serialized) struct ServiceScaleOutTests {
@@ -41,6 +43,19 @@ import Testing
             #expect(failure.log.contains("the database cannot be reached") && failure.log.contains("Connection refused"), "\(failure.log)")
             #expect(!failure.log.contains("secret-password") && failure.log.contains("lora:***@127.0.0.1:1"))
         }
+    }
+
+    /// Passwords never reach the logs, in either of libpq's forms; a SQLite path is shown as it is.
+    @Test func theDatabaseAsLogsShowIt() {
+        func shown(_ database: String) -> String {
+            var configuration = ServiceConfiguration()
+            configuration.database = database
+            return configuration.databaseForLogs
+        }
+        #expect(shown("postgresql://lora:s3cret@db:5432/lora?sslmode=require") == "postgresql://lora:***@db:5432/lora?sslmode=require")
+        #expect(shown("postgres://lora@db/lora?password=s3cret&sslmode=require") == "postgres://lora@db/lora?password=***&sslmode=require")
+        #expect(shown("host=db dbname=lora password=s3cret user=lora") == "host=db dbname=lora password=*** user=lora")
+        #expect(shown("./lora-aggregator.sqlite") == "./lora-aggregator.sqlite")
     }
 
     /// Two servers take uploads while their PostgreSQL server is stopped for two seconds and started
