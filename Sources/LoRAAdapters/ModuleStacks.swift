@@ -195,48 +195,49 @@ struct LowRankFactors {
     }
 }
 
+/// One module's factoring, started on a worker (outside `FactorPipeline`, whose generic source
+/// type a worker's closure must not capture).
+private final class PendingFactoring: @unchecked Sendable {
+    // @unchecked: `result` is written once on the worker before `done` is signalled and read
+    // only after waiting on it.
+    private let done = DispatchSemaphore(value: 0)
+    private var result: Result<LowRankFactors, any Error>?
+
+    init(_ stacks: consuming ModuleStacks, rank: Int) {
+        // The worker takes the stacks out of the box, so it holds their only reference.
+        let box = Box(consume stacks)
+        DispatchQueue.global().async { [self] in
+            result = Result { try LowRankFactors(box.take(), rank: rank) }
+            done.signal()
+        }
+    }
+
+    private final class Box: @unchecked Sendable {
+        // @unchecked: filled before the worker starts and emptied by it alone.
+        private var stacks: ModuleStacks?
+        init(_ stacks: consuming ModuleStacks) { self.stacks = consume stacks }
+        func take() -> ModuleStacks {
+            defer { stacks = nil }
+            return stacks.take()!
+        }
+    }
+
+    func wait() throws -> LowRankFactors {
+        done.wait()
+        return try result!.get()
+    }
+}
+
 /// The svd strategy's modules factored two at a time, in the engine's order: a module's stacks are
 /// read on the engine's thread (a source is never shared between threads), its factoring runs on a
 /// worker while the engine reads the next module's stacks, factors it on a second worker, and
 /// writes tensors. Each factoring call runs OpenBLAS on one thread, so results do not depend on this.
 final class FactorPipeline<Source: AdapterSource> {
-    /// One module's factoring, started on a worker.
-    private final class Pending: @unchecked Sendable {
-        // @unchecked: `result` is written once on the worker before `done` is signalled and read
-        // only after waiting on it.
-        private let done = DispatchSemaphore(value: 0)
-        private var result: Result<LowRankFactors, any Error>?
-
-        init(_ stacks: consuming ModuleStacks, rank: Int) {
-            // The worker takes the stacks out of the box, so it holds their only reference.
-            let box = Box(consume stacks)
-            DispatchQueue.global().async { [self] in
-                result = Result { try LowRankFactors(box.take(), rank: rank) }
-                done.signal()
-            }
-        }
-
-        private final class Box: @unchecked Sendable {
-            // @unchecked: filled before the worker starts and emptied by it alone.
-            private var stacks: ModuleStacks?
-            init(_ stacks: consuming ModuleStacks) { self.stacks = consume stacks }
-            func take() -> ModuleStacks {
-                defer { stacks = nil }
-                return stacks.take()!
-            }
-        }
-
-        func wait() throws -> LowRankFactors {
-            done.wait()
-            return try result!.get()
-        }
-    }
-
     private let pairs: [String: (a: TensorPlan, b: TensorPlan)]
     private let order: [String]
     private let rank: (String) -> Int
     private let source: Source
-    private var started: [String: Pending] = [:]
+    private var started: [String: PendingFactoring] = [:]
     /// Factors of modules whose first tensor is written and second is not.
     private var ready: [String: LowRankFactors] = [:]
 
@@ -260,6 +261,6 @@ final class FactorPipeline<Source: AdapterSource> {
 
     private func start(_ module: String) throws {
         guard started[module] == nil, ready[module] == nil, let pair = pairs[module] else { return }
-        started[module] = Pending(try LowRankFactors.stacks(a: pair.a, b: pair.b, from: source), rank: rank(module))
+        started[module] = PendingFactoring(try LowRankFactors.stacks(a: pair.a, b: pair.b, from: source), rank: rank(module))
     }
 }
