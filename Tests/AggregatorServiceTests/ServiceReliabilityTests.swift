@@ -157,7 +157,10 @@ import Testing
 
     /// Runs SQL on the database behind the server's back: with Python's sqlite3, or psql.
     private func tamper(_ database: String, _ backend: DatabaseBackend, _ sql: String) throws {
-        guard backend == .sqlite else { return try DatabaseBackend.psql(database, sql) }
+        guard backend == .sqlite else {
+            _ = try DatabaseBackend.psql(database, sql)
+            return
+        }
         let process = Process()
         process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
         process.arguments = ["python3", "-c", "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); c.execute(sys.argv[2]); c.commit()", database, sql]

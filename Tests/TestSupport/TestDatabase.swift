@@ -26,15 +26,24 @@ public enum DatabaseBackend: String, Sendable {
         }
     }
 
-    /// Runs `sql` on a PostgreSQL database through psql, behind the store's back.
-    public static func psql(_ uri: String, _ sql: String) throws {
+    /// Runs `sql` on a PostgreSQL database through psql, behind the store's back; returns what it
+    /// printed (unaligned, tuples only). Blocks: call it off the cooperative pool.
+    @discardableResult
+    public static func psql(_ uri: String, _ sql: String) throws -> String {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        process.arguments = ["psql", "--no-psqlrc", "--quiet", "-v", "ON_ERROR_STOP=1", "--dbname", uri, "--command", sql]
-        process.standardOutput = FileHandle.nullDevice
+        process.arguments = ["psql", "--no-psqlrc", "--quiet", "--tuples-only", "--no-align", "-v", "ON_ERROR_STOP=1", "--dbname", uri, "--command", sql]
+        let output = Pipe()
+        process.standardOutput = output
         try process.run()
-        process.waitUntilExit()
-        guard process.terminationStatus == 0 else { throw TestDatabaseError("psql failed (\(process.terminationStatus)) on: \(sql)") }
+        let printed = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        // Reaped here: Foundation's own wait has been seen to miss a child's exit.
+        var status: Int32 = 0
+        let succeeded =
+            waitpid(process.processIdentifier, &status, 0) == process.processIdentifier
+            ? (status & 0x7F) == 0 && (status >> 8) & 0xFF == 0 : process.terminationStatus == 0
+        guard succeeded else { throw TestDatabaseError("psql failed on: \(sql)") }
+        return printed.trimmingCharacters(in: .whitespacesAndNewlines)
     }
 }
 
