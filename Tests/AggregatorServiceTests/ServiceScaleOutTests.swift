@@ -157,11 +157,7 @@ private struct ThrowAwayCluster: Sendable {
             process.standardError = FileHandle.nullDevice
             try process.run()
             let text = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-            // Foundation's waitUntilExit missed this child's exit here (it stayed a zombie, seen with
-            // gdb), so it is reaped directly; if Foundation got there first, its status is final.
-            var status: Int32 = 0
-            let reaped = waitpid(process.processIdentifier, &status, 0) == process.processIdentifier
-            let succeeded = reaped ? (status & 0x7F) == 0 && (status >> 8) & 0xFF == 0 : process.terminationStatus == 0
+            let succeeded = exitedCleanly(process)
             guard succeeded else { throw TestDatabaseError("postgres-cluster \(arguments.joined(separator: " ")) failed") }
             return text
         }

@@ -37,12 +37,7 @@ public enum DatabaseBackend: String, Sendable {
         process.standardOutput = output
         try process.run()
         let printed = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        // Reaped here: Foundation's own wait has been seen to miss a child's exit.
-        var status: Int32 = 0
-        let succeeded =
-            waitpid(process.processIdentifier, &status, 0) == process.processIdentifier
-            ? (status & 0x7F) == 0 && (status >> 8) & 0xFF == 0 : process.terminationStatus == 0
-        guard succeeded else { throw TestDatabaseError("psql failed on: \(sql)") }
+        guard exitedCleanly(process) else { throw TestDatabaseError("psql failed on: \(sql)") }
         return printed.trimmingCharacters(in: .whitespacesAndNewlines)
     }
 }
@@ -50,4 +45,19 @@ public enum DatabaseBackend: String, Sendable {
 public struct TestDatabaseError: Error, CustomStringConvertible {
     public let description: String
     public init(_ description: String) { self.description = description }
+}
+
+/// Waits for `process` to end; true when it exited with status 0. The child is reaped here, since
+/// Foundation's own wait has been seen to miss a child's exit; when Foundation reaped it first, its
+/// record is awaited instead (reading it earlier traps).
+public func exitedCleanly(_ process: Process) -> Bool {
+    var status: Int32 = 0
+    while true {
+        let reaped = waitpid(process.processIdentifier, &status, 0)
+        if reaped == process.processIdentifier { return (status & 0x7F) == 0 && (status >> 8) & 0xFF == 0 }
+        if reaped == -1 && errno == EINTR { continue }
+        break
+    }
+    while process.isRunning { usleep(1000) }
+    return process.terminationReason == .exit && process.terminationStatus == 0
 }
