@@ -393,10 +393,3 @@ private func runTool(_ executable: String, _ arguments: String...) throws {
     process.waitUntilExit()
     guard process.terminationStatus == 0 else { throw ToolFailed(command: [executable] + arguments, status: process.terminationStatus) }
 }
-
-/// Runs blocking work (psql) on a thread of its own, off the cooperative pool and Dispatch's.
-func onThread<Value: Sendable>(_ work: @escaping @Sendable () throws -> Value) async throws -> Value {
-    try await withCheckedThrowingContinuation { continuation in
-        Thread.detachNewThread { continuation.resume(with: Result { try work() }) }
-    }
-}
