@@ -39,12 +39,8 @@ public enum AdapterAggregator {
             rankLimit = rank
         }
 
-        func makePlans(loraWeights: [String: [String: Double]] = [:]) throws(AdapterError) -> [TensorPlan] {
-            try TensorPlan.plans(
-                for: holdings, base: base, participants: participants, ranks: ranks, rankLimit: rankLimit, scaling: options.scaling,
-                strategy: options.strategy, loraWeights: loraWeights)
-        }
-        var plans = try makePlans()
+        let plans = try TensorPlan.plans(
+            for: holdings, base: base, participants: participants, ranks: ranks, rankLimit: rankLimit, scaling: options.scaling, strategy: options.strategy)
         let pairs = try modulePairs(plans)
         let rank = plans.filter(\.isLoRA).map(\.outputRank).max() ?? rankLimit ?? globalRank
         var metadata = options.metadata
@@ -55,11 +51,6 @@ public enum AdapterAggregator {
         // Weights change no shape, so the layout is known before any factor is read.
         let layout = try SafetensorsLayout(tensors: plans.map { ($0.name, options.dtype, $0.outputShape) }, metadata: metadata)
         observer?.outputWillBegin(byteCount: layout.fileSize)
-        if options.strategy == .hetlora {
-            // A first pass over each module's factors for its norms, then the plans weighted by them.
-            let norms = HetLoRANorms()
-            plans = try makePlans(loraWeights: try pairs.mapValues { try norms.norms(a: $0.a, b: $0.b, from: source) })
-        }
 
         let accumulator = UnsafeMutableBufferPointer<Double>.allocate(capacity: max(1, plans.map(\.outputElementCount).max() ?? 1))
         defer { accumulator.deallocate() }
@@ -67,7 +58,15 @@ public enum AdapterAggregator {
         defer { scratch.deallocate() }
         var moduleOrder: [String] = []
         for plan in plans { if let module = plan.module, moduleOrder.last != module, !moduleOrder.contains(module) { moduleOrder.append(module) } }
-        let pipeline = FactorPipeline(pairs: pairs, order: moduleOrder, rank: { ranks.globalRank(ofModule: $0) }, source: source)
+        let kernels = options.kernels
+        let factorPipeline = ModulePipeline<LowRankFactors>(pairs: pairs, order: moduleOrder) { module, pair in
+            let rank = ranks.globalRank(ofModule: module)
+            return PendingModule(try LowRankFactors.stacks(a: pair.a, b: pair.b, from: source)) { try LowRankFactors($0, rank: rank) }
+        }
+        let pool = BufferPool()
+        let normPipeline = ModulePipeline<NormWeightedModule>(pairs: pairs, order: moduleOrder) { _, pair in
+            PendingModule(try NormWeightedModule.Decoded(a: pair.a, b: pair.b, from: source, pool: pool)) { NormWeightedModule($0, kernels: kernels) }
+        }
         let output = try layout.makeFile { base in
             // Even when aggregation fails half-way, the observer is done with the buffer before it goes.
             defer { observer?.outputComplete() }
@@ -75,13 +74,19 @@ public enum AdapterAggregator {
             observer?.regionFinished(UnsafeRawBufferPointer(start: base, count: layout.headerBytes.count))
             for (plan, info) in zip(plans, layout.tensors) {
                 let sums = UnsafeMutableBufferPointer(rebasing: accumulator[0..<plan.outputElementCount])
-                if options.strategy == .svd, let module = plan.module {
-                    try pipeline.factors(of: module).fill(plan, into: sums)
-                    plan.writeMeans(of: sums, as: options.dtype, to: base + info.byteRange.lowerBound, kernels: options.kernels)
-                } else {
-                    try aggregate(
-                        plan, from: source, into: sums, writingTo: base + info.byteRange.lowerBound, dtype: options.dtype, kernels: options.kernels,
-                        scratch: scratch)
+                let destination = base + info.byteRange.lowerBound
+                switch (options.strategy, plan.module, plan.factor) {
+                case (.svd, let module?, _):
+                    try factorPipeline.result(of: module).fill(plan, into: sums)
+                    plan.writeMeans(of: sums, as: options.dtype, to: destination, kernels: kernels)
+                case (.hetlora, let module?, let factor?):
+                    let weighted = try normPipeline.result(of: module)
+                    if !weighted.writeMeans(of: factor, as: options.dtype, to: destination, kernels: kernels) {
+                        let fallback = factor == .a ? weighted.a : weighted.b
+                        try aggregate(fallback, from: source, into: sums, writingTo: destination, dtype: options.dtype, kernels: kernels, scratch: scratch)
+                    }
+                default:
+                    try aggregate(plan, from: source, into: sums, writingTo: destination, dtype: options.dtype, kernels: kernels, scratch: scratch)
                 }
                 observer?.regionFinished(UnsafeRawBufferPointer(start: base + info.byteRange.lowerBound, count: info.byteRange.count))
             }

@@ -65,8 +65,8 @@ public struct AggregatedAdapter: Sendable {
 /// Sees an aggregate's bytes while the engine writes them, in file order: the header, then each
 /// tensor as it is finished.
 public protocol AggregationOutputObserver: AnyObject {
-    /// Called once with the file's size, as soon as it is known and before the heavy work (a
-    /// hetlora norm pass included): a response can send its head with `Content-Length` then.
+    /// Called once with the file's size, as soon as it is known and before any tensor is read: a
+    /// response can send its head with `Content-Length` then.
     func outputWillBegin(byteCount: Int)
     /// `bytes` are final and stay valid until `outputComplete()` has returned.
     func regionFinished(_ bytes: UnsafeRawBufferPointer)

@@ -15,10 +15,26 @@ struct TensorPlan {
         /// What the client's values are multiplied by when summed: `w·√s` for a LoRA factor (folding
         /// the client's scale into it), `w` for a dense tensor. With `s = 1` this is `w` exactly.
         let foldedWeight: Double
+        /// `√s` for a LoRA factor, 1 for a dense tensor.
+        let foldingRoot: Double
+
+        init(clientID: String, dtype: DType, shape: [Int], rank: Int, weight: Double, foldingRoot: Double) {
+            self.clientID = clientID
+            self.dtype = dtype
+            self.shape = shape
+            self.rank = rank
+            self.weight = weight
+            self.foldingRoot = foldingRoot
+            foldedWeight = weight * foldingRoot
+        }
+
+        func reweighted(_ weight: Double) -> Holder {
+            Holder(clientID: clientID, dtype: dtype, shape: shape, rank: rank, weight: weight, foldingRoot: foldingRoot)
+        }
     }
 
     let name: String
-    let holders: [Holder]
+    private(set) var holders: [Holder]
     let outputShape: [Int]
     let outputElementCount: Int
     let outer: Int
@@ -29,7 +45,7 @@ struct TensorPlan {
     /// mean to the target scale in the same single division (times 1 at scale 1, so those bytes are
     /// unchanged); `√s_t` alone for a slice taken from the base; +∞ where neither an upload nor the
     /// base gives the slice (it stays 0).
-    let denominators: [Double]
+    private(set) var denominators: [Double]
     /// The round's base's tensor of this name, if it has one.
     let base: BaseTensor?
     /// The base's rank for this tensor (1 for a dense tensor).
@@ -42,14 +58,14 @@ struct TensorPlan {
     /// The LoRA module and factor of the tensor; nil for a dense tensor.
     let module: String?
     let factor: LoRAFactor?
+    private let strategy: AggregationStrategy
+    /// `√s_t`: divides the mean to unfold it to the target scale.
+    private let unfoldingDivisor: Double
 
-    /// - Parameters:
-    ///   - rankLimit: the largest output rank (nil for a client's own ranks, from `scaling`).
-    ///   - loraWeights: per module, each client's weight for its LoRA tensors instead of its upload
-    ///     weight (HetLoRA's norms).
+    /// - Parameter rankLimit: the largest output rank (nil for a client's own ranks, from `scaling`).
     static func plans(
         for holdings: [TensorHolding], base: [BaseTensor], participants: [String: RoundParticipant], ranks: ModuleRanks, rankLimit: Int?,
-        scaling: TargetScaling, strategy: AggregationStrategy, loraWeights: [String: [String: Double]] = [:]
+        scaling: TargetScaling, strategy: AggregationStrategy
     ) throws(AdapterError) -> [TensorPlan] {
         let byName = Dictionary(grouping: holdings, by: \.name)
         let baseByName = Dictionary(base.map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first })
@@ -61,14 +77,14 @@ struct TensorPlan {
             plans.append(
                 try TensorPlan(
                     name: name, holdings: group, base: baseByName[name], participants: participants, ranks: ranks, rankLimit: rankLimit, scaling: scaling,
-                    strategy: strategy, loraWeights: TensorRole.moduleName(ofTensor: name).flatMap { loraWeights[$0] }))
+                    strategy: strategy))
         }
         return plans
     }
 
     private init(
         name: String, holdings: [TensorHolding], base: BaseTensor?, participants: [String: RoundParticipant], ranks: ModuleRanks, rankLimit: Int?,
-        scaling: TargetScaling, strategy: AggregationStrategy, loraWeights: [String: Double]?
+        scaling: TargetScaling, strategy: AggregationStrategy
     ) throws(AdapterError) {
         let role = TensorRole(tensorName: name)
         let module = role.factor != nil ? TensorRole.moduleName(ofTensor: name) : nil
@@ -85,7 +101,6 @@ struct TensorPlan {
             }
             try RoundShapeCheck.check(name: name, shape: holding.shape, against: referenceShape)
             let clientRank: Int
-            var weight = participant.weight
             if let module {
                 guard let tensorRank = role.rank(of: holding.shape), tensorRank >= 1 else {
                     throw AdapterError(.invalidRank, "client '\(holding.clientID)' has shape \(holding.shape), with no positive rank axis", tensor: name)
@@ -96,14 +111,12 @@ struct TensorPlan {
                         "client '\(holding.clientID)' has rank \(tensorRank) here but \(participant.config.rank(ofModule: module)) in its config", tensor: name)
                 }
                 clientRank = tensorRank
-                // HetLoRA's norms replace the weights, unless every one is 0.
-                if let loraWeights, loraWeights.values.contains(where: { $0 > 0 }) { weight = loraWeights[holding.clientID] ?? 0 }
             } else {
                 clientRank = 1
             }
             let root = module.map { participant.config.scale(ofModule: $0).squareRoot() } ?? 1
             holders.append(
-                Holder(clientID: holding.clientID, dtype: holding.dtype, shape: holding.shape, rank: clientRank, weight: weight, foldedWeight: weight * root))
+                Holder(clientID: holding.clientID, dtype: holding.dtype, shape: holding.shape, rank: clientRank, weight: participant.weight, foldingRoot: root))
         }
         var rank = 1
         var unfoldingDivisor = 1.0
@@ -123,6 +136,8 @@ struct TensorPlan {
 
         self.name = name
         self.holders = holders
+        self.strategy = strategy
+        self.unfoldingDivisor = unfoldingDivisor
         isLoRA = module != nil
         self.module = module
         factor = role.factor
@@ -149,8 +164,13 @@ struct TensorPlan {
         let ownedRank = holders.map(\.rank).max() ?? 0
         let baseFills = base != nil && (module == nil || strategy == .replication)
         baseSlices = baseFills ? ownedRank..<max(ownedRank, min(baseRank, outputRank)) : 0..<0
+        denominators = []
+        denominators = slicesDenominators()
+    }
+
+    private func slicesDenominators() -> [Double] {
         let totalWeight = holders.reduce(0) { $0 + $1.weight }
-        denominators = (0..<outputRank).map { [baseSlices, isLoRA] slice in
+        return (0..<outputRank).map { slice in
             if baseSlices.contains(slice) { return unfoldingDivisor }
             let weight =
                 switch strategy {
@@ -161,6 +181,16 @@ struct TensorPlan {
                 }
             return weight > 0 ? weight * unfoldingDivisor : .infinity
         }
+    }
+
+    /// The plan with each holder's upload weight replaced by `weights[clientID]` (0 when absent),
+    /// unless every one is 0: HetLoRA's norms.
+    func reweighted(_ weights: [String: Double]) -> TensorPlan {
+        guard weights.values.contains(where: { $0 > 0 }) else { return self }
+        var plan = self
+        plan.holders = holders.map { $0.reweighted(weights[$0.clientID] ?? 0) }
+        plan.denominators = plan.slicesDenominators()
+        return plan
     }
 
     /// Adds `weight ·` the given output `slices` of one tensor of rank `clientRank` (a client's, or

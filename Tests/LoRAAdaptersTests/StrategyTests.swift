@@ -29,6 +29,31 @@ import Testing
         try expectMatches(aggregate.bytes, LiteralReference.aggregate(clients, padding: .zeros, target: .global(rank: .max)), tolerance: 0, "all zero")
     }
 
+    /// Norms of 0 in some modules only: a module where every update is 0 falls back to upload
+    /// weights on its own, and a client whose update is 0 in another module gets weight 0 there
+    /// (its A still counts in no slice), while the other modules stay norm-weighted.
+    @Test(arguments: 0..<10)
+    func hetloraWeighsEachModuleOnItsOwnWhenSomeNormsAreZero(seed: UInt64) throws {
+        let clients = TestRound.random(seed: 23_000 + seed, ranks: [2, 3, 4, 8])
+        let modules = Set(clients.flatMap { $0.tensors.keys.compactMap(TestModule.name(ofTensor:)) }).sorted()
+        try #require(!modules.isEmpty)
+        let silent = modules[Int(seed) % modules.count]
+        let zeroed = clients.enumerated().map { index, client in
+            TestClient(
+                id: client.id, rank: client.rank, weight: client.weight, dtype: client.dtype,
+                tensors: Dictionary(
+                    uniqueKeysWithValues: client.tensors.map { name, tensor in
+                        let module = TestModule.name(ofTensor: name)
+                        // Every client's B of one module, and the first client's B of every module.
+                        let zero = name.contains("lora_B") && (module == silent || index == 0)
+                        return (name, zero ? TestTensor(shape: tensor.shape, values: tensor.values.map { _ in 0 }) : tensor)
+                    }))
+        }
+        let aggregate = try AdapterAggregator.aggregate(try TestRound.source(zeroed), options: .init(strategy: .hetlora, dtype: .f64))
+        try expectMatches(
+            aggregate.bytes, LiteralReference.aggregate(zeroed, padding: .normWeighted, target: .global(rank: .max)), tolerance: 1e-9, "mixed zero norms")
+    }
+
     /// The module's factors from a downloaded file: B as `out·rest × r` and A as `r × n` (row-major values).
     private static func factors(_ file: SafetensorsFile, module: TestModule) throws -> (b: [[Double]], a: [[Double]]) {
         let names = module.tensors(rank: 1).map(\.0)

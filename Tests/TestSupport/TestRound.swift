@@ -184,7 +184,7 @@ extension TestModule {
     }
 
     /// The module a tensor name belongs to, by this table (not by the engine's parsing).
-    static func name(ofTensor tensor: String) -> String? {
+    public static func name(ofTensor tensor: String) -> String? {
         allCases.first { module in module.tensors(rank: 1).contains { $0.0 == tensor } }?.name
     }
 }
