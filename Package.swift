@@ -33,7 +33,7 @@ let package = Package(
         .target(name: "CKernels"),
 
         // The numeric/format core: safetensors codec, PEFT naming, validation, aggregation. No HTTP.
-        .target(name: "LoRAAdapters", dependencies: ["CLAPACK", "CKernels"], swiftSettings: strictSettings),
+        .target(name: "LoRAAdapters", dependencies: ["CLAPACK", "CKernels", "CLinux"], swiftSettings: strictSettings),
 
         // SHA-256 (hex) and CRC-32 of byte strings, for the store and the service alike.
         .target(name: "Digests", dependencies: ["CZlib", .product(name: "Crypto", package: "swift-crypto")], swiftSettings: strictSettings),

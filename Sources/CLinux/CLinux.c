@@ -1,4 +1,5 @@
 #define _GNU_SOURCE
+#include <malloc.h>
 #include <stddef.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -11,3 +12,5 @@ int clinux_accept_nonblocking(int listener) {
 void *clinux_memmem(const void *haystack, size_t haystack_length, const void *needle, size_t needle_length) {
     return memmem(haystack, haystack_length, needle, needle_length);
 }
+
+void clinux_release_free_memory(void) { malloc_trim(0); }

@@ -1,3 +1,4 @@
+import CLinux
 import Foundation
 import Synchronization
 
@@ -90,6 +91,11 @@ public enum AdapterAggregator {
                 }
                 observer?.regionFinished(UnsafeRawBufferPointer(start: base + info.byteRange.lowerBound, count: info.byteRange.count))
             }
+        }
+        if options.strategy == .svd || options.strategy == .hetlora {
+            // Their per-module buffers were freed by worker threads into malloc's per-thread arenas,
+            // which keep them; give them back to the system, so they do not add to the output's memory.
+            clinux_release_free_memory()
         }
         return AggregatedAdapter(bytes: output, rank: rank, globalRank: globalRank, clientCount: participants.count)
     }

@@ -3,7 +3,9 @@
 /// Foundation's JSONSerialization silently keeps the last of two equal keys, which would let a file
 /// declare one tensor twice; this parser keeps object members in order and reports duplicates. It
 /// never recurses deeper than `maximumDepth` and allocates at most in proportion to its input.
-enum HeaderJSON: Equatable {
+/// Sendable is declared, not inferred: inferring it through the recursive tuple payload is a request
+/// cycle in Swift 6.3's type checker (seen as "circular reference" in debug builds).
+enum HeaderJSON: Equatable, Sendable {
     case object([(key: String, value: HeaderJSON)])
     case array([HeaderJSON])
     case string(String)
