@@ -22,41 +22,37 @@ AVX2 static inline void add4(double *destination, __m256d weight, __m256d values
     _mm256_storeu_pd(destination, _mm256_add_pd(_mm256_loadu_pd(destination), _mm256_mul_pd(weight, values)));
 }
 
-AVX2 void ckernels_accumulate_f32(const void *source, double weight, double *destination, size_t count) {
-    const unsigned char *s = source;
-    __m256d w = _mm256_set1_pd(weight);
+// One run of each dtype: destination[i] += weight * source[i] for i < count, eight elements at a
+// time, then four, then one by one.
+AVX2 static inline void accumulate_run_f32(const unsigned char *s, __m256d w, double weight, double *destination, size_t count) {
     size_t i = 0;
     for (; i + 8 <= count; i += 8) {
         __m256 x = _mm256_loadu_ps((const float *)(s + 4 * i));
         add4(destination + i, w, _mm256_cvtps_pd(_mm256_castps256_ps128(x)));
         add4(destination + i + 4, w, _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)));
     }
+    for (; i + 4 <= count; i += 4) add4(destination + i, w, _mm256_cvtps_pd(_mm_loadu_ps((const float *)(s + 4 * i))));
     for (; i < count; i++) destination[i] += weight * (double)load_f32(s + 4 * i);
 }
 
-AVX2 void ckernels_accumulate_f64(const void *source, double weight, double *destination, size_t count) {
-    const unsigned char *s = source;
-    __m256d w = _mm256_set1_pd(weight);
+AVX2 static inline void accumulate_run_f64(const unsigned char *s, __m256d w, double weight, double *destination, size_t count) {
     size_t i = 0;
     for (; i + 4 <= count; i += 4) add4(destination + i, w, _mm256_loadu_pd((const double *)(s + 8 * i)));
     for (; i < count; i++) destination[i] += weight * load_f64(s + 8 * i);
 }
 
-AVX2 void ckernels_accumulate_f16(const void *source, double weight, double *destination, size_t count) {
-    const unsigned char *s = source;
-    __m256d w = _mm256_set1_pd(weight);
+AVX2 static inline void accumulate_run_f16(const unsigned char *s, __m256d w, double weight, double *destination, size_t count) {
     size_t i = 0;
     for (; i + 8 <= count; i += 8) {
         __m256 x = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + 2 * i)));
         add4(destination + i, w, _mm256_cvtps_pd(_mm256_castps256_ps128(x)));
         add4(destination + i + 4, w, _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)));
     }
+    for (; i + 4 <= count; i += 4) add4(destination + i, w, _mm256_cvtps_pd(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(s + 2 * i)))));
     for (; i < count; i++) destination[i] += weight * (double)half_to_float(load_u16(s + 2 * i));
 }
 
-AVX2 void ckernels_accumulate_bf16(const void *source, double weight, double *destination, size_t count) {
-    const unsigned char *s = source;
-    __m256d w = _mm256_set1_pd(weight);
+AVX2 static inline void accumulate_run_bf16(const unsigned char *s, __m256d w, double weight, double *destination, size_t count) {
     size_t i = 0;
     for (; i + 8 <= count; i += 8) {
         __m256i widened = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(s + 2 * i))), 16);
@@ -64,30 +60,29 @@ AVX2 void ckernels_accumulate_bf16(const void *source, double weight, double *de
         add4(destination + i, w, _mm256_cvtps_pd(_mm256_castps256_ps128(x)));
         add4(destination + i + 4, w, _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)));
     }
+    for (; i + 4 <= count; i += 4) {
+        __m128i widened = _mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i *)(s + 2 * i))), 16);
+        add4(destination + i, w, _mm256_cvtps_pd(_mm_castsi128_ps(widened)));
+    }
     for (; i < count; i++) destination[i] += weight * (double)bf16_to_float(load_u16(s + 2 * i));
 }
 
-AVX2 void ckernels_divide_f64(const double *sums, double divisor, void *destination, size_t count) {
-    unsigned char *d = destination;
-    __m256d v = _mm256_set1_pd(divisor);
-    size_t i = 0;
-    for (; i + 4 <= count; i += 4) _mm256_storeu_pd((double *)(d + 8 * i), _mm256_div_pd(_mm256_loadu_pd(sums + i), v));
-    for (; i < count; i++) {
-        double q = sums[i] / divisor;
-        memcpy(d + 8 * i, &q, 8);
+// The exported kernels run `rows` runs of `length` elements, `source_stride` and
+// `destination_stride` elements apart: a B tensor's rows of r elements into rows of the output's
+// rank in one call.
+#define ACCUMULATE_ROWS(name, width)                                                                          \
+    AVX2 void ckernels_accumulate_##name(const void *source, size_t source_stride, double weight,            \
+                                         double *destination, size_t destination_stride, size_t length,      \
+                                         size_t rows) {                                                      \
+        __m256d w = _mm256_set1_pd(weight);                                                                  \
+        for (size_t row = 0; row < rows; row++)                                                              \
+            accumulate_run_##name((const unsigned char *)source + (width) * source_stride * row, w, weight,  \
+                                  destination + destination_stride * row, length);                           \
     }
-}
-
-AVX2 void ckernels_divide_f32(const double *sums, double divisor, void *destination, size_t count) {
-    unsigned char *d = destination;
-    __m256d v = _mm256_set1_pd(divisor);
-    size_t i = 0;
-    for (; i + 4 <= count; i += 4) _mm_storeu_ps((float *)(d + 4 * i), _mm256_cvtpd_ps(_mm256_div_pd(_mm256_loadu_pd(sums + i), v)));
-    for (; i < count; i++) {
-        float q = (float)(sums[i] / divisor);
-        memcpy(d + 4 * i, &q, 4);
-    }
-}
+ACCUMULATE_ROWS(f32, 4)
+ACCUMULATE_ROWS(f64, 8)
+ACCUMULATE_ROWS(f16, 2)
+ACCUMULATE_ROWS(bf16, 2)
 
 // Four 64-bit lane masks as four 32-bit ones.
 AVX2 static inline __m128i pack_mask(__m256d mask) {
@@ -112,22 +107,6 @@ AVX2 static inline __m128i round_to_odd(__m256d values) {
     return _mm_or_si128(bits, _mm_and_si128(inexactMask, _mm_set1_epi32(1)));
 }
 
-AVX2 void ckernels_divide_f16(const double *sums, double divisor, void *destination, size_t count) {
-    unsigned char *d = destination;
-    __m256d v = _mm256_set1_pd(divisor);
-    size_t i = 0;
-    for (; i + 4 <= count; i += 4) {
-        __m128 odd = _mm_castsi128_ps(round_to_odd(_mm256_div_pd(_mm256_loadu_pd(sums + i), v)));
-        _mm_storel_epi64((__m128i *)(d + 2 * i), _mm_cvtps_ph(odd, _MM_FROUND_TO_NEAREST_INT));
-    }
-    for (; i < count; i++) {
-        double q[4] = {sums[i] / divisor, 0, 0, 0};
-        __m128i odd = round_to_odd(_mm256_loadu_pd(q));
-        uint16_t h = (uint16_t)_mm_extract_epi16(_mm_cvtps_ph(_mm_castsi128_ps(odd), _MM_FROUND_TO_NEAREST_INT), 0);
-        memcpy(d + 2 * i, &h, 2);
-    }
-}
-
 // bfloat16 from Float bits, nearest even; NaN kept quiet with its sign and top payload bits.
 AVX2 static inline __m128i float_bits_to_bf16(__m128i bits) {
     __m128i exponentAll = _mm_set1_epi32(0x7F800000);
@@ -139,19 +118,54 @@ AVX2 static inline __m128i float_bits_to_bf16(__m128i bits) {
     return _mm_blendv_epi8(rounded, nan, isNaN);
 }
 
-AVX2 void ckernels_divide_bf16(const double *sums, double divisor, void *destination, size_t count) {
-    unsigned char *d = destination;
-    __m256d v = _mm256_set1_pd(divisor);
-    size_t i = 0;
-    for (; i + 4 <= count; i += 4) {
-        __m256d q = _mm256_div_pd(_mm256_loadu_pd(sums + i), v);
-        __m128i halves = float_bits_to_bf16(round_to_odd(q));
-        // The low 16 bits of each 32-bit lane, packed (all lanes fit in 16 bits unsigned).
-        _mm_storel_epi64((__m128i *)(d + 2 * i), _mm_packus_epi32(halves, halves));
-    }
-    for (; i < count; i++) {
-        double q[4] = {sums[i] / divisor, 0, 0, 0};
-        uint16_t h = (uint16_t)_mm_extract_epi32(float_bits_to_bf16(round_to_odd(_mm256_loadu_pd(q))), 0);
-        memcpy(d + 2 * i, &h, 2);
-    }
+// Four quotients, and one, stored as each dtype at d (any alignment).
+AVX2 static inline void store4_f64(unsigned char *d, __m256d q) { _mm256_storeu_pd((double *)d, q); }
+AVX2 static inline void store1_f64(unsigned char *d, double q) { memcpy(d, &q, 8); }
+AVX2 static inline void store4_f32(unsigned char *d, __m256d q) { _mm_storeu_ps((float *)d, _mm256_cvtpd_ps(q)); }
+AVX2 static inline void store1_f32(unsigned char *d, double q) {
+    float f = (float)q;
+    memcpy(d, &f, 4);
 }
+AVX2 static inline void store4_f16(unsigned char *d, __m256d q) {
+    _mm_storel_epi64((__m128i *)d, _mm_cvtps_ph(_mm_castsi128_ps(round_to_odd(q)), _MM_FROUND_TO_NEAREST_INT));
+}
+AVX2 static inline void store1_f16(unsigned char *d, double q) {
+    __m128i odd = round_to_odd(_mm256_setr_pd(q, 0, 0, 0));
+    uint16_t h = (uint16_t)_mm_extract_epi16(_mm_cvtps_ph(_mm_castsi128_ps(odd), _MM_FROUND_TO_NEAREST_INT), 0);
+    memcpy(d, &h, 2);
+}
+AVX2 static inline void store4_bf16(unsigned char *d, __m256d q) {
+    __m128i halves = float_bits_to_bf16(round_to_odd(q));
+    // The low 16 bits of each 32-bit lane, packed (all lanes fit in 16 bits unsigned).
+    _mm_storel_epi64((__m128i *)d, _mm_packus_epi32(halves, halves));
+}
+AVX2 static inline void store1_bf16(unsigned char *d, double q) {
+    uint16_t h = (uint16_t)_mm_extract_epi32(float_bits_to_bf16(round_to_odd(_mm256_setr_pd(q, 0, 0, 0))), 0);
+    memcpy(d, &h, 2);
+}
+
+// divide: every element by one divisor. divide_rows: `rows` rows of `length` elements, element j of
+// each row by divisors[j] (a B tensor's rank slices).
+#define DIVIDE(name, width)                                                                                       \
+    AVX2 void ckernels_divide_##name(const double *sums, double divisor, void *destination, size_t count) {     \
+        unsigned char *d = destination;                                                                         \
+        __m256d v = _mm256_set1_pd(divisor);                                                                    \
+        size_t i = 0;                                                                                           \
+        for (; i + 4 <= count; i += 4) store4_##name(d + (width) * i, _mm256_div_pd(_mm256_loadu_pd(sums + i), v)); \
+        for (; i < count; i++) store1_##name(d + (width) * i, sums[i] / divisor);                               \
+    }                                                                                                           \
+    AVX2 void ckernels_divide_rows_##name(const double *sums, const double *divisors, void *destination,        \
+                                          size_t length, size_t rows) {                                         \
+        unsigned char *d = destination;                                                                         \
+        for (size_t row = 0; row < rows; row++, sums += length, d += (width) * length) {                        \
+            size_t j = 0;                                                                                       \
+            for (; j + 4 <= length; j += 4)                                                                     \
+                store4_##name(d + (width) * j,                                                                  \
+                              _mm256_div_pd(_mm256_loadu_pd(sums + j), _mm256_loadu_pd(divisors + j)));         \
+            for (; j < length; j++) store1_##name(d + (width) * j, sums[j] / divisors[j]);                      \
+        }                                                                                                       \
+    }
+DIVIDE(f64, 8)
+DIVIDE(f32, 4)
+DIVIDE(f16, 2)
+DIVIDE(bf16, 2)

@@ -177,12 +177,12 @@ public enum AdapterAggregator {
                             let slices = 0..<min(holder.rank, plan.outputRank)
                             let width = holder.dtype.byteWidth
                             // Each span fits the scratch (runs are never longer than a block).
-                            for span in plan.sourceSpans(clientRank: holder.rank, slices: slices, in: block, maxElements: scratchBytes / width) {
-                                try reader.withBytes(ofHolder: index, in: (span.source.lowerBound * width)..<(span.source.upperBound * width), scratch: scratch)
-                                {
+                            try plan.forEachSourceSpan(clientRank: holder.rank, slices: slices, in: block, maxElements: scratchBytes / width) {
+                                source, output in
+                                try reader.withBytes(ofHolder: index, in: (source.lowerBound * width)..<(source.upperBound * width), scratch: scratch) {
                                     plan.add(
-                                        $0, sourceOffset: span.source.lowerBound, dtype: holder.dtype, clientRank: holder.rank, slices: slices,
-                                        weight: holder.foldedWeight, into: sums, kernels: kernels, range: span.output)
+                                        $0, sourceOffset: source.lowerBound, dtype: holder.dtype, clientRank: holder.rank, slices: slices,
+                                        weight: holder.foldedWeight, into: sums, kernels: kernels, range: output)
                                 }
                             }
                         }

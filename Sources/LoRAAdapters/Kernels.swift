@@ -17,13 +17,18 @@ public enum KernelSet: String, Sendable, CaseIterable {
     }
 }
 
-/// One dtype's pair of run loops, as the engine calls them.
+/// One dtype's run loops, as the engine calls them.
 protocol RunKernel {
     associatedtype Codec: ElementCodec
-    /// `destination[i] += weight · source[i]` for `i < count`.
-    static func accumulate(_ source: UnsafeRawPointer, weight: Double, into destination: UnsafeMutablePointer<Double>, count: Int)
+    /// `destination[r·destinationStride + i] += weight · source[r·sourceStride + i]` for `i < length`
+    /// and `r < rows` (strides in elements): a B tensor's rows of its rank into rows of the output's.
+    static func accumulate(
+        _ source: UnsafeRawPointer, stride sourceStride: Int, weight: Double, into destination: UnsafeMutablePointer<Double>, stride destinationStride: Int,
+        length: Int, rows: Int)
     /// `destination[i] = round(sums[i] / divisor)` for `i < count`.
     static func divide(_ sums: UnsafePointer<Double>, by divisor: Double, into destination: UnsafeMutableRawPointer, count: Int)
+    /// `destination[r·length + j] = round(sums[r·length + j] / divisors[j])` for `j < length`, `r < rows`.
+    static func divide(_ sums: UnsafePointer<Double>, by divisors: UnsafePointer<Double>, into destination: UnsafeMutableRawPointer, length: Int, rows: Int)
 }
 
 extension RunKernel {
@@ -36,11 +41,19 @@ extension ElementCodec {
     typealias Codec = Self
 
     @inline(__always)
-    static func accumulate(_ source: UnsafeRawPointer, weight: Double, into destination: UnsafeMutablePointer<Double>, count: Int) {
-        var index = 0
-        while index < count {
-            destination[index] += weight * load(source, at: index)
-            index &+= 1
+    static func accumulate(
+        _ source: UnsafeRawPointer, stride sourceStride: Int, weight: Double, into destination: UnsafeMutablePointer<Double>, stride destinationStride: Int,
+        length: Int, rows: Int
+    ) {
+        var row = 0
+        while row < rows {
+            let (sourceStart, destinationStart) = (row &* sourceStride, row &* destinationStride)
+            var index = 0
+            while index < length {
+                destination[destinationStart &+ index] += weight * load(source, at: sourceStart &+ index)
+                index &+= 1
+            }
+            row &+= 1
         }
     }
 
@@ -52,16 +65,36 @@ extension ElementCodec {
             index &+= 1
         }
     }
+
+    @inline(__always)
+    static func divide(_ sums: UnsafePointer<Double>, by divisors: UnsafePointer<Double>, into destination: UnsafeMutableRawPointer, length: Int, rows: Int) {
+        var index = 0
+        var slice = 0
+        while index < length &* rows {
+            store(sums[index] / divisors[slice], to: destination, at: index)
+            index &+= 1
+            slice &+= 1
+            if slice == length { slice = 0 }
+        }
+    }
 }
 
 extension F32Codec: RunKernel {
     enum Vectorised: RunKernel {
         typealias Codec = F32Codec
-        static func accumulate(_ source: UnsafeRawPointer, weight: Double, into destination: UnsafeMutablePointer<Double>, count: Int) {
-            ckernels_accumulate_f32(source, weight, destination, count)
+        static func accumulate(
+            _ source: UnsafeRawPointer, stride sourceStride: Int, weight: Double, into destination: UnsafeMutablePointer<Double>,
+            stride destinationStride: Int, length: Int, rows: Int
+        ) {
+            ckernels_accumulate_f32(source, sourceStride, weight, destination, destinationStride, length, rows)
         }
         static func divide(_ sums: UnsafePointer<Double>, by divisor: Double, into destination: UnsafeMutableRawPointer, count: Int) {
             ckernels_divide_f32(sums, divisor, destination, count)
+        }
+        static func divide(
+            _ sums: UnsafePointer<Double>, by divisors: UnsafePointer<Double>, into destination: UnsafeMutableRawPointer, length: Int, rows: Int
+        ) {
+            ckernels_divide_rows_f32(sums, divisors, destination, length, rows)
         }
     }
 }
@@ -69,11 +102,19 @@ extension F32Codec: RunKernel {
 extension F64Codec: RunKernel {
     enum Vectorised: RunKernel {
         typealias Codec = F64Codec
-        static func accumulate(_ source: UnsafeRawPointer, weight: Double, into destination: UnsafeMutablePointer<Double>, count: Int) {
-            ckernels_accumulate_f64(source, weight, destination, count)
+        static func accumulate(
+            _ source: UnsafeRawPointer, stride sourceStride: Int, weight: Double, into destination: UnsafeMutablePointer<Double>,
+            stride destinationStride: Int, length: Int, rows: Int
+        ) {
+            ckernels_accumulate_f64(source, sourceStride, weight, destination, destinationStride, length, rows)
         }
         static func divide(_ sums: UnsafePointer<Double>, by divisor: Double, into destination: UnsafeMutableRawPointer, count: Int) {
             ckernels_divide_f64(sums, divisor, destination, count)
+        }
+        static func divide(
+            _ sums: UnsafePointer<Double>, by divisors: UnsafePointer<Double>, into destination: UnsafeMutableRawPointer, length: Int, rows: Int
+        ) {
+            ckernels_divide_rows_f64(sums, divisors, destination, length, rows)
         }
     }
 }
@@ -81,11 +122,19 @@ extension F64Codec: RunKernel {
 extension F16Codec: RunKernel {
     enum Vectorised: RunKernel {
         typealias Codec = F16Codec
-        static func accumulate(_ source: UnsafeRawPointer, weight: Double, into destination: UnsafeMutablePointer<Double>, count: Int) {
-            ckernels_accumulate_f16(source, weight, destination, count)
+        static func accumulate(
+            _ source: UnsafeRawPointer, stride sourceStride: Int, weight: Double, into destination: UnsafeMutablePointer<Double>,
+            stride destinationStride: Int, length: Int, rows: Int
+        ) {
+            ckernels_accumulate_f16(source, sourceStride, weight, destination, destinationStride, length, rows)
         }
         static func divide(_ sums: UnsafePointer<Double>, by divisor: Double, into destination: UnsafeMutableRawPointer, count: Int) {
             ckernels_divide_f16(sums, divisor, destination, count)
+        }
+        static func divide(
+            _ sums: UnsafePointer<Double>, by divisors: UnsafePointer<Double>, into destination: UnsafeMutableRawPointer, length: Int, rows: Int
+        ) {
+            ckernels_divide_rows_f16(sums, divisors, destination, length, rows)
         }
     }
 }
@@ -93,11 +142,19 @@ extension F16Codec: RunKernel {
 extension BF16Codec: RunKernel {
     enum Vectorised: RunKernel {
         typealias Codec = BF16Codec
-        static func accumulate(_ source: UnsafeRawPointer, weight: Double, into destination: UnsafeMutablePointer<Double>, count: Int) {
-            ckernels_accumulate_bf16(source, weight, destination, count)
+        static func accumulate(
+            _ source: UnsafeRawPointer, stride sourceStride: Int, weight: Double, into destination: UnsafeMutablePointer<Double>,
+            stride destinationStride: Int, length: Int, rows: Int
+        ) {
+            ckernels_accumulate_bf16(source, sourceStride, weight, destination, destinationStride, length, rows)
         }
         static func divide(_ sums: UnsafePointer<Double>, by divisor: Double, into destination: UnsafeMutableRawPointer, count: Int) {
             ckernels_divide_bf16(sums, divisor, destination, count)
+        }
+        static func divide(
+            _ sums: UnsafePointer<Double>, by divisors: UnsafePointer<Double>, into destination: UnsafeMutableRawPointer, length: Int, rows: Int
+        ) {
+            ckernels_divide_rows_bf16(sums, divisors, destination, length, rows)
         }
     }
 }

@@ -223,8 +223,11 @@ struct TensorPlan {
     ) {
         let width = Kernel.dtype.byteWidth
         let sums = sums.baseAddress!
-        forEachRun(clientRank: clientRank, slices: slices, in: range) { sourceElement, outputElement, count in
-            Kernel.accumulate(source + (sourceElement &- sourceOffset) &* width, weight: weight, into: sums + outputElement, count: count)
+        let (sourceStride, outputStride) = (clientRank &* inner, outputRank &* inner)
+        forEachRunBatch(clientRank: clientRank, slices: slices, in: range) { sourceElement, outputElement, length, rows in
+            Kernel.accumulate(
+                source + (sourceElement &- sourceOffset) &* width, stride: sourceStride, weight: weight, into: sums + outputElement, stride: outputStride,
+                length: length, rows: rows)
         }
     }
 
@@ -233,38 +236,64 @@ struct TensorPlan {
     /// increasing. Block b holds a run at output elements b·outputRank·inner + slices.lowerBound·inner
     /// onwards and at source elements b·clientRank·inner + slices.lowerBound·inner onwards.
     @inline(__always)
-    func forEachRun(clientRank: Int, slices: Range<Int>, in range: Range<Int>, _ body: (Int, Int, Int) -> Void) {
+    func forEachRun(clientRank: Int, slices: Range<Int>, in range: Range<Int>, _ body: (Int, Int, Int) throws -> Void) rethrows {
+        try forEachRunBatch(clientRank: clientRank, slices: slices, in: range) { sourceElement, outputElement, length, rows in
+            for row in 0..<rows { try body(sourceElement &+ row &* clientRank &* inner, outputElement &+ row &* outputRank &* inner, length) }
+        }
+    }
+
+    /// The runs of `forEachRun`, consecutive whole ones together: (the first run's source element,
+    /// its output element, the run length, the number of runs), runs `clientRank·inner` source and
+    /// `outputRank·inner` output elements apart. A B tensor's rows of its rank then go to the kernel
+    /// in one call, not one call per row.
+    @inline(__always)
+    func forEachRunBatch(clientRank: Int, slices: Range<Int>, in range: Range<Int>, _ body: (Int, Int, Int, Int) throws -> Void) rethrows {
         guard !slices.isEmpty, !range.isEmpty else { return }
         if clientRank == outputRank && slices == 0..<outputRank {
             // Same rank on both sides: the blocks are back to back in both, so it is one long run.
-            return body(range.lowerBound, range.lowerBound, range.count)
+            return try body(range.lowerBound, range.lowerBound, range.count, 1)
         }
         let blockLength = outputRank &* inner
         let runOffset = slices.lowerBound &* inner
         let runLength = slices.count &* inner
-        for block in (range.lowerBound / blockLength)..<min(outer, (range.upperBound &+ blockLength &- 1) / blockLength) {
+        var block = range.lowerBound / blockLength
+        let endBlock = min(outer, (range.upperBound &+ blockLength &- 1) / blockLength)
+        while block < endBlock {
             let runStart = block &* blockLength &+ runOffset
             let start = max(runStart, range.lowerBound)
             let end = min(runStart &+ runLength, range.upperBound)
-            guard start < end else { continue }
-            body(block &* clientRank &* inner &+ runOffset &+ (start &- runStart), start, end &- start)
+            if start >= end {
+                block &+= 1
+            } else if start == runStart && end == runStart &+ runLength {
+                var rows = 1
+                while block &+ rows < endBlock && (block &+ rows) &* blockLength &+ runOffset &+ runLength <= range.upperBound { rows &+= 1 }
+                try body(block &* clientRank &* inner &+ runOffset, runStart, runLength, rows)
+                block &+= rows
+            } else {
+                try body(block &* clientRank &* inner &+ runOffset &+ (start &- runStart), start, end &- start, 1)
+                block &+= 1
+            }
         }
     }
 
-    /// The spans of a rank-`clientRank` tensor's elements that the output elements in `range` need,
-    /// each at most `maxElements` long, with the output elements each span gives. A holder of a
-    /// higher rank than the output's gives every `clientRank`-th stretch only, so its span can be
-    /// far longer than the output range: it is cut into several.
-    func sourceSpans(clientRank: Int, slices: Range<Int>, in range: Range<Int>, maxElements: Int) -> [(source: Range<Int>, output: Range<Int>)] {
-        var spans: [(source: Range<Int>, output: Range<Int>)] = []
-        forEachRun(clientRank: clientRank, slices: slices, in: range) { sourceElement, outputElement, count in
-            if let last = spans.last, sourceElement + count - last.source.lowerBound <= maxElements {
-                spans[spans.count - 1] = (last.source.lowerBound..<(sourceElement + count), last.output.lowerBound..<(outputElement + count))
+    /// Calls `body` with each span of a rank-`clientRank` tensor's elements that the output elements
+    /// in `range` need, each at most `maxElements` long, and the output elements the span gives. A
+    /// holder of a higher rank than the output's gives every `clientRank`-th stretch only, so its
+    /// span can be far longer than the output range: it is cut into several.
+    @inline(__always)
+    func forEachSourceSpan(
+        clientRank: Int, slices: Range<Int>, in range: Range<Int>, maxElements: Int, _ body: (_ source: Range<Int>, _ output: Range<Int>) throws -> Void
+    ) rethrows {
+        var span: (source: Range<Int>, output: Range<Int>)?
+        try forEachRun(clientRank: clientRank, slices: slices, in: range) { sourceElement, outputElement, count in
+            if let current = span, sourceElement &+ count &- current.source.lowerBound <= maxElements {
+                span = (current.source.lowerBound..<(sourceElement &+ count), current.output.lowerBound..<(outputElement &+ count))
             } else {
-                spans.append((sourceElement..<(sourceElement + count), outputElement..<(outputElement + count)))
+                if let current = span { try body(current.source, current.output) }
+                span = (sourceElement..<(sourceElement &+ count), outputElement..<(outputElement &+ count))
             }
         }
-        return spans
+        if let span { try body(span.source, span.output) }
     }
 
     /// Writes `sums` divided slice by slice by the denominators, rounded to `dtype`, at `destination`
@@ -296,12 +325,15 @@ struct TensorPlan {
         denominators.withUnsafeBufferPointer { denominators in
             let divisors = denominators.baseAddress!
             if inner == 1 {
-                // B tensors: one element per slice, so the divisors repeat every outputRank elements.
-                var slice = range.lowerBound % outputRank
-                for index in range {
-                    Kernel.Codec.store(base[index] / divisors[slice], to: destination, at: index)
-                    slice &+= 1
-                    if slice == outputRank { slice = 0 }
+                // B tensors: one element per slice, so the divisors repeat every outputRank elements:
+                // the part rows at either end of the range, and the whole rows between in one call.
+                let wholeStart = min(range.upperBound, (range.lowerBound &+ outputRank &- 1) / outputRank &* outputRank)
+                let rows = (range.upperBound &- wholeStart) / outputRank
+                let wholeEnd = wholeStart &+ rows &* outputRank
+                for (start, length, rows) in [
+                    (range.lowerBound, wholeStart &- range.lowerBound, 1), (wholeStart, outputRank, rows), (wholeEnd, range.upperBound &- wholeEnd, 1),
+                ] where length > 0 && rows > 0 {
+                    Kernel.divide(base + start, by: divisors + start % outputRank, into: destination + start &* width, length: length, rows: rows)
                 }
                 return
             }

@@ -79,13 +79,20 @@ import Testing
         }
     }
 
-    static func accumulated<Kernel: RunKernel>(_ source: [UInt8], weight: Double, onto start: [Double], misalignedBy offset: Int, with _: Kernel.Type)
-        -> [UInt64]
-    {
+    /// `rows` runs of `length` elements of `source` (runs `sourceStride` elements apart) added onto
+    /// `start` (runs `destinationStride` elements apart); every bit of the sums.
+    static func accumulated<Kernel: RunKernel>(
+        _ source: [UInt8], weight: Double, onto start: [Double], misalignedBy offset: Int, rows: Int, length: Int, sourceStride: Int,
+        destinationStride: Int, with _: Kernel.Type
+    ) -> [UInt64] {
         var sums = start
         let padded = [UInt8](repeating: 0, count: offset) + source
         padded.withUnsafeBytes { bytes in
-            sums.withUnsafeMutableBufferPointer { Kernel.accumulate(bytes.baseAddress! + offset, weight: weight, into: $0.baseAddress!, count: $0.count) }
+            sums.withUnsafeMutableBufferPointer {
+                Kernel.accumulate(
+                    bytes.baseAddress! + offset, stride: sourceStride, weight: weight, into: $0.baseAddress!, stride: destinationStride, length: length,
+                    rows: rows)
+            }
         }
         return sums.map(\.bitPattern)
     }
@@ -104,34 +111,65 @@ import Testing
             }
         }
         let start = Self.edgeCases(seed: 3).prefix(count).map { $0.isFinite ? $0 : 1.5 }
-        for length in [0, 1, 7, 8, 9, 15, 16, 17, count] {
+        // Lengths around both vector widths (8 and 4) reach every tail; several rows with gaps
+        // between them are a B tensor's rows going into the output's wider ones.
+        typealias Shape = (length: Int, rows: Int, sourceStride: Int, destinationStride: Int)
+        let shapes: [Shape] =
+            [0, 1, 3, 4, 5, 7, 8, 9, 12, 15, 16, 17, count].map { ($0, 1, $0, $0) } + [(4, 3, 4, 9), (5, 7, 6, 20), (13, 4, 16, 64), (1, 9, 3, 2)]
+        for shape in shapes {
             for offset in [0, 1] {
-                let bytes = Array(source.prefix(length * width))
-                let initial = Array(start.prefix(length))
+                let sourceCount = shape.rows == 0 ? 0 : (shape.rows - 1) * shape.sourceStride + shape.length
+                let destinationCount = shape.rows == 0 ? 0 : (shape.rows - 1) * shape.destinationStride + shape.length
+                let bytes = Array(source.prefix(sourceCount * width))
+                let initial = Array(start.prefix(destinationCount))
+                func run<Kernel: RunKernel>(_ kernel: Kernel.Type) -> [UInt64] {
+                    Self.accumulated(
+                        bytes, weight: weight, onto: initial, misalignedBy: offset, rows: shape.rows, length: shape.length, sourceStride: shape.sourceStride,
+                        destinationStride: shape.destinationStride, with: kernel)
+                }
                 let (portable, vectorised): ([UInt64], [UInt64]) =
                     switch dtype {
-                    case .f32:
-                        (
-                            Self.accumulated(bytes, weight: weight, onto: initial, misalignedBy: offset, with: F32Codec.self),
-                            Self.accumulated(bytes, weight: weight, onto: initial, misalignedBy: offset, with: F32Codec.Vectorised.self)
-                        )
-                    case .f64:
-                        (
-                            Self.accumulated(bytes, weight: weight, onto: initial, misalignedBy: offset, with: F64Codec.self),
-                            Self.accumulated(bytes, weight: weight, onto: initial, misalignedBy: offset, with: F64Codec.Vectorised.self)
-                        )
-                    case .f16:
-                        (
-                            Self.accumulated(bytes, weight: weight, onto: initial, misalignedBy: offset, with: F16Codec.self),
-                            Self.accumulated(bytes, weight: weight, onto: initial, misalignedBy: offset, with: F16Codec.Vectorised.self)
-                        )
-                    case .bf16:
-                        (
-                            Self.accumulated(bytes, weight: weight, onto: initial, misalignedBy: offset, with: BF16Codec.self),
-                            Self.accumulated(bytes, weight: weight, onto: initial, misalignedBy: offset, with: BF16Codec.Vectorised.self)
-                        )
+                    case .f32: (run(F32Codec.self), run(F32Codec.Vectorised.self))
+                    case .f64: (run(F64Codec.self), run(F64Codec.Vectorised.self))
+                    case .f16: (run(F16Codec.self), run(F16Codec.Vectorised.self))
+                    case .bf16: (run(BF16Codec.self), run(BF16Codec.Vectorised.self))
                     }
-                #expect(portable == vectorised, "\(dtype) × \(weight), \(length) values at offset \(offset)")
+                #expect(portable == vectorised, "\(dtype) × \(weight), \(shape) at offset \(offset)")
+            }
+        }
+    }
+
+    /// Rows divided element by element by a row of divisors (a B tensor's rank slices), with edge
+    /// cases in both the sums and the divisors.
+    @Test(arguments: DType.allCases)
+    func divideRowsGivesThePortableBits(dtype: DType) {
+        let values = Self.edgeCases(seed: 17)
+        let divisorChoices: [Double] = [1, 3, 0.1, 7e-300, .infinity, 2.5e10, -0.0]
+        for length in [1, 3, 4, 5, 8, 20, 64] {
+            let divisors = (0..<length).map { divisorChoices[$0 % divisorChoices.count] }
+            for rows in [1, 2, 7] {
+                for offset in [0, 1] {
+                    let sums = Array(values.prefix(length * rows))
+                    func run<Kernel: RunKernel>(_: Kernel.Type) -> [UInt8] {
+                        var bytes = [UInt8](repeating: 0xAA, count: sums.count * Kernel.dtype.byteWidth + offset)
+                        bytes.withUnsafeMutableBytes { destination in
+                            sums.withUnsafeBufferPointer { sums in
+                                divisors.withUnsafeBufferPointer {
+                                    Kernel.divide(sums.baseAddress!, by: $0.baseAddress!, into: destination.baseAddress! + offset, length: length, rows: rows)
+                                }
+                            }
+                        }
+                        return Array(bytes[offset...])
+                    }
+                    let (portable, vectorised): ([UInt8], [UInt8]) =
+                        switch dtype {
+                        case .f32: (run(F32Codec.self), run(F32Codec.Vectorised.self))
+                        case .f64: (run(F64Codec.self), run(F64Codec.Vectorised.self))
+                        case .f16: (run(F16Codec.self), run(F16Codec.Vectorised.self))
+                        case .bf16: (run(BF16Codec.self), run(BF16Codec.Vectorised.self))
+                        }
+                    #expect(portable == vectorised, "\(dtype): \(rows) rows of \(length) at offset \(offset)")
+                }
             }
         }
     }
