@@ -25,7 +25,7 @@ public enum AdapterAggregator {
         let participants = try checkedParticipants(try source.participants(), hasBase: !base.isEmpty)
         let holdings = try source.holdings()
         let ranks = ModuleRanks(participants: Array(participants.values), base: base)
-        let modules = Set(holdings.lazy.compactMap { TensorRole.moduleName(ofTensor: $0.name) }).union(ranks.baseModules)
+        let modules = Set(Set(holdings.map(\.name)).compactMap { TensorRole.moduleName(ofTensor: $0) }).union(ranks.baseModules)
         // Uploads and bases are validated to hold a LoRA module, so a round without one is not a round.
         guard let globalRank = modules.map({ ranks.globalRank(ofModule: $0) }).max() else {
             throw AdapterError(.emptyRound, "the round holds no LoRA module")

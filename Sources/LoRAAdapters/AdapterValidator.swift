@@ -79,9 +79,11 @@ public enum AdapterValidator {
 /// Agreement between uploads of one round: the same tensor name must have the same shape in every
 /// upload apart from the rank axis of LoRA tensors.
 public enum RoundShapeCheck {
-    /// - Parameter existingShape: the shape of `name` in another upload of the round.
-    public static func check(name: String, shape: [Int], against existingShape: [Int]) throws(AdapterError) {
-        let role = TensorRole(tensorName: name)
+    /// - Parameters:
+    ///   - existingShape: the shape of `name` in another upload of the round.
+    ///   - role: the name's role, when the caller has it already.
+    public static func check(name: String, shape: [Int], against existingShape: [Int], role: TensorRole? = nil) throws(AdapterError) {
+        let role = role ?? TensorRole(tensorName: name)
         guard role.shape(shape, withRank: 0) == role.shape(existingShape, withRank: 0) else {
             let axisNote = role.factor.map { " apart from rank axis \($0.rankAxis)" } ?? ""
             throw AdapterError(.shapeMismatch, "shape \(shape) disagrees\(axisNote) with shape \(existingShape) in another upload of the round", tensor: name)

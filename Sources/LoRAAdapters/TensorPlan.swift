@@ -90,7 +90,7 @@ struct TensorPlan {
         let module = role.factor != nil ? TensorRole.moduleName(ofTensor: name) : nil
         // Every plan has an upload or the base holding its tensor.
         let referenceShape = holdings.first?.shape ?? base!.shape
-        if let base { try RoundShapeCheck.check(name: name, shape: base.shape, against: referenceShape) }
+        if let base { try RoundShapeCheck.check(name: name, shape: base.shape, against: referenceShape, role: role) }
         var holders: [Holder] = []
         for (index, holding) in holdings.enumerated() {
             guard let participant = participants[holding.clientID] else {
@@ -99,7 +99,7 @@ struct TensorPlan {
             if index > 0, holdings[index - 1].clientID == holding.clientID {
                 throw AdapterError(.inconsistentSource, "client '\(holding.clientID)' holds the tensor twice", tensor: name)
             }
-            try RoundShapeCheck.check(name: name, shape: holding.shape, against: referenceShape)
+            try RoundShapeCheck.check(name: name, shape: holding.shape, against: referenceShape, role: role)
             let clientRank: Int
             if let module {
                 guard let tensorRank = role.rank(of: holding.shape), tensorRank >= 1 else {

@@ -20,11 +20,11 @@ public enum TensorRole: Sendable, Hashable {
 
     public init(tensorName name: String) {
         for (aSuffix, bSuffix) in Self.suffixes {
-            if name.hasSuffix(aSuffix) {
-                self = .lora(.a, pairKey: String(name.dropLast(aSuffix.count)) + bSuffix)
+            if Self.name(name, endsWith: aSuffix) {
+                self = .lora(.a, pairKey: String(Substring(name.utf8.dropLast(aSuffix.utf8.count))) + bSuffix)
                 return
             }
-            if name.hasSuffix(bSuffix) {
+            if Self.name(name, endsWith: bSuffix) {
                 self = .lora(.b, pairKey: name)
                 return
             }
@@ -36,14 +36,22 @@ public enum TensorRole: Sendable, Hashable {
     /// factor's suffix (and its dot) and without a leading `base_model.model.`; nil for a dense tensor.
     public static func moduleName(ofTensor name: String) -> String? {
         for (aSuffix, bSuffix) in suffixes {
-            for suffix in [aSuffix, bSuffix] where name.hasSuffix(suffix) {
-                var module = name.dropLast(suffix.count)
-                if module.hasSuffix(".") { module = module.dropLast() }
-                if module.hasPrefix("base_model.model.") { module = module.dropFirst("base_model.model.".count) }
-                return String(module)
+            for suffix in [aSuffix, bSuffix] where Self.name(name, endsWith: suffix) {
+                var module = name.utf8.dropLast(suffix.utf8.count)
+                if module.last == UInt8(ascii: ".") { module = module.dropLast() }
+                let prefix = "base_model.model.".utf8
+                if module.starts(with: prefix) { module = module.dropFirst(prefix.count) }
+                return String(Substring(module))
             }
         }
         return nil
+    }
+
+    /// Compared as UTF-8 bytes (code points, as PEFT's Python compares them, and far cheaper than
+    /// comparing Characters): every suffix is ASCII, so the cuts fall between code points.
+    private static func name(_ name: String, endsWith suffix: String) -> Bool {
+        let (bytes, tail) = (name.utf8, suffix.utf8)
+        return bytes.count >= tail.count && bytes.suffix(tail.count).elementsEqual(tail)
     }
 
     public var factor: LoRAFactor? {
