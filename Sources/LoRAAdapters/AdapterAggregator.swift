@@ -60,17 +60,23 @@ public enum AdapterAggregator {
         var moduleOrder: [String] = []
         for plan in plans { if let module = plan.module, moduleOrder.last != module, !moduleOrder.contains(module) { moduleOrder.append(module) } }
         let kernels = options.kernels
-        let factorPipeline = ModulePipeline<LowRankFactors>(pairs: pairs, order: moduleOrder) { module, pair in
-            let rank = ranks.globalRank(ofModule: module)
-            return PendingModule(try LowRankFactors.stacks(a: pair.a, b: pair.b, from: source)) { try LowRankFactors($0, rank: rank) }
-        }
-        let pool = BufferPool()
-        let normPipeline = ModulePipeline<NormWeightedModule>(pairs: pairs, order: moduleOrder) { _, pair in
-            PendingModule(try NormWeightedModule.Decoded(a: pair.a, b: pair.b, from: source, pool: pool)) { NormWeightedModule($0, kernels: kernels) }
+        defer {
+            // svd's and hetlora's per-module buffers, freed by now, stay in malloc's arenas (glibc
+            // keeps large freed chunks for reuse); give them back, so they do not add to the output's.
+            if options.strategy == .svd || options.strategy == .hetlora { clinux_release_free_memory() }
         }
         let output = try layout.makeFile { base in
             // Even when aggregation fails half-way, the observer is done with the buffer before it goes.
             defer { observer?.outputComplete() }
+            // Inside: the pipelines and their pooled buffers are gone before the memory goes back.
+            let factorPipeline = ModulePipeline<LowRankFactors>(pairs: pairs, order: moduleOrder) { module, pair in
+                let rank = ranks.globalRank(ofModule: module)
+                return PendingModule(try LowRankFactors.stacks(a: pair.a, b: pair.b, from: source)) { try LowRankFactors($0, rank: rank) }
+            }
+            let pool = BufferPool()
+            let normPipeline = ModulePipeline<NormWeightedModule>(pairs: pairs, order: moduleOrder) { _, pair in
+                PendingModule(try NormWeightedModule.Decoded(a: pair.a, b: pair.b, from: source, pool: pool)) { NormWeightedModule($0, kernels: kernels) }
+            }
             adviseHugePages(base, byteCount: layout.fileSize)
             observer?.regionFinished(UnsafeRawBufferPointer(start: base, count: layout.headerBytes.count))
             for (plan, info) in zip(plans, layout.tensors) {
@@ -91,11 +97,6 @@ public enum AdapterAggregator {
                 }
                 observer?.regionFinished(UnsafeRawBufferPointer(start: base + info.byteRange.lowerBound, count: info.byteRange.count))
             }
-        }
-        if options.strategy == .svd || options.strategy == .hetlora {
-            // Their per-module buffers were freed by worker threads into malloc's per-thread arenas,
-            // which keep them; give them back to the system, so they do not add to the output's memory.
-            clinux_release_free_memory()
         }
         return AggregatedAdapter(bytes: output, rank: rank, globalRank: globalRank, clientCount: participants.count)
     }

@@ -1,5 +1,3 @@
-import Dispatch
-
 /// One LoRA module's factors across the round's holders, side by side (openapi.yaml, `svd`): each
 /// holder's B̃ as columns of an m × Σr matrix and each row of its Ã as a column of an n × Σr matrix,
 /// further axes of conv factors flattened (into B's rows and A's columns), each holder's block

@@ -88,7 +88,8 @@ final class NormWeightedModule: @unchecked Sendable {
                     for i in 0...j { squared += (i == j ? 1 : 2) * gramA[i + j * holder.rank] * gramB[i + j * holder.rank] }
                 }
             }
-            // The norm of the folded update: both factors carry √s.
+            // The norm of the folded update: both factors carry √s. Written as the first version
+            // computed it (not foldingRoot²), which can differ in the last bit: the bytes stay those.
             let scale = (holder.foldedWeight / holder.weight) * (holder.foldedWeight / holder.weight)
             let norm = scale * max(0, squared).squareRoot()
             norms[holder.clientID] = norm

@@ -327,14 +327,16 @@ struct TensorPlan {
             if inner == 1 {
                 // B tensors: one element per slice, so the divisors repeat every outputRank elements:
                 // the part rows at either end of the range, and the whole rows between in one call.
+                func divide(from start: Int, length: Int, rows: Int) {
+                    guard length > 0, rows > 0 else { return }
+                    Kernel.divide(base + start, by: divisors + start % outputRank, into: destination + start &* width, length: length, rows: rows)
+                }
                 let wholeStart = min(range.upperBound, (range.lowerBound &+ outputRank &- 1) / outputRank &* outputRank)
                 let rows = (range.upperBound &- wholeStart) / outputRank
                 let wholeEnd = wholeStart &+ rows &* outputRank
-                for (start, length, rows) in [
-                    (range.lowerBound, wholeStart &- range.lowerBound, 1), (wholeStart, outputRank, rows), (wholeEnd, range.upperBound &- wholeEnd, 1),
-                ] where length > 0 && rows > 0 {
-                    Kernel.divide(base + start, by: divisors + start % outputRank, into: destination + start &* width, length: length, rows: rows)
-                }
+                divide(from: range.lowerBound, length: wholeStart &- range.lowerBound, rows: 1)
+                divide(from: wholeStart, length: outputRank, rows: rows)
+                divide(from: wholeEnd, length: range.upperBound &- wholeEnd, rows: 1)
                 return
             }
             // Runs of `inner` elements share a divisor: slice (index / inner) % outputRank.
