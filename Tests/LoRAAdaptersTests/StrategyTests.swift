@@ -54,6 +54,49 @@ import Testing
             aggregate.bytes, LiteralReference.aggregate(zeroed, padding: .normWeighted, target: .global(rank: .max)), tolerance: 1e-9, "mixed zero norms")
     }
 
+    /// A conv module whose B has kernel axes (`[out, r, kh, kw]`, flattened into B's rows as
+    /// openapi.yaml says): hetlora equals zero padding with each client's weight set to `‖B·A‖_F`,
+    /// formed here as the dense `out·kh·kw × in·…` product.
+    @Test(arguments: 0..<4)
+    func hetloraFlattensTheKernelAxesOfAConvB(seed: UInt64) throws {
+        var random = SeededGenerator(seed: 24_000 + seed)
+        let (out, kernel, columns) = (3, [2, 2], [2, 3])
+        let names = ("base_model.model.head.conv.lora_A.weight", "base_model.model.head.conv.lora_B.weight")
+        let clients = [2, 3, 5].enumerated().map { index, rank in
+            func tensor(_ shape: [Int]) -> TestTensor {
+                TestTensor(shape: shape, values: (0..<shape.reduce(1, *)).map { _ in Double.random(in: -1...1, using: &random) })
+            }
+            return TestClient(
+                id: "client-\(index)", rank: rank, weight: Double(index + 1), dtype: .f64,
+                tensors: [names.0: tensor([rank] + columns), names.1: tensor([out, rank] + kernel)])
+        }
+        func norm(_ client: TestClient) -> Double {
+            let (a, b) = (client.tensors[names.0]!, client.tensors[names.1]!)
+            let (rank, n, rest) = (client.rank, columns.reduce(1, *), kernel.reduce(1, *))
+            var squares = 0.0
+            for o in 0..<out {
+                for x in 0..<rest {
+                    for c in 0..<n {
+                        // B row (o, x), column j: element (o, j, x) of [out, r, rest].
+                        let entry = (0..<rank).reduce(0.0) { $0 + b.values[(o * rank + $1) * rest + x] * a.values[$1 * n + c] }
+                        squares += entry * entry
+                    }
+                }
+            }
+            return squares.squareRoot()
+        }
+        let normWeighted = clients.map {
+            TestClient(id: $0.id, rank: $0.rank, weight: norm($0), dtype: $0.dtype, tensors: $0.tensors)
+        }
+        let hetlora = try AdapterAggregator.aggregate(try TestRound.source(clients), options: .init(strategy: .hetlora, dtype: .f64))
+        let zeroPadding = try AdapterAggregator.aggregate(try TestRound.source(normWeighted), options: .init(strategy: .zeroPadding, dtype: .f64))
+        let expected = try SafetensorsFile(bytes: zeroPadding.bytes)
+        try expectMatches(
+            hetlora.bytes,
+            Dictionary(uniqueKeysWithValues: expected.tensors.map { ($0.name, TestTensor(shape: $0.shape, values: expected.values(of: $0))) }),
+            tolerance: 1e-12, "conv B with kernel axes")
+    }
+
     /// The module's factors from a downloaded file: B as `out·rest × r` and A as `r × n` (row-major values).
     private static func factors(_ file: SafetensorsFile, module: TestModule) throws -> (b: [[Double]], a: [[Double]]) {
         let names = module.tensors(rank: 1).map(\.0)
