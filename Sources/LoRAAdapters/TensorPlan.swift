@@ -265,10 +265,10 @@ struct TensorPlan {
             if start >= end {
                 block &+= 1
             } else if start == runStart && end == runStart &+ runLength {
-                var rows = 1
-                while block &+ rows < endBlock && (block &+ rows) &* blockLength &+ runOffset &+ runLength <= range.upperBound { rows &+= 1 }
-                try body(block &* clientRank &* inner &+ runOffset, runStart, runLength, rows)
-                block &+= rows
+                // Whole runs from this block to the last block whose run ends inside the range.
+                let lastWhole = min(endBlock &- 1, (range.upperBound &- runOffset &- runLength) / blockLength)
+                try body(block &* clientRank &* inner &+ runOffset, runStart, runLength, lastWhole &- block &+ 1)
+                block = lastWhole &+ 1
             } else {
                 try body(block &* clientRank &* inner &+ runOffset &+ (start &- runStart), start, end &- start, 1)
                 block &+= 1
