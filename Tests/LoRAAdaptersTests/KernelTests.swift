@@ -33,6 +33,16 @@ import Testing
         return values
     }
 
+    /// The portable and the AVX2 kernels of a dtype.
+    static func kernels(of dtype: DType) -> (portable: any RunKernel.Type, vectorised: any RunKernel.Type) {
+        switch dtype {
+        case .f32: (F32Codec.self, F32Codec.Vectorised.self)
+        case .f64: (F64Codec.self, F64Codec.Vectorised.self)
+        case .f16: (F16Codec.self, F16Codec.Vectorised.self)
+        case .bf16: (BF16Codec.self, BF16Codec.Vectorised.self)
+        }
+    }
+
     static func dividedBytes<Kernel: RunKernel>(_ values: [Double], by divisor: Double, misalignedBy offset: Int, with _: Kernel.Type) -> [UInt8] {
         var bytes = [UInt8](repeating: 0xAA, count: values.count * Kernel.dtype.byteWidth + offset)
         bytes.withUnsafeMutableBytes { destination in
@@ -48,29 +58,9 @@ import Testing
         for count in [0, 1, 3, 4, 5, 7, 8, 9, 17, values.count] {
             for offset in [0, 1] {
                 let slice = Array(values.prefix(count))
-                let (portable, vectorised): ([UInt8], [UInt8]) =
-                    switch dtype {
-                    case .f32:
-                        (
-                            Self.dividedBytes(slice, by: divisor, misalignedBy: offset, with: F32Codec.self),
-                            Self.dividedBytes(slice, by: divisor, misalignedBy: offset, with: F32Codec.Vectorised.self)
-                        )
-                    case .f64:
-                        (
-                            Self.dividedBytes(slice, by: divisor, misalignedBy: offset, with: F64Codec.self),
-                            Self.dividedBytes(slice, by: divisor, misalignedBy: offset, with: F64Codec.Vectorised.self)
-                        )
-                    case .f16:
-                        (
-                            Self.dividedBytes(slice, by: divisor, misalignedBy: offset, with: F16Codec.self),
-                            Self.dividedBytes(slice, by: divisor, misalignedBy: offset, with: F16Codec.Vectorised.self)
-                        )
-                    case .bf16:
-                        (
-                            Self.dividedBytes(slice, by: divisor, misalignedBy: offset, with: BF16Codec.self),
-                            Self.dividedBytes(slice, by: divisor, misalignedBy: offset, with: BF16Codec.Vectorised.self)
-                        )
-                    }
+                let kernels = Self.kernels(of: dtype)
+                let portable = Self.dividedBytes(slice, by: divisor, misalignedBy: offset, with: kernels.portable)
+                let vectorised = Self.dividedBytes(slice, by: divisor, misalignedBy: offset, with: kernels.vectorised)
                 #expect(
                     portable == vectorised,
                     "\(dtype) ÷ \(divisor), \(count) values at offset \(offset): first difference at byte \(portable.indices.first { portable[$0] != vectorised[$0] } ?? -1)"
@@ -127,13 +117,8 @@ import Testing
                         bytes, weight: weight, onto: initial, misalignedBy: offset, rows: shape.rows, length: shape.length, sourceStride: shape.sourceStride,
                         destinationStride: shape.destinationStride, with: kernel)
                 }
-                let (portable, vectorised): ([UInt64], [UInt64]) =
-                    switch dtype {
-                    case .f32: (run(F32Codec.self), run(F32Codec.Vectorised.self))
-                    case .f64: (run(F64Codec.self), run(F64Codec.Vectorised.self))
-                    case .f16: (run(F16Codec.self), run(F16Codec.Vectorised.self))
-                    case .bf16: (run(BF16Codec.self), run(BF16Codec.Vectorised.self))
-                    }
+                let kernels = Self.kernels(of: dtype)
+                let (portable, vectorised) = (run(kernels.portable), run(kernels.vectorised))
                 #expect(portable == vectorised, "\(dtype) × \(weight), \(shape) at offset \(offset)")
             }
         }
@@ -161,13 +146,8 @@ import Testing
                         }
                         return Array(bytes[offset...])
                     }
-                    let (portable, vectorised): ([UInt8], [UInt8]) =
-                        switch dtype {
-                        case .f32: (run(F32Codec.self), run(F32Codec.Vectorised.self))
-                        case .f64: (run(F64Codec.self), run(F64Codec.Vectorised.self))
-                        case .f16: (run(F16Codec.self), run(F16Codec.Vectorised.self))
-                        case .bf16: (run(BF16Codec.self), run(BF16Codec.Vectorised.self))
-                        }
+                    let kernels = Self.kernels(of: dtype)
+                    let (portable, vectorised) = (run(kernels.portable), run(kernels.vectorised))
                     #expect(portable == vectorised, "\(dtype): \(rows) rows of \(length) at offset \(offset)")
                 }
             }
