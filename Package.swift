@@ -24,11 +24,11 @@ let package = Package(
         .systemLibrary(name: "CPostgres", path: "Sources/CPostgres", providers: [.apt(["libpq-dev"])]),
         .systemLibrary(name: "CZlib", path: "Sources/CZlib", providers: [.apt(["zlib1g-dev"])]),
         .systemLibrary(name: "CZstd", path: "Sources/CZstd", providers: [.apt(["libzstd-dev"])]),
-        // LAPACK (QR, SVD) and BLAS from OpenBLAS, for the svd and hetlora strategies (apt: libopenblas-dev).
+        // LAPACK (QR, SVD) and BLAS from OpenBLAS, for the svd strategy (apt: libopenblas-dev).
         .systemLibrary(name: "CLAPACK", path: "Sources/CLAPACK", providers: [.apt(["libopenblas-dev"])]),
         // epoll, eventfd, accept4, memmem and malloc_trim from the C library, which Swift's Glibc module lacks.
         .target(name: "CLinux"),
-        // The engine's hot loops with AVX2 and F16C, bit-identical to the portable Swift ones; chosen
+        // The engine's hot loops with AVX2, F16C and FMA, bit-identical to the portable Swift ones; chosen
         // at start-up by a CPU check (LoRAAdapters' KernelSet).
         .target(name: "CKernels"),
 

@@ -14,7 +14,7 @@ public enum AdapterAggregator {
     /// The version of the bytes `aggregate` produces for given inputs and options. Bump it with any
     /// change to them (summation, rounding, layout, metadata): digests recorded for an older
     /// version are then no longer trusted to describe what this one computes.
-    public static let outputVersion = 1
+    public static let outputVersion = 2
 
     /// - Parameter observer: sees each region of the output as soon as it is final (to hash it on
     ///   another core meanwhile, say).
@@ -75,7 +75,7 @@ public enum AdapterAggregator {
             }
             let pool = BufferPool()
             let normPipeline = ModulePipeline<NormWeightedModule>(pairs: pairs, order: moduleOrder) { _, pair in
-                PendingModule(try NormWeightedModule.Decoded(a: pair.a, b: pair.b, from: source, pool: pool)) { NormWeightedModule($0, kernels: kernels) }
+                PendingModule(try NormWeightedModule.Input(a: pair.a, b: pair.b, from: source, pool: pool)) { NormWeightedModule($0, kernels: kernels) }
             }
             adviseHugePages(base, byteCount: layout.fileSize)
             observer?.regionFinished(UnsafeRawBufferPointer(start: base, count: layout.headerBytes.count))

@@ -1,8 +1,9 @@
 import CKernels
 
-/// Which implementation runs the engine's two hot loops (decode-multiply-accumulate, and the fused
-/// divide-and-round into the output): the portable Swift loops, or AVX2/F16C ones in C (CKernels)
-/// that give exactly the same bits. `best` is chosen once per process by a CPU check.
+/// Which implementation runs the engine's hot loops (decode-multiply-accumulate, the fused
+/// divide-and-round into the output, and hetlora's Gram matrices): the portable Swift loops, or
+/// AVX2/F16C/FMA ones in C (CKernels) that give exactly the same bits. `best` is chosen once per
+/// process by a CPU check.
 public enum KernelSet: String, Sendable, CaseIterable {
     case portable
     case avx2

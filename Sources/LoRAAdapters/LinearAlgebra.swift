@@ -25,7 +25,7 @@ struct Matrix {
     }
 }
 
-/// The LAPACK and BLAS calls of the svd and hetlora strategies, on OpenBLAS with one thread per
+/// The LAPACK and BLAS calls of the svd strategy, on OpenBLAS with one thread per
 /// call: every sum then runs in one order, so a result depends only on the inputs and the build.
 enum LinearAlgebra {
     private static let singleThreaded: Void = openblas_set_num_threads(1)
@@ -88,21 +88,6 @@ enum LinearAlgebra {
         var (opA, opB) = (CChar(UInt8(ascii: transposeA ? "T" : "N")), CChar(UInt8(ascii: transposeB ? "T" : "N")))
         dgemm_(&opA, &opB, &mm, &nn, &kk, &alpha, a.values, &lda, b.values, &ldb, &beta, &c.values, &ldc, 1, 1)
         return c
-    }
-
-    /// The upper triangle (column-major, the rest 0) of the Gram matrix of the column-major rows ×
-    /// columns matrix at `values`: `XᵀX` (columns × columns) of its columns, or `XXᵀ` (rows × rows)
-    /// of its rows (`dsyrk`, half a product's work).
-    static func gram(_ values: UnsafePointer<Double>, rows: Int, columns: Int, ofColumns: Bool) -> [Double] {
-        _ = singleThreaded
-        let size = ofColumns ? columns : rows
-        var result = [Double](repeating: 0, count: size * size)
-        guard rows > 0, columns > 0 else { return result }
-        var (n, k, lda, ldc) = (Int32(size), Int32(ofColumns ? rows : columns), Int32(rows), Int32(size))
-        var (alpha, beta) = (1.0, 0.0)
-        var (upper, trans) = (CChar(UInt8(ascii: "U")), CChar(UInt8(ascii: ofColumns ? "T" : "N")))
-        dsyrk_(&upper, &trans, &n, &k, &alpha, values, &lda, &beta, &result, &ldc, 1, 1)
-        return result
     }
 
     /// Runs `call` once to ask for the workspace size, then with a workspace of that size.

@@ -2,10 +2,11 @@
 /// with each holder's weight replaced by the norm of its folded update `‖B̃·Ã‖_F`, from the r × r
 /// Gram matrices (`‖B̃Ã‖²_F = trace((B̃ᵀB̃)(ÃÃᵀ))`), never the dense product.
 ///
-/// The module's factors are read and decoded once, on the engine's thread; a worker then takes the
-/// holders in client-id order, computes each one's norm and adds its weighted factors to the sums
-/// while they are still in cache. The sums are the engine's (the same products added in the same
-/// order), so the bytes equal a norm pass followed by the engine's zero padding.
+/// The module's factors are read once, on the engine's thread; a worker then takes the holders in
+/// client-id order, decodes each one's factors, computes its norm (`Gram`: the same bits on every
+/// CPU) and adds its weighted factors to the sums while they are still in cache. The sums are the
+/// engine's (the same products added in the same order), so the bytes equal a norm pass followed by
+/// the engine's zero padding.
 final class NormWeightedModule: @unchecked Sendable {
     // @unchecked: built on a worker and only read after it is handed over.
 
@@ -17,13 +18,13 @@ final class NormWeightedModule: @unchecked Sendable {
     private let sums: (a: UnsafeMutableBufferPointer<Double>, b: UnsafeMutableBufferPointer<Double>)?
     private let pool: BufferPool
 
-    /// The module's A and B factors of every holder, decoded to Float64 as they are laid out.
-    final class Decoded: @unchecked Sendable {
+    /// The module's A and B tensors of every holder, as uploaded, copied out of the source.
+    final class Input: @unchecked Sendable {
         // @unchecked: filled on the engine's thread, then handed to one worker.
         let a: TensorPlan
         let b: TensorPlan
-        /// Each holder's A `[r, n]` then its B `[out, r, rest…]`, back to back.
-        let values: UnsafeMutableBufferPointer<Double>
+        /// Each holder's A `[r, n…]` then its B `[out, r, rest…]`, in its dtype, back to back.
+        let bytes: UnsafeMutableRawBufferPointer
         let regions: [(a: Range<Int>, b: Range<Int>)]
         let pool: BufferPool
 
@@ -36,67 +37,76 @@ final class NormWeightedModule: @unchecked Sendable {
             var regions: [(a: Range<Int>, b: Range<Int>)] = []
             var end = 0
             for holder in a.holders {
-                let aRegion = end..<(end + holder.rank * a.inner)
-                regions.append((aRegion, aRegion.upperBound..<(aRegion.upperBound + b.outer * holder.rank * b.inner)))
+                let width = holder.dtype.byteWidth
+                let aRegion = end..<(end + holder.rank * a.inner * width)
+                regions.append((aRegion, aRegion.upperBound..<(aRegion.upperBound + b.outer * holder.rank * b.inner * width)))
                 end = regions.last!.b.upperBound
             }
             self.regions = regions
-            // Every element is written below: each holder's regions are exactly its tensors.
-            let values = pool.take(end)
-            self.values = values
+            let bytes = pool.take(byteCount: end)
+            self.bytes = bytes
             for (plan, isA) in [(a, true), (b, false)] {
-                try plan.forEachHolder(in: source) { index, holder, bytes in
-                    guard let origin = bytes.baseAddress else { return }  // an empty tensor
-                    let destination = isA ? regions[index].a : regions[index].b
-                    holder.dtype.decode(origin, count: destination.count, times: 1, into: values.baseAddress! + destination.lowerBound)
+                // Read straight into the buffer where the source reads (the store does), else copied.
+                try source.withContributionReader(toTensor: plan.name) { contributions, reader in
+                    _ = try plan.checkedHolders(contributions)
+                    for index in contributions.indices {
+                        let region = isA ? regions[index].a : regions[index].b
+                        guard !region.isEmpty else { continue }
+                        let destination = bytes.baseAddress! + region.lowerBound
+                        try reader.withBytes(ofHolder: index, in: 0..<region.count, scratch: destination) { read in
+                            if read != UnsafeRawPointer(destination) { destination.copyMemory(from: read, byteCount: region.count) }
+                        }
+                    }
                 }
             }
         }
 
-        deinit { pool.recycle(values) }
+        deinit { pool.recycle(bytes) }
     }
 
     /// Computes the norms and the weighted sums (on a worker: pure computation).
-    init(_ decoded: Decoded, kernels: KernelSet) {
-        let (a, b) = (decoded.a, decoded.b)
-        pool = decoded.pool
-        // Pooled buffers are kept whole (they go back whole); only their first elements are the sums.
+    init(_ input: Input, kernels: KernelSet) {
+        let (a, b) = (input.a, input.b)
+        pool = input.pool
+        // Pooled buffers are kept whole (they go back whole); only their first elements are used.
         let (sumsA, sumsB) = (pool.take(a.outputElementCount), pool.take(b.outputElementCount))
         UnsafeMutableBufferPointer(rebasing: sumsA[0..<a.outputElementCount]).update(repeating: 0)
         UnsafeMutableBufferPointer(rebasing: sumsB[0..<b.outputElementCount]).update(repeating: 0)
+        // One holder's factors in Float64: A `[r, n]` as r rows of n; a linear B `[out, r]` as out rows
+        // of r; a conv B `[out, r, rest…]` gathered into r rows of out·rest (`conv` is its decoding).
+        let largestRank = a.holders.map(\.rank).max() ?? 0
         let rows = b.outer * b.inner
-        // A conv B `[out, r, rest…]` is gathered into the columns of an `out·rest × r` matrix for its Gram.
-        var gathered = [Double](repeating: 0, count: b.inner > 1 ? (a.holders.map(\.rank).max() ?? 0) * rows : 0)
+        let factor = pool.take(largestRank * max(a.inner, rows))
+        let conv = pool.take(b.inner > 1 ? largestRank * rows : 0)
+        let (gramA, gramB) = (pool.take(largestRank * largestRank), pool.take(largestRank * largestRank))
+        defer { for buffer in [factor, conv, gramA, gramB] { pool.recycle(buffer) } }
         var norms: [String: Double] = [:]
-        let values = decoded.values
         for (index, holder) in a.holders.enumerated() {
-            let (aValues, bValues) = (values.baseAddress! + decoded.regions[index].a.lowerBound, values.baseAddress! + decoded.regions[index].b.lowerBound)
+            let (aBytes, bBytes) = (input.bytes.baseAddress! + input.regions[index].a.lowerBound, input.bytes.baseAddress! + input.regions[index].b.lowerBound)
+            let r = holder.rank
             var squared = 0.0
-            if holder.rank > 0, !decoded.regions[index].a.isEmpty {
-                // A `[r, n]` row-major is the column-major n × r matrix whose Gram of columns is
-                // ÃÃᵀ; B `[out, r]` row-major is the column-major r × out matrix whose Gram of rows is B̃ᵀB̃.
-                let gramA = LinearAlgebra.gram(aValues, rows: a.inner, columns: holder.rank, ofColumns: true)
-                let gramB =
-                    b.inner > 1
-                    ? gathered.withUnsafeMutableBufferPointer { gathered in
-                        b.gatherColumns(bValues, rank: holder.rank, into: gathered.baseAddress!)
-                        return LinearAlgebra.gram(gathered.baseAddress!, rows: rows, columns: holder.rank, ofColumns: true)
-                    }
-                    : LinearAlgebra.gram(bValues, rows: holder.rank, columns: rows, ofColumns: false)
-                // trace(G_B·G_A) of two symmetric matrices from their upper triangles.
-                for j in 0..<holder.rank {
-                    for i in 0...j { squared += (i == j ? 1 : 2) * gramA[i + j * holder.rank] * gramB[i + j * holder.rank] }
+            if r > 0, !input.regions[index].a.isEmpty {
+                holder.dtype.decode(aBytes, count: r * a.inner, times: 1, into: factor.baseAddress!)
+                Gram.ofRows(factor.baseAddress!, stride: a.inner, count: r, length: a.inner, into: gramA.baseAddress!, kernels: kernels)
+                if b.inner > 1 {
+                    holder.dtype.decode(bBytes, count: r * rows, times: 1, into: conv.baseAddress!)
+                    b.gatherColumns(conv.baseAddress!, rank: r, into: factor.baseAddress!)
+                    Gram.ofRows(factor.baseAddress!, stride: rows, count: r, length: rows, into: gramB.baseAddress!, kernels: kernels)
+                } else {
+                    holder.dtype.decode(bBytes, count: r * rows, times: 1, into: factor.baseAddress!)
+                    Gram.ofColumns(factor.baseAddress!, stride: r, count: r, rows: rows, into: gramB.baseAddress!, kernels: kernels)
                 }
+                squared = Gram.traceOfProduct(gramA.baseAddress!, gramB.baseAddress!, count: r)
             }
             // The norm of the folded update: both factors carry √s. Written as the first version
-            // computed it (not foldingRoot²), which can differ in the last bit: the bytes stay those.
+            // computed it (not foldingRoot²), which can differ in the last bit.
             let scale = (holder.foldedWeight / holder.weight) * (holder.foldedWeight / holder.weight)
             let norm = scale * max(0, squared).squareRoot()
             norms[holder.clientID] = norm
             // The weight `reweighted` gives this holder unless every norm is 0 (then the sums are dropped).
             let weight = holder.reweighted(norm).foldedWeight
-            a.add(aValues, dtype: .f64, clientRank: holder.rank, slices: 0..<min(holder.rank, a.outputRank), weight: weight, into: sumsA, kernels: kernels)
-            b.add(bValues, dtype: .f64, clientRank: holder.rank, slices: 0..<min(holder.rank, b.outputRank), weight: weight, into: sumsB, kernels: kernels)
+            a.add(aBytes, dtype: holder.dtype, clientRank: r, slices: 0..<min(r, a.outputRank), weight: weight, into: sumsA, kernels: kernels)
+            b.add(bBytes, dtype: holder.dtype, clientRank: r, slices: 0..<min(r, b.outputRank), weight: weight, into: sumsB, kernels: kernels)
         }
         self.a = a.reweighted(norms)
         self.b = b.reweighted(norms)

@@ -6,7 +6,8 @@ import Testing
 
 /// The AVX2 kernels against the portable loops: the same bits for every dtype, on dtype edge cases
 /// (ties, subnormals, overflow, infinities, NaN), on every length and alignment the tails see, and
-/// through the whole engine on random rounds. They run where the CPU has AVX2 and F16C (CI's does).
+/// through the whole engine on random rounds; and the Gram kernels of hetlora's norms. They run
+/// where the CPU has AVX2, F16C and FMA (CI's does).
 @Suite(.enabled(if: KernelSet.isSupported(.avx2))) struct KernelTests {
     /// Doubles that probe each rounding: exact halfway points between neighbours of Float, binary16
     /// and bfloat16 (ties to even both ways), one ulp either side of them, subnormals of each format,
@@ -150,6 +151,64 @@ import Testing
                     let (portable, vectorised) = (run(kernels.portable), run(kernels.vectorised))
                     #expect(portable == vectorised, "\(dtype): \(rows) rows of \(length) at offset \(offset)")
                 }
+            }
+        }
+    }
+
+    /// Counts around the Gram kernels' 2 × 4 and 4 × 8 tiles, and lengths around their four lanes
+    /// and 512-element passes.
+    static let gramCounts = [1, 2, 3, 4, 5, 7, 8, 9, 12, 13, 17]
+    static let gramLengths = [1, 3, 4, 5, 130, 512, 515, 1029]
+
+    /// The upper triangle of a Gram matrix as bit patterns (the rest is unspecified).
+    static func gram(
+        of values: [Double], count: Int, stride: Int, length: Int, ofRows: Bool, kernels: KernelSet
+    ) -> [UInt64] {
+        var gram = [Double](repeating: .nan, count: count * count)
+        values.withUnsafeBufferPointer { x in
+            gram.withUnsafeMutableBufferPointer { gram in
+                if ofRows {
+                    Gram.ofRows(x.baseAddress!, stride: stride, count: count, length: length, into: gram.baseAddress!, kernels: kernels)
+                } else {
+                    Gram.ofColumns(x.baseAddress!, stride: stride, count: count, rows: length, into: gram.baseAddress!, kernels: kernels)
+                }
+            }
+        }
+        return (0..<count).flatMap { i in (i..<count).map { j in gram[i * count + j].bitPattern } }
+    }
+
+    /// Both Gram kernels give the portable loops' bits on random values, whatever the shape: a
+    /// matrix's Gram matrix holds the same bits on every CPU.
+    @Test(arguments: [true, false])
+    func gramGivesThePortableBits(ofRows: Bool) {
+        var random = SeededGenerator(seed: ofRows ? 41 : 42)
+        for count in Self.gramCounts {
+            for length in Self.gramLengths {
+                // Rows wider than the data: the kernels must step by the stride and leave the gap alone.
+                let stride = (ofRows ? length : count) + 3
+                let values = (0..<((ofRows ? count : length) * stride)).map { _ in Double(Int64(bitPattern: random.next()) >> 11) * 0x1p-52 }
+                let portable = Self.gram(of: values, count: count, stride: stride, length: length, ofRows: ofRows, kernels: .portable)
+                let vectorised = Self.gram(of: values, count: count, stride: stride, length: length, ofRows: ofRows, kernels: .avx2)
+                #expect(portable == vectorised, "\(ofRows ? "rows" : "columns"): \(count) of \(length)")
+            }
+        }
+    }
+
+    /// Each entry is the right dot product: small integers make every sum exact in any order, so the
+    /// entries equal the integer sums computed here.
+    @Test(arguments: KernelSet.allCases, [true, false])
+    func gramHoldsTheDotProducts(kernels: KernelSet, ofRows: Bool) {
+        var random = SeededGenerator(seed: 43)
+        for count in Self.gramCounts {
+            for length in Self.gramLengths {
+                let stride = (ofRows ? length : count) + 2
+                let integers = (0..<((ofRows ? count : length) * stride)).map { _ in Int(random.next() % 201) - 100 }
+                let element = { (vector: Int, k: Int) in ofRows ? integers[vector * stride + k] : integers[k * stride + vector] }
+                let expected = (0..<count).flatMap { i in
+                    (i..<count).map { j in Double((0..<length).reduce(0) { $0 + element(i, $1) * element(j, $1) }).bitPattern }
+                }
+                let gram = Self.gram(of: integers.map(Double.init), count: count, stride: stride, length: length, ofRows: ofRows, kernels: kernels)
+                #expect(gram == expected, "\(kernels) \(ofRows ? "rows" : "columns"): \(count) of \(length)")
             }
         }
     }

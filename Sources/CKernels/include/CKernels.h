@@ -3,11 +3,13 @@
 #include <stddef.h>
 #include <stdint.h>
 
-// The engine's two hot loops with AVX2 (and F16C), for the CPUs that have them. Each gives exactly
-// the bits of the portable Swift loops in LoRAAdapters: no FMA (a fused multiply-add rounds once
-// where the portable loop rounds twice), and conversions that are exact or round to nearest even.
+// The engine's hot loops with AVX2 (F16C, FMA), for the CPUs that have them. Each gives exactly the
+// bits of the portable Swift loops in LoRAAdapters: accumulate and divide use no FMA (a fused
+// multiply-add rounds once where the portable loop rounds twice) and conversions that are exact or
+// round to nearest even; the Gram matrices use fused multiply-adds in the order stated, as the
+// portable loops do.
 
-/// True when the CPU runs the kernels below (AVX2 and F16C).
+/// True when the CPU runs the kernels below (AVX2, F16C and FMA).
 int ckernels_cpu_supports_avx2(void);
 
 /// destination[r*destination_stride + i] += weight * source[r*source_stride + i] for i < length and
@@ -34,5 +36,16 @@ void ckernels_divide_rows_f32(const double *sums, const double *divisors, void *
 void ckernels_divide_rows_f64(const double *sums, const double *divisors, void *destination, size_t length, size_t rows);
 void ckernels_divide_rows_f16(const double *sums, const double *divisors, void *destination, size_t length, size_t rows);
 void ckernels_divide_rows_bf16(const double *sums, const double *divisors, void *destination, size_t length, size_t rows);
+
+/// The upper triangle of the Gram matrix of the `count` rows of `length` doubles at x (row r at
+/// x + r*stride): gram[i*count + j] for i <= j is x_i·x_j, as four chains of fused multiply-adds
+/// (lane l takes the elements k = l mod 4, k ascending) summed as (l0 + l1) + (l2 + l3). `lanes` is
+/// scratch of 4*count*count doubles; the entries below the diagonal are unspecified.
+void ckernels_gram_of_rows(const double *x, size_t stride, size_t count, size_t length, double *lanes, double *gram);
+
+/// The upper triangle of the Gram matrix of the `count` columns of the `rows` × count matrix at x
+/// (row r at x + r*stride): gram[i*count + j] for i <= j is Σ_r x[r][i]·x[r][j], one chain of fused
+/// multiply-adds in row order. The entries below the diagonal are unspecified.
+void ckernels_gram_of_columns(const double *x, size_t stride, size_t count, size_t rows, double *gram);
 
 #endif
