@@ -138,10 +138,14 @@ final class UploadReceiver: @unchecked Sendable {
         decoder = try coding.decoder(limit: limit)
         multipart = try form.multipartReader(maxFileBytes: maxFileBytes)
         file = multipart == nil ? [] : nil
+        // Sized once where the size is known (within the limit): growing by doubling would copy
+        // the file and fault in its pages about twice over.
+        if coding == .identity, let declaredLength { file?.reserveCapacity(declaredLength) }
     }
 
     func take(_ chunk: [UInt8]) throws {
         guard let decoder else { return try chunk.withUnsafeBufferPointer { try deliver($0) } }
+        if received == 0, file?.capacity == 0, let size = decoder.announcedSize(atStartOf: chunk), size <= limit { file?.reserveCapacity(size) }
         try decoder.append(chunk) { try deliver($0) }
     }
 

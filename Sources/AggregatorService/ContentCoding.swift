@@ -33,6 +33,13 @@ protocol BodyDecoder: AnyObject {
     func append(_ chunk: [UInt8], to sink: (UnsafeBufferPointer<UInt8>) throws -> Void) throws
     /// Throws 400 when the compressed stream has not ended.
     func finish() throws(ServiceError)
+    /// The decoded size the stream announces in its first bytes (`chunk`), where the coding has a
+    /// field for it; unchecked: only a hint for sizing a buffer.
+    func announcedSize(atStartOf chunk: [UInt8]) -> Int?
+}
+
+extension BodyDecoder {
+    func announcedSize(atStartOf chunk: [UInt8]) -> Int? { nil }
 }
 
 /// gzip and deflate, by zlib.
@@ -132,6 +139,12 @@ final class ZstdDecoder: BodyDecoder {
                 }
             }
         }
+    }
+
+    /// A frame header's content size (zstd writes it when the compressor knew the input's size).
+    func announcedSize(atStartOf chunk: [UInt8]) -> Int? {
+        let size = chunk.withUnsafeBytes { ZSTD_getFrameContentSize($0.baseAddress, $0.count) }
+        return size < ZSTD_CONTENTSIZE_ERROR ? Int(exactly: size) : nil
     }
 
     func finish() throws(ServiceError) {
