@@ -121,7 +121,7 @@ extension AdapterStore {
             hasher.update(data: Array(bytes))
         }
         func add(_ text: String) { add(Array(text.utf8)) }
-        add("lora-aggregator aggregate \(AdapterAggregator.outputVersion)")
+        add("lora-aggregator aggregate \(AdapterAggregator.outputVersion(of: key.strategy))")
         for option in [key.federation.rawValue, key.round.description, key.strategy.rawValue, String(key.rank), key.dtype.rawValue, key.scaling] {
             add(option)
         }
@@ -197,7 +197,7 @@ extension AdapterStore {
     private static func digestKey(_ key: AggregateCache.Key) -> [StoreValue] {
         [
             .id(key.federation), .round(key.round), .integer(key.revision), .text(key.strategy.rawValue),
-            .integer(Int64(key.rank)), .text(key.dtype.rawValue), .text(key.scaling), .integer(Int64(AdapterAggregator.outputVersion)),
+            .integer(Int64(key.rank)), .text(key.dtype.rawValue), .text(key.scaling), .integer(AdapterAggregator.outputVersion(of: key.strategy)),
         ]
     }
 

@@ -17,11 +17,12 @@ void dgesdd_(const char *jobz, const int *m, const int *n, double *a, const int 
 void dgemm_(const char *transa, const char *transb, const int *m, const int *n, const int *k, const double *alpha, const double *a,
             const int *lda, const double *b, const int *ldb, const double *beta, double *c, const int *ldc, size_t transa_length,
             size_t transb_length);
-// C = alpha·A·Aᵀ + beta·C (trans "N") or alpha·Aᵀ·A + beta·C (trans "T"), one triangle of C (uplo).
-void dsyrk_(const char *uplo, const char *trans, const int *n, const int *k, const double *alpha, const double *a, const int *lda,
-            const double *beta, double *c, const int *ldc, size_t uplo_length, size_t trans_length);
 // OpenBLAS runs each call on this many threads; one keeps every sum in one order, so results do not
 // depend on the machine's core count (parallelism comes from factoring modules side by side).
 void openblas_set_num_threads(int count);
+// The build (version and options) and the kernels chosen for this CPU: with the inputs, what decides
+// the bits of every result.
+char *openblas_get_config(void);
+char *openblas_get_corename(void);
 
 #endif

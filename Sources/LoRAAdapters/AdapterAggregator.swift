@@ -16,6 +16,17 @@ public enum AdapterAggregator {
     /// version are then no longer trusted to describe what this one computes.
     public static let outputVersion = 2
 
+    /// What identifies the bytes `aggregate` produces with `strategy` in this process, beside the
+    /// inputs and options: `outputVersion`, and for svd also the LAPACK build and the CPU kernels it
+    /// runs, so that servers on different CPUs never give one tag (or one digest record) to
+    /// different bytes. Every other strategy's arithmetic is the engine's own, the same on every CPU.
+    /// A stable hash (FNV-1a), the same in every process, never negative.
+    public static func outputVersion(of strategy: AggregationStrategy) -> Int64 {
+        guard strategy == .svd else { return Int64(outputVersion) }
+        let hash = "svd \(outputVersion) \(LinearAlgebra.implementation)".utf8.reduce(0xcbf2_9ce4_8422_2325 as UInt64) { ($0 ^ UInt64($1)) &* 0x100_0000_01b3 }
+        return Int64(hash >> 1)
+    }
+
     /// - Parameter observer: sees each region of the output as soon as it is final (to hash it on
     ///   another core meanwhile, say).
     public static func aggregate(

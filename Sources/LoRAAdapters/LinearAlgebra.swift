@@ -30,6 +30,10 @@ struct Matrix {
 enum LinearAlgebra {
     private static let singleThreaded: Void = openblas_set_num_threads(1)
 
+    /// The OpenBLAS build and the kernels it chose for this CPU (OpenBLAS picks them per CPU family,
+    /// and their sums round differently): besides the inputs, what decides the bits of the results.
+    static let implementation = "\(String(cString: openblas_get_config())) \(String(cString: openblas_get_corename()))"
+
     /// The thin Householder QR `a = q·r` (`dgeqrf`, `dorgqr`): `q` is rows × k with orthonormal
     /// columns, `r` is k × columns upper triangular, k = min(rows, columns). Factors `a` in place
     /// (it is left holding `q`'s storage), so a large stack is never copied.

@@ -79,6 +79,57 @@ import Testing
         #expect(await second.stop() == 0)
     }
 
+    /// OpenBLAS picks its kernels by CPU family, and svd's bits follow them. Two servers on one
+    /// database whose LAPACK runs different kernels (forced with OPENBLAS_CORETYPE; x86-64 names)
+    /// give svd aggregates tags and digest records of their own, so neither answers the other's tag
+    /// for its own bytes nor checks a recomputation against the other's record; the engine's own
+    /// strategies, the same bits on every CPU, keep one tag and one record everywhere.
+    @Test(.enabled(if: Self.runsOnX86)) func serversWhoseLAPACKKernelsDifferKeepSvdTagsApart() async throws {
+        let database = try ServiceProcess.temporaryDatabase()
+        var servers: [ServiceProcess] = []
+        for kernels in ["Prescott", "Nehalem"] {
+            servers.append(
+                try await ServiceProcess.start(database: database, arguments: ["--aggregate-cache-bytes", "0"], environment: ["OPENBLAS_CORETYPE": kernels]))
+        }
+        for participant in TestRound.random(seed: 47) {
+            let path = "/v1/federations/kernels/rounds/0/uploads/\(participant.id)?rank=\(participant.rank)&weight=\(participant.weight)"
+            #expect(try await servers[0].client.request("PUT", path, body: try participant.safetensors().bytes).statusCode == 201)
+        }
+        for strategy in AggregationStrategy.allCases {
+            let path = "/v1/federations/kernels/rounds/0/aggregate?strategy=\(strategy.rawValue)"
+            // From each server a first computation, then (once its digest is on record) a
+            // recomputation checked against the record, which says so with Repr-Digest.
+            var answers: [RawClient.Response] = []
+            for (index, server) in servers.enumerated() {
+                let answer = try await server.client.get(path)
+                #expect(answer.statusCode == 200 && answer.header("Content-Length") == String(answer.body.count), "\(strategy) from server \(index)")
+                let recomputedAgainstTheRecord = try await eventually {
+                    let again = try await server.client.get(path)
+                    return again.statusCode == 200 && again.body == answer.body && again.header("ETag") == answer.header("ETag")
+                        && again.header("Repr-Digest") == ContentDigest.reprDigest(sha256Hex: ContentDigest.sha256Hex(answer.body))
+                }
+                #expect(recomputedAgainstTheRecord, "\(strategy) from server \(index)")
+                answers.append(answer)
+            }
+            let (first, second) = (try #require(answers[0].header("ETag")), try #require(answers[1].header("ETag")))
+            let conditional = try await servers[1].client.get(path, headers: [("If-None-Match", first)])
+            if strategy == .svd {
+                #expect(first != second && conditional.statusCode == 200)
+            } else {
+                #expect(first == second && answers[0].body == answers[1].body && conditional.statusCode == 304, "\(strategy)")
+            }
+        }
+        for server in servers { #expect(await server.stop() == 0) }
+    }
+
+    static var runsOnX86: Bool {
+        #if arch(x86_64)
+            true
+        #else
+            false
+        #endif
+    }
+
     /// The ETag derives from the round's inputs, so a matching If-None-Match never needs computing,
     /// and the first computation streams. An aggregate computed once has its digest on record in the
     /// database: a server without a copy in memory (cache off, restarted) answers a HEAD without

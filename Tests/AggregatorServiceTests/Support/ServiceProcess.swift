@@ -38,15 +38,17 @@ final class ServiceProcess: @unchecked Sendable {
         try await start(database: try temporaryDatabase(backend), arguments: arguments)
     }
 
-    /// Starts the server on `database` and waits for its ready line (off the cooperative pool).
-    static func start(database: String, arguments: [String] = []) async throws -> ServiceProcess {
-        try await onOwnThread { try ServiceProcess(database: database, arguments: arguments) }
+    /// Starts the server on `database` and waits for its ready line (off the cooperative pool);
+    /// `environment` adds to this process's.
+    static func start(database: String, arguments: [String] = [], environment: [String: String] = [:]) async throws -> ServiceProcess {
+        try await onOwnThread { try ServiceProcess(database: database, arguments: arguments, environment: environment) }
     }
 
-    private init(database: String, arguments: [String]) throws {
+    private init(database: String, arguments: [String], environment: [String: String]) throws {
         process = Process()
         process.executableURL = Self.executable
         process.arguments = ["serve", "--port", "0", "--database", database, "--no-access-log"] + arguments
+        process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
         let output = Pipe()
         errorOutput = Pipe()
         process.standardOutput = output
