@@ -128,6 +128,13 @@ final class UploadReceiver: @unchecked Sendable {
     /// The decompressed bytes allowed in all; a multipart body's parts have their own limits within it.
     private let limit: Int
     private var received = 0
+    /// The file's size as the body announces it (Content-Length, a zstd frame header), within the
+    /// limit: the file is sized for it once, since growing by doubling would copy the file and fault
+    /// its pages in about twice over. Unchecked, so what is reserved ahead of the bytes that arrived
+    /// stays under `reserveAhead`.
+    private var announcedSize: Int?
+    private var sawFirstChunk = false
+    private static let reserveAhead = 64 << 20
 
     /// Refuses an identity body whose declared length is already over the limit, before it is sent.
     init(_ form: UploadForm, coding: ContentCoding, declaredLength: Int?, maxFileBytes: Int) throws {
@@ -138,15 +145,20 @@ final class UploadReceiver: @unchecked Sendable {
         decoder = try coding.decoder(limit: limit)
         multipart = try form.multipartReader(maxFileBytes: maxFileBytes)
         file = multipart == nil ? [] : nil
-        // Sized once where the size is known (within the limit): growing by doubling would copy
-        // the file and fault in its pages about twice over.
-        if coding == .identity, let declaredLength { file?.reserveCapacity(declaredLength) }
+        if coding == .identity { announce(declaredLength) }
     }
 
     func take(_ chunk: [UInt8]) throws {
+        defer { sawFirstChunk = true }
         guard let decoder else { return try chunk.withUnsafeBufferPointer { try deliver($0) } }
-        if received == 0, file?.capacity == 0, let size = decoder.announcedSize(atStartOf: chunk), size <= limit { file?.reserveCapacity(size) }
+        if !sawFirstChunk { announce(decoder.announcedSize(atStartOf: chunk)) }
         try decoder.append(chunk) { try deliver($0) }
+    }
+
+    private func announce(_ size: Int?) {
+        guard file != nil, let size, size <= limit else { return }
+        announcedSize = size
+        file!.reserveCapacity(min(size, Self.reserveAhead))
     }
 
     func finish() throws -> Body {
@@ -159,7 +171,13 @@ final class UploadReceiver: @unchecked Sendable {
         received += bytes.count
         guard received <= limit else { throw ServiceError(.contentTooLarge, "the upload exceeds \(limit) bytes") }
         // Mutated through the optionals in place: a local copy would make each append copy the whole.
-        if file != nil { file!.append(contentsOf: bytes) } else { try multipart!.append(UnsafeRawBufferPointer(bytes)) }
+        if file != nil {
+            // Past the first reservation: the rest of the announced size at once.
+            if let announcedSize, announcedSize > file!.capacity, file!.count + bytes.count > file!.capacity { file!.reserveCapacity(announcedSize) }
+            file!.append(contentsOf: bytes)
+        } else {
+            try multipart!.append(UnsafeRawBufferPointer(bytes))
+        }
     }
 }
 

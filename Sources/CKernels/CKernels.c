@@ -4,6 +4,9 @@
 #include <math.h>
 #include <string.h>
 
+// The bits must not depend on compiler flags: no multiply and add fused unless written as fma.
+#pragma clang fp contract(off)
+
 #define AVX2 __attribute__((target("avx2,f16c")))
 
 int ckernels_cpu_supports_avx2(void) {

@@ -11,20 +11,20 @@ import Synchronization
 /// go to two cores. Memory is the output file plus one Float64 tensor and a block of scratch per
 /// core, whatever the number of clients.
 public enum AdapterAggregator {
-    /// The version of the bytes `aggregate` produces for given inputs and options. Bump it with any
-    /// change to them (summation, rounding, layout, metadata): digests recorded for an older
-    /// version are then no longer trusted to describe what this one computes.
-    public static let outputVersion = 2
-
-    /// What identifies the bytes `aggregate` produces with `strategy` in this process, beside the
-    /// inputs and options: `outputVersion`, and for svd also the LAPACK build and the CPU kernels it
-    /// runs, so that servers on different CPUs never give one tag (or one digest record) to
-    /// different bytes. Every other strategy's arithmetic is the engine's own, the same on every CPU.
-    /// A stable hash (FNV-1a), the same in every process, never negative.
+    /// The version of the bytes `aggregate` produces with `strategy` for given inputs and options,
+    /// in this process. Bump a strategy's with any change to its bytes (summation, rounding, layout,
+    /// metadata): digests recorded for an older version are then no longer trusted to describe what
+    /// this one computes. For svd it also holds the LAPACK build and the CPU kernels it runs, so that
+    /// servers on different CPUs never give one tag (or one digest record) to different bytes; every
+    /// other strategy's arithmetic is the engine's own, the same on every CPU. Never negative.
     public static func outputVersion(of strategy: AggregationStrategy) -> Int64 {
-        guard strategy == .svd else { return Int64(outputVersion) }
-        let hash = "svd \(outputVersion) \(LinearAlgebra.implementation)".utf8.reduce(0xcbf2_9ce4_8422_2325 as UInt64) { ($0 ^ UInt64($1)) &* 0x100_0000_01b3 }
-        return Int64(hash >> 1)
+        switch strategy {
+        case .replication, .zeroPadding: 1
+        // 2: the norms from the engine's own Gram kernels (their last bits changed).
+        case .hetlora: 2
+        // A stable hash (FNV-1a), the same in every process.
+        case .svd: Int64("svd 1 \(LinearAlgebra.implementation)".utf8.reduce(0xcbf2_9ce4_8422_2325 as UInt64) { ($0 ^ UInt64($1)) &* 0x100_0000_01b3 } >> 1)
+        }
     }
 
     /// - Parameter observer: sees each region of the output as soon as it is final (to hash it on

@@ -3,8 +3,8 @@ import Dispatch
 /// Per-module work of the svd and hetlora strategies, two modules at a time in the engine's order:
 /// a module's input is read on the engine's thread (a source is never shared between threads), its
 /// computation runs on a worker while the engine reads the next module's input and starts it on a
-/// second worker, and writes tensors. Each computation is single-threaded (OpenBLAS on one thread),
-/// so results do not depend on this.
+/// second worker, and writes tensors. Each computation is single-threaded (svd's OpenBLAS on one
+/// thread), so results do not depend on this.
 final class ModulePipeline<Output> {
     private let pairs: [String: (a: TensorPlan, b: TensorPlan)]
     private let order: [String]
