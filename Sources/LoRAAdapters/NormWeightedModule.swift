@@ -73,13 +73,18 @@ final class NormWeightedModule: @unchecked Sendable {
         UnsafeMutableBufferPointer(rebasing: sumsA[0..<a.outputElementCount]).update(repeating: 0)
         UnsafeMutableBufferPointer(rebasing: sumsB[0..<b.outputElementCount]).update(repeating: 0)
         // One holder's factors in Float64: A `[r, n]` as r rows of n; a linear B `[out, r]` as out rows
-        // of r; a conv B `[out, r, rest…]` gathered into r rows of out·rest (`conv` is its decoding).
-        let largestRank = a.holders.map(\.rank).max() ?? 0
+        // of r; a conv B `[out, r, rest…]` decoded into `decodedB`, then gathered into r rows of
+        // out·rest. A rank above the module's size (r² > out·rest·n) takes the product itself instead
+        // of the r × r Grams, so memory stays within the size of the uploads' own factors.
         let rows = b.outer * b.inner
+        let usesGrams = { (rank: Int) in rank * rank <= rows * a.inner }
+        let largestRank = a.holders.map(\.rank).max() ?? 0
+        let largestGram = a.holders.map(\.rank).filter(usesGrams).max() ?? 0
         let factor = pool.take(largestRank * max(a.inner, rows))
-        let conv = pool.take(b.inner > 1 ? largestRank * rows : 0)
-        let (gramA, gramB) = (pool.take(largestRank * largestRank), pool.take(largestRank * largestRank))
-        defer { for buffer in [factor, conv, gramA, gramB] { pool.recycle(buffer) } }
+        let decodedB = pool.take(b.inner > 1 || !usesGrams(largestRank) ? largestRank * rows : 0)
+        let (gramA, gramB) = (pool.take(largestGram * largestGram), pool.take(largestGram * largestGram))
+        let productRow = pool.take(usesGrams(largestRank) ? 0 : a.inner)
+        defer { for buffer in [factor, decodedB, gramA, gramB, productRow] { pool.recycle(buffer) } }
         var norms: [String: Double] = [:]
         for (index, holder) in a.holders.enumerated() {
             let (aBytes, bBytes) = (input.bytes.baseAddress! + input.regions[index].a.lowerBound, input.bytes.baseAddress! + input.regions[index].b.lowerBound)
@@ -87,16 +92,21 @@ final class NormWeightedModule: @unchecked Sendable {
             var squared = 0.0
             if r > 0, !input.regions[index].a.isEmpty {
                 holder.dtype.decode(aBytes, count: r * a.inner, times: 1, into: factor.baseAddress!)
-                Gram.ofRows(factor.baseAddress!, stride: a.inner, count: r, length: a.inner, into: gramA.baseAddress!, kernels: kernels)
-                if b.inner > 1 {
-                    holder.dtype.decode(bBytes, count: r * rows, times: 1, into: conv.baseAddress!)
-                    b.gatherColumns(conv.baseAddress!, rank: r, into: factor.baseAddress!)
-                    Gram.ofRows(factor.baseAddress!, stride: rows, count: r, length: rows, into: gramB.baseAddress!, kernels: kernels)
+                if !usesGrams(r) {
+                    holder.dtype.decode(bBytes, count: r * rows, times: 1, into: decodedB.baseAddress!)
+                    squared = Self.squaredNormOfProduct(b: decodedB.baseAddress!, a: factor.baseAddress!, rank: r, b, a, row: productRow.baseAddress!)
                 } else {
-                    holder.dtype.decode(bBytes, count: r * rows, times: 1, into: factor.baseAddress!)
-                    Gram.ofColumns(factor.baseAddress!, stride: r, count: r, rows: rows, into: gramB.baseAddress!, kernels: kernels)
+                    Gram.ofRows(factor.baseAddress!, stride: a.inner, count: r, length: a.inner, into: gramA.baseAddress!, kernels: kernels)
+                    if b.inner > 1 {
+                        holder.dtype.decode(bBytes, count: r * rows, times: 1, into: decodedB.baseAddress!)
+                        b.gatherColumns(decodedB.baseAddress!, rank: r, into: factor.baseAddress!)
+                        Gram.ofRows(factor.baseAddress!, stride: rows, count: r, length: rows, into: gramB.baseAddress!, kernels: kernels)
+                    } else {
+                        holder.dtype.decode(bBytes, count: r * rows, times: 1, into: factor.baseAddress!)
+                        Gram.ofColumns(factor.baseAddress!, stride: r, count: r, rows: rows, into: gramB.baseAddress!, kernels: kernels)
+                    }
+                    squared = Gram.traceOfProduct(gramA.baseAddress!, gramB.baseAddress!, count: r)
                 }
-                squared = Gram.traceOfProduct(gramA.baseAddress!, gramB.baseAddress!, count: r)
             }
             // The norm of the folded update: both factors carry √s. Written as the first version
             // computed it (not foldingRoot²), which can differ in the last bit.
@@ -117,6 +127,27 @@ final class NormWeightedModule: @unchecked Sendable {
             pool.recycle(sumsA)
             pool.recycle(sumsB)
         }
+    }
+
+    /// `‖B̃·Ã‖²_F` from the product, a row `(o, rest…)` at a time (fused multiply-adds, ranks then
+    /// columns ascending): for a rank whose r × r Grams would be larger than the product. `b` is B
+    /// `[out, r, rest…]` and `a` is A `[r, n]`, decoded; `row` has room for n.
+    private static func squaredNormOfProduct(
+        b: UnsafePointer<Double>, a: UnsafePointer<Double>, rank: Int, _ bPlan: TensorPlan, _ aPlan: TensorPlan, row: UnsafeMutablePointer<Double>
+    ) -> Double {
+        let (n, rest) = (aPlan.inner, bPlan.inner)
+        var squared = 0.0
+        for o in 0..<bPlan.outer {
+            for x in 0..<rest {
+                row.update(repeating: 0, count: n)
+                for j in 0..<rank {
+                    let coefficient = b[(o * rank + j) * rest + x]
+                    for column in 0..<n { row[column].addProduct(coefficient, a[j * n + column]) }
+                }
+                for column in 0..<n { squared.addProduct(row[column], row[column]) }
+            }
+        }
+        return squared
     }
 
     deinit {

@@ -55,6 +55,59 @@ private func uploadPath(_ client: String, rank: Int, weight: Double = 1, round: 
         #expect(await service.stop() == 0)
     }
 
+    /// A client may tag a small module with a rank far above its size (40 000 on a 10 × 12 module, a
+    /// 3.5 MB upload). hetlora then takes each norm from the product itself, not from r × r Gram
+    /// matrices (12.8 GB each), and matches the literal reference; every other strategy answers too.
+    @Test func aRankFarAboveTheModulesSizeIsAggregatedWithinTheUploadsOwnSize() async throws {
+        let service = try await ServiceProcess.start()
+        var random = SeededGenerator(seed: 31_500)
+        let names = (TestModule.query.tensors(rank: 1)[0].0, TestModule.query.tensors(rank: 1)[1].0)
+        let clients = [2, 40_000].enumerated().map { index, rank in
+            func tensor(_ shape: [Int]) -> TestTensor {
+                TestTensor(shape: shape, values: (0..<shape.reduce(1, *)).map { _ in Double(Float.random(in: -1...1, using: &random)) })
+            }
+            return TestClient(
+                id: "client-\(index)", rank: rank, weight: Double(index + 1), dtype: .f32,
+                tensors: [names.0: tensor([rank, 12]), names.1: tensor([10, rank])])
+        }
+        for participant in clients {
+            let path = "/v1/federations/wide/rounds/0/uploads/\(participant.id)?rank=\(participant.rank)&weight=\(participant.weight)"
+            #expect(try await service.client.request("PUT", path, body: try participant.safetensors().bytes).statusCode == 201)
+        }
+        let hetlora = try await service.client.get("/v1/federations/wide/rounds/0/aggregate?strategy=hetlora")
+        #expect(hetlora.statusCode == 200)
+        // The reference, literally (the general one pads slice by slice, too slow at this rank): each
+        // client's norm from its dense 10 × 12 product, then zero padding weighted by the norms.
+        let (out, n, rank) = (10, 12, 40_000)
+        let norms = clients.map { client in
+            let (a, b, r) = (client.tensors[names.0]!.values, client.tensors[names.1]!.values, client.rank)
+            var squares = 0.0
+            for o in 0..<out {
+                for c in 0..<n {
+                    var entry = 0.0
+                    for j in 0..<r { entry += b[o * r + j] * a[j * n + c] }
+                    squares += entry * entry
+                }
+            }
+            return squares.squareRoot()
+        }
+        let total = norms.reduce(0, +)
+        var (expectedA, expectedB) = ([Double](repeating: 0, count: rank * n), [Double](repeating: 0, count: out * rank))
+        for (client, norm) in zip(clients, norms) {
+            let (a, b, r) = (client.tensors[names.0]!.values, client.tensors[names.1]!.values, client.rank)
+            for index in 0..<(r * n) { expectedA[index] += norm * a[index] / total }
+            for o in 0..<out {
+                for j in 0..<r { expectedB[o * rank + j] += norm * b[o * r + j] / total }
+            }
+        }
+        try expectClose(
+            hetlora.body, [names.0: TestTensor(shape: [rank, n], values: expectedA), names.1: TestTensor(shape: [out, rank], values: expectedB)])
+        for strategy in AggregationStrategy.allCases where strategy != .hetlora {
+            #expect(try await service.client.get("/v1/federations/wide/rounds/0/aggregate?strategy=\(strategy.rawValue)").statusCode == 200, "\(strategy)")
+        }
+        #expect(await service.stop() == 0)
+    }
+
     private func expectClose(_ bytes: [UInt8], _ reference: [String: TestTensor], sourceLocation: SourceLocation = #_sourceLocation) throws {
         let file = try SafetensorsFile(bytes: bytes)
         #expect(Set(file.tensors.map(\.name)) == Set(reference.keys), sourceLocation: sourceLocation)

@@ -55,14 +55,17 @@ import Testing
     }
 
     /// A conv module whose B has kernel axes (`[out, r, kh, kw]`, flattened into B's rows as
-    /// openapi.yaml says): hetlora equals zero padding with each client's weight set to `‖B·A‖_F`,
-    /// formed here as the dense `out·kh·kw × in·…` product.
-    @Test(arguments: 0..<4)
-    func hetloraFlattensTheKernelAxesOfAConvB(seed: UInt64) throws {
+    /// openapi.yaml says), and ranks above a module's size (r² > out·kh·kw·in·…, where the norm is
+    /// taken from the product rather than r × r Grams larger than it) on a conv and a linear module:
+    /// hetlora equals zero padding with each client's weight set to `‖B·A‖_F`, formed here as the
+    /// dense `out·kh·kw × in·…` product.
+    @Test(arguments: 0..<4, [[2, 3, 5], [2, 9, 40], [1, 3, 30]])
+    func hetloraIsZeroPaddingWeightedByTheDenseProductsNorm(seed: UInt64, ranks: [Int]) throws {
         var random = SeededGenerator(seed: 24_000 + seed)
-        let (out, kernel, columns) = (3, [2, 2], [2, 3])
+        // [1, 3, 30]: a linear module; the others conv.
+        let (out, kernel, columns) = ranks.first == 1 ? (3, [Int](), [2]) : (3, [2, 2], [2, 3])
         let names = ("base_model.model.head.conv.lora_A.weight", "base_model.model.head.conv.lora_B.weight")
-        let clients = [2, 3, 5].enumerated().map { index, rank in
+        let clients = ranks.enumerated().map { index, rank in
             func tensor(_ shape: [Int]) -> TestTensor {
                 TestTensor(shape: shape, values: (0..<shape.reduce(1, *)).map { _ in Double.random(in: -1...1, using: &random) })
             }
@@ -94,7 +97,7 @@ import Testing
         try expectMatches(
             hetlora.bytes,
             Dictionary(uniqueKeysWithValues: expected.tensors.map { ($0.name, TestTensor(shape: $0.shape, values: expected.values(of: $0))) }),
-            tolerance: 1e-12, "conv B with kernel axes")
+            tolerance: 1e-12, "ranks \(ranks)")
     }
 
     /// The module's factors from a downloaded file: B as `out·rest × r` and A as `r × n` (row-major values).
