@@ -175,7 +175,8 @@ DIVIDE(f16, 2)
 DIVIDE(bf16, 2)
 
 // Gram matrices of hetlora's norms: chains of fused multiply-adds (one rounding each) in the order
-// the header states, which the portable Swift loops (LoRAAdapters' Gram) follow too.
+// the header states, which the portable Swift loops (LoRAAdapters' Gram) follow too. Each kernel
+// exists for Float64 input and for Float32 input converted as it is read (exactly: the same bits).
 #define AVX2_FMA __attribute__((target("avx2,fma")))
 
 // Elements summed over per pass: a pass's slices of the operands stay in L2 while every tile of
@@ -184,92 +185,107 @@ enum { GRAM_PASS = 512 };
 
 static inline size_t min_size(size_t a, size_t b) { return a < b ? a : b; }
 
+// Four elements, one element broadcast, one element, of each input type, as doubles.
+AVX2_FMA static inline __m256d load4_f64(const double *p) { return _mm256_loadu_pd(p); }
+AVX2_FMA static inline __m256d load4_f32(const float *p) { return _mm256_cvtps_pd(_mm_loadu_ps(p)); }
+AVX2_FMA static inline __m256d broadcast_f64(const double *p) { return _mm256_broadcast_sd(p); }
+AVX2_FMA static inline __m256d broadcast_f32(const float *p) { return _mm256_set1_pd((double)*p); }
+static inline double element_f64(const double *p) { return *p; }
+static inline double element_f32(const float *p) { return (double)*p; }
+
 // Lanes of pairs (i..i+I-1) × (j..j+J-1) over quads [q0, q1): I·J vectors of chains in registers
 // (the constant loops unroll).
-#define ROWS_TILE(I, J)                                                                                                         \
-    AVX2_FMA static inline void rows_tile_##I##x##J(const double *x, size_t stride, size_t count, size_t i, size_t j, size_t q0, \
-                                                     size_t q1, double *lanes) {                                                \
-        __m256d s[I][J];                                                                                                        \
-        for (int a = 0; a < I; a++)                                                                                             \
-            for (int b = 0; b < J; b++) s[a][b] = _mm256_loadu_pd(lanes + 4 * ((i + a) * count + j + b));                     \
-        for (size_t q = q0; q < q1; q++) {                                                                                      \
-            __m256d u[I];                                                                                                       \
-            for (int a = 0; a < I; a++) u[a] = _mm256_loadu_pd(x + (i + a) * stride + 4 * q);                                   \
-            for (int b = 0; b < J; b++) {                                                                                       \
-                __m256d v = _mm256_loadu_pd(x + (j + b) * stride + 4 * q);                                                     \
-                for (int a = 0; a < I; a++) s[a][b] = _mm256_fmadd_pd(u[a], v, s[a][b]);                                       \
-            }                                                                                                                   \
-        }                                                                                                                       \
-        for (int a = 0; a < I; a++)                                                                                             \
-            for (int b = 0; b < J; b++) _mm256_storeu_pd(lanes + 4 * ((i + a) * count + j + b), s[a][b]);                     \
+#define ROWS_TILE(T, E, I, J)                                                                                                     \
+    AVX2_FMA static inline void rows_tile_##T##_##I##x##J(const E *x, size_t stride, size_t count, size_t i, size_t j, size_t q0, \
+                                                           size_t q1, double *lanes) {                                            \
+        __m256d s[I][J];                                                                                                          \
+        for (int a = 0; a < I; a++)                                                                                               \
+            for (int b = 0; b < J; b++) s[a][b] = _mm256_loadu_pd(lanes + 4 * ((i + a) * count + j + b));                       \
+        for (size_t q = q0; q < q1; q++) {                                                                                        \
+            __m256d u[I];                                                                                                         \
+            for (int a = 0; a < I; a++) u[a] = load4_##T(x + (i + a) * stride + 4 * q);                                          \
+            for (int b = 0; b < J; b++) {                                                                                         \
+                __m256d v = load4_##T(x + (j + b) * stride + 4 * q);                                                              \
+                for (int a = 0; a < I; a++) s[a][b] = _mm256_fmadd_pd(u[a], v, s[a][b]);                                         \
+            }                                                                                                                     \
+        }                                                                                                                         \
+        for (int a = 0; a < I; a++)                                                                                               \
+            for (int b = 0; b < J; b++) _mm256_storeu_pd(lanes + 4 * ((i + a) * count + j + b), s[a][b]);                       \
     }
-ROWS_TILE(2, 4)
-ROWS_TILE(1, 1)
 
 // Rows j are taken in blocks of four, each with every row i up to the block's last (2 × 4 tiles: a
 // few pairs below the diagonal too, for full tiles), then one at a time; the last length mod 4
 // elements are added to their lanes at the end.
-AVX2_FMA void ckernels_gram_of_rows(const double *x, size_t stride, size_t count, size_t length, double *lanes, double *gram) {
-    memset(lanes, 0, 4 * count * count * sizeof(double));
-    size_t quads = length / 4, blocked = count & ~(size_t)3;
-    for (size_t q0 = 0; q0 < quads; q0 += GRAM_PASS / 4) {
-        size_t q1 = min_size(quads, q0 + GRAM_PASS / 4);
-        for (size_t j = 0; j < blocked; j += 4) {
-            for (size_t i = 0; i < j + 4; i += 2) rows_tile_2x4(x, stride, count, i, j, q0, q1, lanes);
-        }
-        for (size_t j = blocked; j < count; j++) {
-            for (size_t i = 0; i <= j; i++) rows_tile_1x1(x, stride, count, i, j, q0, q1, lanes);
-        }
+#define GRAM_OF_ROWS(T, E)                                                                                                        \
+    ROWS_TILE(T, E, 2, 4)                                                                                                         \
+    ROWS_TILE(T, E, 1, 1)                                                                                                         \
+    AVX2_FMA void ckernels_gram_of_rows_##T(const E *x, size_t stride, size_t count, size_t length, double *lanes, double *gram) { \
+        memset(lanes, 0, 4 * count * count * sizeof(double));                                                                     \
+        size_t quads = length / 4, blocked = count & ~(size_t)3;                                                                  \
+        for (size_t q0 = 0; q0 < quads; q0 += GRAM_PASS / 4) {                                                                    \
+            size_t q1 = min_size(quads, q0 + GRAM_PASS / 4);                                                                      \
+            for (size_t j = 0; j < blocked; j += 4) {                                                                             \
+                for (size_t i = 0; i < j + 4; i += 2) rows_tile_##T##_2x4(x, stride, count, i, j, q0, q1, lanes);                 \
+            }                                                                                                                     \
+            for (size_t j = blocked; j < count; j++) {                                                                            \
+                for (size_t i = 0; i <= j; i++) rows_tile_##T##_1x1(x, stride, count, i, j, q0, q1, lanes);                       \
+            }                                                                                                                     \
+        }                                                                                                                         \
+        for (size_t i = 0; i < count; i++) {                                                                                      \
+            for (size_t j = i; j < count; j++) {                                                                                  \
+                double *l = lanes + 4 * (i * count + j);                                                                          \
+                for (size_t k = 4 * quads; k < length; k++)                                                                       \
+                    l[k % 4] = fma(element_##T(x + i * stride + k), element_##T(x + j * stride + k), l[k % 4]);                   \
+                gram[i * count + j] = (l[0] + l[1]) + (l[2] + l[3]);                                                              \
+            }                                                                                                                     \
+        }                                                                                                                         \
     }
-    for (size_t i = 0; i < count; i++) {
-        for (size_t j = i; j < count; j++) {
-            double *l = lanes + 4 * (i * count + j);
-            for (size_t k = 4 * quads; k < length; k++) l[k % 4] = fma(x[i * stride + k], x[j * stride + k], l[k % 4]);
-            gram[i * count + j] = (l[0] + l[1]) + (l[2] + l[3]);
-        }
-    }
-}
+GRAM_OF_ROWS(f64, double)
+GRAM_OF_ROWS(f32, float)
 
 // Pairs (i..i+ROWS-1) × (j..j+4·VECTORS-1) over rows [r0, r1): ROWS·VECTORS vectors of chains in
 // registers (the constant loops unroll).
-#define COLUMNS_TILE(ROWS, VECTORS)                                                                                          \
-    AVX2_FMA static inline void columns_tile_##ROWS##x##VECTORS(const double *x, size_t stride, size_t count, size_t i, size_t j, \
-                                                                 size_t r0, size_t r1, double *gram) {                       \
-        __m256d s[ROWS][VECTORS];                                                                                            \
-        for (int a = 0; a < ROWS; a++)                                                                                       \
-            for (int v = 0; v < VECTORS; v++) s[a][v] = _mm256_loadu_pd(gram + (i + a) * count + j + 4 * v);                 \
-        for (size_t r = r0; r < r1; r++) {                                                                                   \
-            const double *row = x + r * stride;                                                                              \
-            for (int v = 0; v < VECTORS; v++) {                                                                              \
-                __m256d column = _mm256_loadu_pd(row + j + 4 * v);                                                           \
-                for (int a = 0; a < ROWS; a++) s[a][v] = _mm256_fmadd_pd(_mm256_broadcast_sd(row + i + a), column, s[a][v]); \
-            }                                                                                                                \
-        }                                                                                                                    \
-        for (int a = 0; a < ROWS; a++)                                                                                       \
-            for (int v = 0; v < VECTORS; v++) _mm256_storeu_pd(gram + (i + a) * count + j + 4 * v, s[a][v]);                \
+#define COLUMNS_TILE(T, E, ROWS, VECTORS)                                                                                           \
+    AVX2_FMA static inline void columns_tile_##T##_##ROWS##x##VECTORS(const E *x, size_t stride, size_t count, size_t i, size_t j, \
+                                                                       size_t r0, size_t r1, double *gram) {                       \
+        __m256d s[ROWS][VECTORS];                                                                                                   \
+        for (int a = 0; a < ROWS; a++)                                                                                              \
+            for (int v = 0; v < VECTORS; v++) s[a][v] = _mm256_loadu_pd(gram + (i + a) * count + j + 4 * v);                        \
+        for (size_t r = r0; r < r1; r++) {                                                                                          \
+            const E *row = x + r * stride;                                                                                          \
+            for (int v = 0; v < VECTORS; v++) {                                                                                     \
+                __m256d column = load4_##T(row + j + 4 * v);                                                                        \
+                for (int a = 0; a < ROWS; a++) s[a][v] = _mm256_fmadd_pd(broadcast_##T(row + i + a), column, s[a][v]);             \
+            }                                                                                                                       \
+        }                                                                                                                           \
+        for (int a = 0; a < ROWS; a++)                                                                                              \
+            for (int v = 0; v < VECTORS; v++) _mm256_storeu_pd(gram + (i + a) * count + j + 4 * v, s[a][v]);                       \
     }
-COLUMNS_TILE(4, 2)
-COLUMNS_TILE(4, 1)
 
 // Columns j are taken in blocks of eight (4 × 8 tiles), then of four (4 × 4), each with every row
 // up to the block's last, then one at a time.
-AVX2_FMA void ckernels_gram_of_columns(const double *x, size_t stride, size_t count, size_t rows, double *gram) {
-    memset(gram, 0, count * count * sizeof(double));
-    size_t blocked = count & ~(size_t)7, vectored = count & ~(size_t)3;
-    for (size_t r0 = 0; r0 < rows; r0 += GRAM_PASS) {
-        size_t r1 = min_size(rows, r0 + GRAM_PASS);
-        for (size_t j = 0; j < blocked; j += 8) {
-            for (size_t i = 0; i < j + 8; i += 4) columns_tile_4x2(x, stride, count, i, j, r0, r1, gram);
-        }
-        for (size_t j = blocked; j < vectored; j += 4) {
-            for (size_t i = 0; i < j + 4; i += 4) columns_tile_4x1(x, stride, count, i, j, r0, r1, gram);
-        }
-        for (size_t j = vectored; j < count; j++) {
-            for (size_t i = 0; i <= j; i++) {
-                double s = gram[i * count + j];
-                for (size_t r = r0; r < r1; r++) s = fma(x[r * stride + i], x[r * stride + j], s);
-                gram[i * count + j] = s;
-            }
-        }
+#define GRAM_OF_COLUMNS(T, E)                                                                                                     \
+    COLUMNS_TILE(T, E, 4, 2)                                                                                                      \
+    COLUMNS_TILE(T, E, 4, 1)                                                                                                      \
+    AVX2_FMA void ckernels_gram_of_columns_##T(const E *x, size_t stride, size_t count, size_t rows, double *gram) {             \
+        memset(gram, 0, count * count * sizeof(double));                                                                          \
+        size_t blocked = count & ~(size_t)7, vectored = count & ~(size_t)3;                                                       \
+        for (size_t r0 = 0; r0 < rows; r0 += GRAM_PASS) {                                                                         \
+            size_t r1 = min_size(rows, r0 + GRAM_PASS);                                                                           \
+            for (size_t j = 0; j < blocked; j += 8) {                                                                             \
+                for (size_t i = 0; i < j + 8; i += 4) columns_tile_##T##_4x2(x, stride, count, i, j, r0, r1, gram);               \
+            }                                                                                                                     \
+            for (size_t j = blocked; j < vectored; j += 4) {                                                                      \
+                for (size_t i = 0; i < j + 4; i += 4) columns_tile_##T##_4x1(x, stride, count, i, j, r0, r1, gram);               \
+            }                                                                                                                     \
+            for (size_t j = vectored; j < count; j++) {                                                                           \
+                for (size_t i = 0; i <= j; i++) {                                                                                 \
+                    double s = gram[i * count + j];                                                                               \
+                    for (size_t r = r0; r < r1; r++) s = fma(element_##T(x + r * stride + i), element_##T(x + r * stride + j), s); \
+                    gram[i * count + j] = s;                                                                                      \
+                }                                                                                                                 \
+            }                                                                                                                     \
+        }                                                                                                                         \
     }
-}
+GRAM_OF_COLUMNS(f64, double)
+GRAM_OF_COLUMNS(f32, float)

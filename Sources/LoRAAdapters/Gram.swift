@@ -6,16 +6,17 @@ import CKernels
 /// portable ones here give the same bits.
 enum Gram {
     /// `gram[i·count + j]` for `i ≤ j` is `x_i·x_j` of the `count` rows of `length` elements at `x`
-    /// (row r at `x + r·stride`): four chains of fused multiply-adds, lane l taking the elements
+    /// (row r at `x + r·stride`; Float32 gives the bits of the same values in Float64): four chains
+    /// of fused multiply-adds, lane l taking the elements
     /// `k ≡ l (mod 4)` in ascending order, summed as `(l0 + l1) + (l2 + l3)`. Entries below the
     /// diagonal are unspecified.
-    static func ofRows(
-        _ x: UnsafePointer<Double>, stride: Int, count: Int, length: Int, into gram: UnsafeMutablePointer<Double>, kernels: KernelSet
+    static func ofRows<Element: GramElement>(
+        _ x: UnsafePointer<Element>, stride: Int, count: Int, length: Int, into gram: UnsafeMutablePointer<Double>, kernels: KernelSet
     ) {
         switch kernels {
         case .avx2:
             withUnsafeTemporaryAllocation(of: Double.self, capacity: max(1, 4 * count * count)) { lanes in
-                ckernels_gram_of_rows(x, stride, count, length, lanes.baseAddress!, gram)
+                Element.vectorisedGramOfRows(x, stride, count, length, lanes.baseAddress!, gram)
             }
         case .portable:
             for i in 0..<count {
@@ -24,15 +25,15 @@ enum Gram {
                     let (xi, xj) = (x + i * stride, x + j * stride)
                     var k = 0
                     while k + 4 <= length {
-                        lanes.0.addProduct(xi[k], xj[k])
-                        lanes.1.addProduct(xi[k + 1], xj[k + 1])
-                        lanes.2.addProduct(xi[k + 2], xj[k + 2])
-                        lanes.3.addProduct(xi[k + 3], xj[k + 3])
+                        lanes.0.addProduct(xi[k].double, xj[k].double)
+                        lanes.1.addProduct(xi[k + 1].double, xj[k + 1].double)
+                        lanes.2.addProduct(xi[k + 2].double, xj[k + 2].double)
+                        lanes.3.addProduct(xi[k + 3].double, xj[k + 3].double)
                         k += 4
                     }
-                    if k < length { lanes.0.addProduct(xi[k], xj[k]) }
-                    if k + 1 < length { lanes.1.addProduct(xi[k + 1], xj[k + 1]) }
-                    if k + 2 < length { lanes.2.addProduct(xi[k + 2], xj[k + 2]) }
+                    if k < length { lanes.0.addProduct(xi[k].double, xj[k].double) }
+                    if k + 1 < length { lanes.1.addProduct(xi[k + 1].double, xj[k + 1].double) }
+                    if k + 2 < length { lanes.2.addProduct(xi[k + 2].double, xj[k + 2].double) }
                     gram[i * count + j] = (lanes.0 + lanes.1) + (lanes.2 + lanes.3)
                 }
             }
@@ -40,19 +41,20 @@ enum Gram {
     }
 
     /// `gram[i·count + j]` for `i ≤ j` is `Σ_r x[r][i]·x[r][j]` of the `count` columns of the
-    /// `rows × count` matrix at `x` (row r at `x + r·stride`): one chain of fused multiply-adds in
+    /// `rows × count` matrix at `x` (row r at `x + r·stride`; Float32 as in `ofRows`): one chain of
+    /// fused multiply-adds in
     /// row order. Entries below the diagonal are unspecified.
-    static func ofColumns(
-        _ x: UnsafePointer<Double>, stride: Int, count: Int, rows: Int, into gram: UnsafeMutablePointer<Double>, kernels: KernelSet
+    static func ofColumns<Element: GramElement>(
+        _ x: UnsafePointer<Element>, stride: Int, count: Int, rows: Int, into gram: UnsafeMutablePointer<Double>, kernels: KernelSet
     ) {
         switch kernels {
         case .avx2:
-            ckernels_gram_of_columns(x, stride, count, rows, gram)
+            Element.vectorisedGramOfColumns(x, stride, count, rows, gram)
         case .portable:
             for i in 0..<count {
                 for j in i..<count {
                     var sum = 0.0
-                    for r in 0..<rows { sum.addProduct(x[r * stride + i], x[r * stride + j]) }
+                    for r in 0..<rows { sum.addProduct(x[r * stride + i].double, x[r * stride + j].double) }
                     gram[i * count + j] = sum
                 }
             }
@@ -67,4 +69,28 @@ enum Gram {
         }
         return sum
     }
+}
+
+/// What the Gram matrices read: Float64, or Float32 (an upload's own F32 factors, with no decoding
+/// pass) converted exactly as it is read.
+protocol GramElement {
+    var double: Double { get }
+    static var vectorisedGramOfRows: (UnsafePointer<Self>, Int, Int, Int, UnsafeMutablePointer<Double>, UnsafeMutablePointer<Double>) -> Void { get }
+    static var vectorisedGramOfColumns: (UnsafePointer<Self>, Int, Int, Int, UnsafeMutablePointer<Double>) -> Void { get }
+}
+
+extension Double: GramElement {
+    var double: Double { self }
+    static var vectorisedGramOfRows: (UnsafePointer<Double>, Int, Int, Int, UnsafeMutablePointer<Double>, UnsafeMutablePointer<Double>) -> Void {
+        ckernels_gram_of_rows_f64
+    }
+    static var vectorisedGramOfColumns: (UnsafePointer<Double>, Int, Int, Int, UnsafeMutablePointer<Double>) -> Void { ckernels_gram_of_columns_f64 }
+}
+
+extension Float: GramElement {
+    var double: Double { Double(self) }
+    static var vectorisedGramOfRows: (UnsafePointer<Float>, Int, Int, Int, UnsafeMutablePointer<Double>, UnsafeMutablePointer<Double>) -> Void {
+        ckernels_gram_of_rows_f32
+    }
+    static var vectorisedGramOfColumns: (UnsafePointer<Float>, Int, Int, Int, UnsafeMutablePointer<Double>) -> Void { ckernels_gram_of_columns_f32 }
 }

@@ -36,10 +36,13 @@ final class NormWeightedModule: @unchecked Sendable {
             self.pool = pool
             var regions: [(a: Range<Int>, b: Range<Int>)] = []
             var end = 0
+            // Each region starts 8-byte aligned, so an F32 factor is read as Floats where it lies.
+            let aligned = { (offset: Int) in (offset + 7) & ~7 }
             for holder in a.holders {
                 let width = holder.dtype.byteWidth
-                let aRegion = end..<(end + holder.rank * a.inner * width)
-                regions.append((aRegion, aRegion.upperBound..<(aRegion.upperBound + b.outer * holder.rank * b.inner * width)))
+                let aRegion = aligned(end)..<(aligned(end) + holder.rank * a.inner * width)
+                let bStart = aligned(aRegion.upperBound)
+                regions.append((aRegion, bStart..<(bStart + b.outer * holder.rank * b.inner * width)))
                 end = regions.last!.b.upperBound
             }
             self.regions = regions
@@ -72,9 +75,9 @@ final class NormWeightedModule: @unchecked Sendable {
         let (sumsA, sumsB) = (pool.take(a.outputElementCount), pool.take(b.outputElementCount))
         UnsafeMutableBufferPointer(rebasing: sumsA[0..<a.outputElementCount]).update(repeating: 0)
         UnsafeMutableBufferPointer(rebasing: sumsB[0..<b.outputElementCount]).update(repeating: 0)
-        // One holder's factors in Float64: A `[r, n]` as r rows of n; a linear B `[out, r]` as out rows
-        // of r; a conv B `[out, r, rest…]` decoded into `decodedB`, then gathered into r rows of
-        // out·rest. A rank above the module's size (r² > out·rest·n) takes the product itself instead
+        // One holder's factors for the Grams: A `[r, n]` as r rows of n; a linear B `[out, r]` as out
+        // rows of r (F32 factors where they lie, others decoded to Float64 in `factor`); a conv B
+        // `[out, r, rest…]` decoded into `decodedB`, then gathered into r rows of out·rest. A rank above the module's size (r² > out·rest·n) takes the product itself instead
         // of the r × r Grams, so memory stays within the size of the uploads' own factors.
         let rows = b.outer * b.inner
         let usesGrams = { (rank: Int) in rank * rank <= rows * a.inner }
@@ -91,13 +94,23 @@ final class NormWeightedModule: @unchecked Sendable {
             let r = holder.rank
             var squared = 0.0
             if r > 0, !input.regions[index].a.isEmpty {
-                holder.dtype.decode(aBytes, count: r * a.inner, times: 1, into: factor.baseAddress!)
                 if !usesGrams(r) {
+                    holder.dtype.decode(aBytes, count: r * a.inner, times: 1, into: factor.baseAddress!)
                     holder.dtype.decode(bBytes, count: r * rows, times: 1, into: decodedB.baseAddress!)
                     squared = Self.squaredNormOfProduct(b: decodedB.baseAddress!, a: factor.baseAddress!, rank: r, b, a, row: productRow.baseAddress!)
                 } else {
-                    Gram.ofRows(factor.baseAddress!, stride: a.inner, count: r, length: a.inner, into: gramA.baseAddress!, kernels: kernels)
-                    if b.inner > 1 {
+                    if holder.dtype == .f32 {
+                        // An upload's own F32 values: no decoding pass (the Grams convert as they read).
+                        let floats = UnsafeRawPointer(aBytes).bindMemory(to: Float.self, capacity: r * a.inner)
+                        Gram.ofRows(floats, stride: a.inner, count: r, length: a.inner, into: gramA.baseAddress!, kernels: kernels)
+                    } else {
+                        holder.dtype.decode(aBytes, count: r * a.inner, times: 1, into: factor.baseAddress!)
+                        Gram.ofRows(factor.baseAddress!, stride: a.inner, count: r, length: a.inner, into: gramA.baseAddress!, kernels: kernels)
+                    }
+                    if b.inner == 1, holder.dtype == .f32 {
+                        let floats = UnsafeRawPointer(bBytes).bindMemory(to: Float.self, capacity: r * rows)
+                        Gram.ofColumns(floats, stride: r, count: r, rows: rows, into: gramB.baseAddress!, kernels: kernels)
+                    } else if b.inner > 1 {
                         holder.dtype.decode(bBytes, count: r * rows, times: 1, into: decodedB.baseAddress!)
                         b.gatherColumns(decodedB.baseAddress!, rank: r, into: factor.baseAddress!)
                         Gram.ofRows(factor.baseAddress!, stride: rows, count: r, length: rows, into: gramB.baseAddress!, kernels: kernels)

@@ -161,8 +161,8 @@ import Testing
     static let gramLengths = [1, 3, 4, 5, 130, 512, 515, 1029]
 
     /// The upper triangle of a Gram matrix as bit patterns (the rest is unspecified).
-    static func gram(
-        of values: [Double], count: Int, stride: Int, length: Int, ofRows: Bool, kernels: KernelSet
+    static func gram<Element: GramElement>(
+        of values: [Element], count: Int, stride: Int, length: Int, ofRows: Bool, kernels: KernelSet
     ) -> [UInt64] {
         var gram = [Double](repeating: .nan, count: count * count)
         values.withUnsafeBufferPointer { x in
@@ -178,7 +178,8 @@ import Testing
     }
 
     /// Both Gram kernels give the portable loops' bits on random values, whatever the shape: a
-    /// matrix's Gram matrix holds the same bits on every CPU.
+    /// matrix's Gram matrix holds the same bits on every CPU. And Float32 input, read as it lies,
+    /// gives the bits of the same values decoded to Float64.
     @Test(arguments: [true, false])
     func gramGivesThePortableBits(ofRows: Bool) {
         var random = SeededGenerator(seed: ofRows ? 41 : 42)
@@ -190,6 +191,13 @@ import Testing
                 let portable = Self.gram(of: values, count: count, stride: stride, length: length, ofRows: ofRows, kernels: .portable)
                 let vectorised = Self.gram(of: values, count: count, stride: stride, length: length, ofRows: ofRows, kernels: .avx2)
                 #expect(portable == vectorised, "\(ofRows ? "rows" : "columns"): \(count) of \(length)")
+                let floats = values.map { Float($0) }
+                let decoded = Self.gram(of: floats.map(Double.init), count: count, stride: stride, length: length, ofRows: ofRows, kernels: .portable)
+                for kernels in KernelSet.allCases {
+                    #expect(
+                        Self.gram(of: floats, count: count, stride: stride, length: length, ofRows: ofRows, kernels: kernels) == decoded,
+                        "\(kernels) \(ofRows ? "rows" : "columns") of Float32: \(count) of \(length)")
+                }
             }
         }
     }

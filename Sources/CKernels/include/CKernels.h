@@ -37,15 +37,19 @@ void ckernels_divide_rows_f64(const double *sums, const double *divisors, void *
 void ckernels_divide_rows_f16(const double *sums, const double *divisors, void *destination, size_t length, size_t rows);
 void ckernels_divide_rows_bf16(const double *sums, const double *divisors, void *destination, size_t length, size_t rows);
 
-/// The upper triangle of the Gram matrix of the `count` rows of `length` doubles at x (row r at
-/// x + r*stride): gram[i*count + j] for i <= j is x_i·x_j, as four chains of fused multiply-adds
-/// (lane l takes the elements k = l mod 4, k ascending) summed as (l0 + l1) + (l2 + l3). `lanes` is
-/// scratch of 4*count*count doubles; the entries below the diagonal are unspecified.
-void ckernels_gram_of_rows(const double *x, size_t stride, size_t count, size_t length, double *lanes, double *gram);
+/// The upper triangle of the Gram matrix of the `count` rows of `length` elements at x (row r at
+/// x + r*stride; doubles, or floats taken as doubles): gram[i*count + j] for i <= j is x_i·x_j, as
+/// four chains of fused multiply-adds (lane l takes the elements k = l mod 4, k ascending) summed as
+/// (l0 + l1) + (l2 + l3). `lanes` is scratch of 4*count*count doubles; the entries below the
+/// diagonal are unspecified. Floats give the bits of the same values as doubles.
+void ckernels_gram_of_rows_f64(const double *x, size_t stride, size_t count, size_t length, double *lanes, double *gram);
+void ckernels_gram_of_rows_f32(const float *x, size_t stride, size_t count, size_t length, double *lanes, double *gram);
 
 /// The upper triangle of the Gram matrix of the `count` columns of the `rows` × count matrix at x
-/// (row r at x + r*stride): gram[i*count + j] for i <= j is Σ_r x[r][i]·x[r][j], one chain of fused
-/// multiply-adds in row order. The entries below the diagonal are unspecified.
-void ckernels_gram_of_columns(const double *x, size_t stride, size_t count, size_t rows, double *gram);
+/// (row r at x + r*stride; doubles, or floats taken as doubles): gram[i*count + j] for i <= j is
+/// Σ_r x[r][i]·x[r][j], one chain of fused multiply-adds in row order. The entries below the
+/// diagonal are unspecified.
+void ckernels_gram_of_columns_f64(const double *x, size_t stride, size_t count, size_t rows, double *gram);
+void ckernels_gram_of_columns_f32(const float *x, size_t stride, size_t count, size_t rows, double *gram);
 
 #endif
