@@ -7,9 +7,8 @@ import CKernels
 enum Gram {
     /// `gram[i·count + j]` for `i ≤ j` is `x_i·x_j` of the `count` rows of `length` elements at `x`
     /// (row r at `x + r·stride`; Float32 gives the bits of the same values in Float64): four chains
-    /// of fused multiply-adds, lane l taking the elements
-    /// `k ≡ l (mod 4)` in ascending order, summed as `(l0 + l1) + (l2 + l3)`. Entries below the
-    /// diagonal are unspecified.
+    /// of fused multiply-adds, lane l taking the elements `k ≡ l (mod 4)` in ascending order, summed
+    /// as `(l0 + l1) + (l2 + l3)`. Entries below the diagonal are unspecified.
     static func ofRows<Element: GramElement>(
         _ x: UnsafePointer<Element>, stride: Int, count: Int, length: Int, into gram: UnsafeMutablePointer<Double>, kernels: KernelSet
     ) {
@@ -42,8 +41,7 @@ enum Gram {
 
     /// `gram[i·count + j]` for `i ≤ j` is `Σ_r x[r][i]·x[r][j]` of the `count` columns of the
     /// `rows × count` matrix at `x` (row r at `x + r·stride`; Float32 as in `ofRows`): one chain of
-    /// fused multiply-adds in
-    /// row order. Entries below the diagonal are unspecified.
+    /// fused multiply-adds in row order. Entries below the diagonal are unspecified.
     static func ofColumns<Element: GramElement>(
         _ x: UnsafePointer<Element>, stride: Int, count: Int, rows: Int, into gram: UnsafeMutablePointer<Double>, kernels: KernelSet
     ) {

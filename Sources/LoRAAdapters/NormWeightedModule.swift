@@ -1,6 +1,7 @@
 /// The hetlora strategy for one LoRA module (Cho et al. 2024; openapi.yaml, `hetlora`): zero padding
 /// with each holder's weight replaced by the norm of its folded update `‖B̃·Ã‖_F`, from the r × r
-/// Gram matrices (`‖B̃Ã‖²_F = trace((B̃ᵀB̃)(ÃÃᵀ))`), never the dense product.
+/// Gram matrices (`‖B̃Ã‖²_F = trace((B̃ᵀB̃)(ÃÃᵀ))`), never the dense product (unless the rank is so
+/// far above the module's size that the Grams would be the larger).
 ///
 /// The module's factors are read once, on the engine's thread; a worker then takes the holders in
 /// client-id order, decodes each one's factors, computes its norm (`Gram`: the same bits on every
@@ -77,8 +78,9 @@ final class NormWeightedModule: @unchecked Sendable {
         UnsafeMutableBufferPointer(rebasing: sumsB[0..<b.outputElementCount]).update(repeating: 0)
         // One holder's factors for the Grams: A `[r, n]` as r rows of n; a linear B `[out, r]` as out
         // rows of r (F32 factors where they lie, others decoded to Float64 in `factor`); a conv B
-        // `[out, r, rest…]` decoded into `decodedB`, then gathered into r rows of out·rest. A rank above the module's size (r² > out·rest·n) takes the product itself instead
-        // of the r × r Grams, so memory stays within the size of the uploads' own factors.
+        // `[out, r, rest…]` decoded into `decodedB`, then gathered into r rows of out·rest. A rank
+        // above the module's size (r² > out·rest·n) takes the product itself instead of the r × r
+        // Grams, so memory stays within the size of the uploads' own factors.
         let rows = b.outer * b.inner
         let usesGrams = { (rank: Int) in rank * rank <= rows * a.inner }
         let largestRank = a.holders.map(\.rank).max() ?? 0
