@@ -175,23 +175,28 @@ DIVIDE(f16, 2)
 DIVIDE(bf16, 2)
 
 // Gram matrices of hetlora's norms: chains of fused multiply-adds (one rounding each) in the order
-// the header states, which the portable Swift loops (LoRAAdapters' Gram) follow too. Each kernel
-// exists for Float64 input and for Float32 input converted as it is read (exactly: the same bits).
+// the header states, which the portable Swift loops (LoRAAdapters' Gram) follow too. Float32 input
+// gives the bits of the same values as doubles (the conversion is exact).
 #define AVX2_FMA __attribute__((target("avx2,fma")))
 
 // Elements summed over per pass: a pass's slices of the operands stay in L2 while every tile of
 // the matrix reads them; the partial sums are carried from pass to pass in memory.
-enum { GRAM_PASS = 512 };
+enum { GRAM_PASS = CKERNELS_GRAM_PASS };
 
 static inline size_t min_size(size_t a, size_t b) { return a < b ? a : b; }
 
-// Four elements, one element broadcast, one element, of each input type, as doubles.
+// `count` runs of `length` floats, `stride` apart, as doubles back to back in `scratch`.
+AVX2_FMA static void widen_runs(const float *x, size_t stride, size_t count, size_t length, double *scratch) {
+    for (size_t i = 0; i < count; i++, x += stride, scratch += length) {
+        size_t k = 0;
+        for (; k + 4 <= length; k += 4) _mm256_storeu_pd(scratch + k, _mm256_cvtps_pd(_mm_loadu_ps(x + k)));
+        for (; k < length; k++) scratch[k] = (double)x[k];
+    }
+}
+
+// Four elements, and one, of each input type as doubles.
 AVX2_FMA static inline __m256d load4_f64(const double *p) { return _mm256_loadu_pd(p); }
 AVX2_FMA static inline __m256d load4_f32(const float *p) { return _mm256_cvtps_pd(_mm_loadu_ps(p)); }
-AVX2_FMA static inline __m256d broadcast_f64(const double *p) { return _mm256_broadcast_sd(p); }
-AVX2_FMA static inline __m256d broadcast_f32(const float *p) { return _mm256_set1_pd((double)*p); }
-static inline double element_f64(const double *p) { return *p; }
-static inline double element_f32(const float *p) { return (double)*p; }
 
 // Lanes of pairs (i..i+I-1) × (j..j+J-1) over quads [q0, q1): I·J vectors of chains in registers
 // (the constant loops unroll).
@@ -215,7 +220,9 @@ static inline double element_f32(const float *p) { return (double)*p; }
 
 // Rows j are taken in blocks of four, each with every row i up to the block's last (2 × 4 tiles: a
 // few pairs below the diagonal too, for full tiles), then one at a time; the last length mod 4
-// elements are added to their lanes at the end.
+// elements are added to their lanes at the end. Float32 is converted in the tiles, not widened a
+// pass at a time: the rows of a pass are runs far apart, which the tiles' interleaved reads fetch
+// from memory better than one sweep.
 #define GRAM_OF_ROWS(T, E)                                                                                                        \
     ROWS_TILE(T, E, 2, 4)                                                                                                         \
     ROWS_TILE(T, E, 1, 1)                                                                                                         \
@@ -235,7 +242,7 @@ static inline double element_f32(const float *p) { return (double)*p; }
             for (size_t j = i; j < count; j++) {                                                                                  \
                 double *l = lanes + 4 * (i * count + j);                                                                          \
                 for (size_t k = 4 * quads; k < length; k++)                                                                       \
-                    l[k % 4] = fma(element_##T(x + i * stride + k), element_##T(x + j * stride + k), l[k % 4]);                   \
+                    l[k % 4] = fma((double)x[i * stride + k], (double)x[j * stride + k], l[k % 4]);                               \
                 gram[i * count + j] = (l[0] + l[1]) + (l[2] + l[3]);                                                              \
             }                                                                                                                     \
         }                                                                                                                         \
@@ -244,48 +251,57 @@ GRAM_OF_ROWS(f64, double)
 GRAM_OF_ROWS(f32, float)
 
 // Pairs (i..i+ROWS-1) × (j..j+4·VECTORS-1) over rows [r0, r1): ROWS·VECTORS vectors of chains in
-// registers (the constant loops unroll).
-#define COLUMNS_TILE(T, E, ROWS, VECTORS)                                                                                           \
-    AVX2_FMA static inline void columns_tile_##T##_##ROWS##x##VECTORS(const E *x, size_t stride, size_t count, size_t i, size_t j, \
-                                                                       size_t r0, size_t r1, double *gram) {                       \
-        __m256d s[ROWS][VECTORS];                                                                                                   \
-        for (int a = 0; a < ROWS; a++)                                                                                              \
-            for (int v = 0; v < VECTORS; v++) s[a][v] = _mm256_loadu_pd(gram + (i + a) * count + j + 4 * v);                        \
-        for (size_t r = r0; r < r1; r++) {                                                                                          \
-            const E *row = x + r * stride;                                                                                          \
-            for (int v = 0; v < VECTORS; v++) {                                                                                     \
-                __m256d column = load4_##T(row + j + 4 * v);                                                                        \
-                for (int a = 0; a < ROWS; a++) s[a][v] = _mm256_fmadd_pd(broadcast_##T(row + i + a), column, s[a][v]);             \
-            }                                                                                                                       \
-        }                                                                                                                           \
-        for (int a = 0; a < ROWS; a++)                                                                                              \
-            for (int v = 0; v < VECTORS; v++) _mm256_storeu_pd(gram + (i + a) * count + j + 4 * v, s[a][v]);                       \
+// registers.
+#define COLUMNS_TILE(ROWS, VECTORS)                                                                                          \
+    AVX2_FMA static inline void columns_tile_##ROWS##x##VECTORS(const double *x, size_t stride, size_t count, size_t i,       \
+                                                               size_t j, size_t r0, size_t r1, double *gram) {              \
+        __m256d s[ROWS][VECTORS];                                                                                            \
+        for (int a = 0; a < ROWS; a++)                                                                                       \
+            for (int v = 0; v < VECTORS; v++) s[a][v] = _mm256_loadu_pd(gram + (i + a) * count + j + 4 * v);                 \
+        for (size_t r = r0; r < r1; r++) {                                                                                   \
+            const double *row = x + r * stride;                                                                              \
+            for (int v = 0; v < VECTORS; v++) {                                                                              \
+                __m256d column = _mm256_loadu_pd(row + j + 4 * v);                                                          \
+                for (int a = 0; a < ROWS; a++) s[a][v] = _mm256_fmadd_pd(_mm256_broadcast_sd(row + i + a), column, s[a][v]); \
+            }                                                                                                                \
+        }                                                                                                                    \
+        for (int a = 0; a < ROWS; a++)                                                                                       \
+            for (int v = 0; v < VECTORS; v++) _mm256_storeu_pd(gram + (i + a) * count + j + 4 * v, s[a][v]);                \
     }
+COLUMNS_TILE(4, 2)
+COLUMNS_TILE(4, 1)
 
-// Columns j are taken in blocks of eight (4 × 8 tiles), then of four (4 × 4), each with every row
-// up to the block's last, then one at a time.
-#define GRAM_OF_COLUMNS(T, E)                                                                                                     \
-    COLUMNS_TILE(T, E, 4, 2)                                                                                                      \
-    COLUMNS_TILE(T, E, 4, 1)                                                                                                      \
-    AVX2_FMA void ckernels_gram_of_columns_##T(const E *x, size_t stride, size_t count, size_t rows, double *gram) {             \
-        memset(gram, 0, count * count * sizeof(double));                                                                          \
-        size_t blocked = count & ~(size_t)7, vectored = count & ~(size_t)3;                                                       \
-        for (size_t r0 = 0; r0 < rows; r0 += GRAM_PASS) {                                                                         \
-            size_t r1 = min_size(rows, r0 + GRAM_PASS);                                                                           \
-            for (size_t j = 0; j < blocked; j += 8) {                                                                             \
-                for (size_t i = 0; i < j + 8; i += 4) columns_tile_##T##_4x2(x, stride, count, i, j, r0, r1, gram);               \
-            }                                                                                                                     \
-            for (size_t j = blocked; j < vectored; j += 4) {                                                                      \
-                for (size_t i = 0; i < j + 4; i += 4) columns_tile_##T##_4x1(x, stride, count, i, j, r0, r1, gram);               \
-            }                                                                                                                     \
-            for (size_t j = vectored; j < count; j++) {                                                                           \
-                for (size_t i = 0; i <= j; i++) {                                                                                 \
-                    double s = gram[i * count + j];                                                                               \
-                    for (size_t r = r0; r < r1; r++) s = fma(element_##T(x + r * stride + i), element_##T(x + r * stride + j), s); \
-                    gram[i * count + j] = s;                                                                                      \
-                }                                                                                                                 \
-            }                                                                                                                     \
-        }                                                                                                                         \
+// One pass, rows [r0, r1), into the Gram: columns j in blocks of eight (4 × 8 tiles), then of four
+// (4 × 4), each with every row up to the block's last, then one at a time. Float32 rows are widened
+// a pass at a time into the caller's scratch first (a pass is one contiguous run): each element is
+// converted once, not once per tile, and the tiles broadcast straight from memory.
+AVX2_FMA static void columns_pass(const double *x, size_t stride, size_t count, size_t r0, size_t r1, double *gram) {
+    size_t blocked = count & ~(size_t)7, vectored = count & ~(size_t)3;
+    for (size_t j = 0; j < blocked; j += 8) {
+        for (size_t i = 0; i < j + 8; i += 4) columns_tile_4x2(x, stride, count, i, j, r0, r1, gram);
     }
-GRAM_OF_COLUMNS(f64, double)
-GRAM_OF_COLUMNS(f32, float)
+    for (size_t j = blocked; j < vectored; j += 4) {
+        for (size_t i = 0; i < j + 4; i += 4) columns_tile_4x1(x, stride, count, i, j, r0, r1, gram);
+    }
+    for (size_t j = vectored; j < count; j++) {
+        for (size_t i = 0; i <= j; i++) {
+            double s = gram[i * count + j];
+            for (size_t r = r0; r < r1; r++) s = fma(x[r * stride + i], x[r * stride + j], s);
+            gram[i * count + j] = s;
+        }
+    }
+}
+
+AVX2_FMA void ckernels_gram_of_columns_f64(const double *x, size_t stride, size_t count, size_t rows, double *gram) {
+    memset(gram, 0, count * count * sizeof(double));
+    for (size_t r0 = 0; r0 < rows; r0 += GRAM_PASS) columns_pass(x, stride, count, r0, min_size(rows, r0 + GRAM_PASS), gram);
+}
+
+AVX2_FMA void ckernels_gram_of_columns_f32(const float *x, size_t stride, size_t count, size_t rows, double *gram, double *scratch) {
+    memset(gram, 0, count * count * sizeof(double));
+    for (size_t r0 = 0; r0 < rows; r0 += GRAM_PASS) {
+        size_t r1 = min_size(rows, r0 + GRAM_PASS);
+        widen_runs(x + r0 * stride, stride, r1 - r0, count, scratch);
+        columns_pass(scratch, count, count, 0, r1 - r0, gram);
+    }
+}

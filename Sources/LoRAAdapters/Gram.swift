@@ -5,6 +5,9 @@ import CKernels
 /// kernels and their summation order per CPU family). The AVX2/FMA loops (CKernels) and the
 /// portable ones here give the same bits.
 enum Gram {
+    /// Rows the vectorised Gram of columns takes per pass.
+    static let passLength = Int(CKERNELS_GRAM_PASS)
+
     /// `gram[i·count + j]` for `i ≤ j` is `x_i·x_j` of the `count` rows of `length` elements at `x`
     /// (row r at `x + r·stride`; Float32 gives the bits of the same values in Float64): four chains
     /// of fused multiply-adds, lane l taking the elements `k ≡ l (mod 4)` in ascending order, summed
@@ -41,13 +44,15 @@ enum Gram {
 
     /// `gram[i·count + j]` for `i ≤ j` is `Σ_r x[r][i]·x[r][j]` of the `count` columns of the
     /// `rows × count` matrix at `x` (row r at `x + r·stride`; Float32 as in `ofRows`): one chain of
-    /// fused multiply-adds in row order. Entries below the diagonal are unspecified.
+    /// fused multiply-adds in row order. Entries below the diagonal are unspecified. `scratch` has
+    /// room for `min(rows, passLength) · count` elements (Float32 is widened there a pass at a time).
     static func ofColumns<Element: GramElement>(
-        _ x: UnsafePointer<Element>, stride: Int, count: Int, rows: Int, into gram: UnsafeMutablePointer<Double>, kernels: KernelSet
+        _ x: UnsafePointer<Element>, stride: Int, count: Int, rows: Int, into gram: UnsafeMutablePointer<Double>,
+        scratch: UnsafeMutablePointer<Double>, kernels: KernelSet
     ) {
         switch kernels {
         case .avx2:
-            Element.vectorisedGramOfColumns(x, stride, count, rows, gram)
+            Element.vectorisedGramOfColumns(x, stride, count, rows, gram, scratch)
         case .portable:
             for i in 0..<count {
                 for j in i..<count {
@@ -70,25 +75,24 @@ enum Gram {
 }
 
 /// What the Gram matrices read: Float64, or Float32 (an upload's own F32 factors, with no decoding
-/// pass) converted exactly as it is read.
+/// pass) converted exactly as it is read (the Gram of columns widens it a pass at a time).
 protocol GramElement {
+    typealias RowsKernel = (UnsafePointer<Self>, Int, Int, Int, UnsafeMutablePointer<Double>, UnsafeMutablePointer<Double>) -> Void
+    typealias ColumnsKernel = (UnsafePointer<Self>, Int, Int, Int, UnsafeMutablePointer<Double>, UnsafeMutablePointer<Double>) -> Void
     var double: Double { get }
-    static var vectorisedGramOfRows: (UnsafePointer<Self>, Int, Int, Int, UnsafeMutablePointer<Double>, UnsafeMutablePointer<Double>) -> Void { get }
-    static var vectorisedGramOfColumns: (UnsafePointer<Self>, Int, Int, Int, UnsafeMutablePointer<Double>) -> Void { get }
+    static var vectorisedGramOfRows: RowsKernel { get }
+    static var vectorisedGramOfColumns: ColumnsKernel { get }
 }
 
 extension Double: GramElement {
     var double: Double { self }
-    static var vectorisedGramOfRows: (UnsafePointer<Double>, Int, Int, Int, UnsafeMutablePointer<Double>, UnsafeMutablePointer<Double>) -> Void {
-        ckernels_gram_of_rows_f64
-    }
-    static var vectorisedGramOfColumns: (UnsafePointer<Double>, Int, Int, Int, UnsafeMutablePointer<Double>) -> Void { ckernels_gram_of_columns_f64 }
+    // Float64 columns are read where they lie: no scratch.
+    static var vectorisedGramOfRows: RowsKernel { ckernels_gram_of_rows_f64 }
+    static var vectorisedGramOfColumns: ColumnsKernel { { x, stride, count, rows, gram, _ in ckernels_gram_of_columns_f64(x, stride, count, rows, gram) } }
 }
 
 extension Float: GramElement {
     var double: Double { Double(self) }
-    static var vectorisedGramOfRows: (UnsafePointer<Float>, Int, Int, Int, UnsafeMutablePointer<Double>, UnsafeMutablePointer<Double>) -> Void {
-        ckernels_gram_of_rows_f32
-    }
-    static var vectorisedGramOfColumns: (UnsafePointer<Float>, Int, Int, Int, UnsafeMutablePointer<Double>) -> Void { ckernels_gram_of_columns_f32 }
+    static var vectorisedGramOfRows: RowsKernel { ckernels_gram_of_rows_f32 }
+    static var vectorisedGramOfColumns: ColumnsKernel { ckernels_gram_of_columns_f32 }
 }

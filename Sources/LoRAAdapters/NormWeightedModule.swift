@@ -4,10 +4,9 @@
 /// far above the module's size that the Grams would be the larger).
 ///
 /// The module's factors are read once, on the engine's thread; a worker then takes the holders in
-/// client-id order, decodes each one's factors, computes its norm (`Gram`: the same bits on every
-/// CPU) and adds its weighted factors to the sums while they are still in cache. The sums are the
-/// engine's (the same products added in the same order), so the bytes equal a norm pass followed by
-/// the engine's zero padding.
+/// client-id order, computes each one's norm (`Gram`: the same bits on every CPU), then adds the
+/// weighted factors to the sums a block at a time. The sums are the engine's (the same products
+/// added in the same order), so the bytes equal a norm pass followed by the engine's zero padding.
 final class NormWeightedModule: @unchecked Sendable {
     // @unchecked: built on a worker and only read after it is handed over.
 
@@ -74,8 +73,6 @@ final class NormWeightedModule: @unchecked Sendable {
         pool = input.pool
         // Pooled buffers are kept whole (they go back whole); only their first elements are used.
         let (sumsA, sumsB) = (pool.take(a.outputElementCount), pool.take(b.outputElementCount))
-        UnsafeMutableBufferPointer(rebasing: sumsA[0..<a.outputElementCount]).update(repeating: 0)
-        UnsafeMutableBufferPointer(rebasing: sumsB[0..<b.outputElementCount]).update(repeating: 0)
         // One holder's factors for the Grams: A `[r, n]` as r rows of n; a linear B `[out, r]` as out
         // rows of r (F32 factors where they lie, others decoded to Float64 in `factor`); a conv B
         // `[out, r, rest…]` decoded into `decodedB`, then gathered into r rows of out·rest. A rank
@@ -89,8 +86,11 @@ final class NormWeightedModule: @unchecked Sendable {
         let decodedB = pool.take(b.inner > 1 || !usesGrams(largestRank) ? largestRank * rows : 0)
         let (gramA, gramB) = (pool.take(largestGram * largestGram), pool.take(largestGram * largestGram))
         let productRow = pool.take(usesGrams(largestRank) ? 0 : a.inner)
-        defer { for buffer in [factor, decodedB, gramA, gramB, productRow] { pool.recycle(buffer) } }
+        // One pass of an F32 B widened for the Gram of columns.
+        let widened = pool.take(largestGram * min(rows, Gram.passLength))
+        defer { for buffer in [factor, decodedB, gramA, gramB, productRow, widened] { pool.recycle(buffer) } }
         var norms: [String: Double] = [:]
+        var weights: [Double] = []
         for (index, holder) in a.holders.enumerated() {
             let (aBytes, bBytes) = (input.bytes.baseAddress! + input.regions[index].a.lowerBound, input.bytes.baseAddress! + input.regions[index].b.lowerBound)
             let r = holder.rank
@@ -111,14 +111,15 @@ final class NormWeightedModule: @unchecked Sendable {
                     }
                     if b.inner == 1, holder.dtype == .f32 {
                         let floats = UnsafeRawPointer(bBytes).bindMemory(to: Float.self, capacity: r * rows)
-                        Gram.ofColumns(floats, stride: r, count: r, rows: rows, into: gramB.baseAddress!, kernels: kernels)
+                        Gram.ofColumns(floats, stride: r, count: r, rows: rows, into: gramB.baseAddress!, scratch: widened.baseAddress!, kernels: kernels)
                     } else if b.inner > 1 {
                         holder.dtype.decode(bBytes, count: r * rows, times: 1, into: decodedB.baseAddress!)
                         b.gatherColumns(decodedB.baseAddress!, rank: r, into: factor.baseAddress!)
                         Gram.ofRows(factor.baseAddress!, stride: rows, count: r, length: rows, into: gramB.baseAddress!, kernels: kernels)
                     } else {
                         holder.dtype.decode(bBytes, count: r * rows, times: 1, into: factor.baseAddress!)
-                        Gram.ofColumns(factor.baseAddress!, stride: r, count: r, rows: rows, into: gramB.baseAddress!, kernels: kernels)
+                        Gram.ofColumns(
+                            factor.baseAddress!, stride: r, count: r, rows: rows, into: gramB.baseAddress!, scratch: widened.baseAddress!, kernels: kernels)
                     }
                     squared = Gram.traceOfProduct(gramA.baseAddress!, gramB.baseAddress!, count: r)
                 }
@@ -129,9 +130,22 @@ final class NormWeightedModule: @unchecked Sendable {
             let norm = scale * max(0, squared).squareRoot()
             norms[holder.clientID] = norm
             // The weight `reweighted` gives this holder unless every norm is 0 (then the sums are dropped).
-            let weight = holder.reweighted(norm).foldedWeight
-            a.add(aBytes, dtype: holder.dtype, clientRank: r, slices: 0..<min(r, a.outputRank), weight: weight, into: sumsA, kernels: kernels)
-            b.add(bBytes, dtype: holder.dtype, clientRank: r, slices: 0..<min(r, b.outputRank), weight: weight, into: sumsB, kernels: kernels)
+            weights.append(holder.reweighted(norm).foldedWeight)
+        }
+        // The weighted sums, a block of output elements at a time, each holder's factors added in
+        // client order (so each element gets the engine's sum): the block stays in L2 while every
+        // holder adds to it, instead of each holder sweeping all of the module's sums through L3.
+        for (plan, sums, isA) in [(a, sumsA, true), (b, sumsB, false)] {
+            for blockStart in stride(from: 0, to: plan.outputElementCount, by: Self.sumsBlock) {
+                let block = blockStart..<min(plan.outputElementCount, blockStart + Self.sumsBlock)
+                UnsafeMutableBufferPointer(rebasing: sums[block]).update(repeating: 0)
+                for (index, holder) in plan.holders.enumerated() {
+                    let region = isA ? input.regions[index].a : input.regions[index].b
+                    plan.add(
+                        input.bytes.baseAddress! + region.lowerBound, dtype: holder.dtype, clientRank: holder.rank,
+                        slices: 0..<min(holder.rank, plan.outputRank), weight: weights[index], into: sums, kernels: kernels, range: block)
+                }
+            }
         }
         self.a = a.reweighted(norms)
         self.b = b.reweighted(norms)
@@ -143,6 +157,9 @@ final class NormWeightedModule: @unchecked Sendable {
             pool.recycle(sumsB)
         }
     }
+
+    /// Output elements summed together: 128 KiB of Float64, well inside a core's L2.
+    private static let sumsBlock = 16384
 
     /// `‖B̃·Ã‖²_F` from the product, a row `(o, rest…)` at a time (fused multiply-adds, ranks then
     /// columns ascending): for a rank whose r × r Grams would be larger than the product. `b` is B

@@ -37,6 +37,10 @@ void ckernels_divide_rows_f64(const double *sums, const double *divisors, void *
 void ckernels_divide_rows_f16(const double *sums, const double *divisors, void *destination, size_t length, size_t rows);
 void ckernels_divide_rows_bf16(const double *sums, const double *divisors, void *destination, size_t length, size_t rows);
 
+/// Rows the Gram of columns takes per pass; its Float32 variant's scratch holds one pass of the
+/// input as doubles: CKERNELS_GRAM_PASS * count of them.
+#define CKERNELS_GRAM_PASS 512
+
 /// The upper triangle of the Gram matrix of the `count` rows of `length` elements at x (row r at
 /// x + r*stride; doubles, or floats taken as doubles): gram[i*count + j] for i <= j is x_i·x_j, as
 /// four chains of fused multiply-adds (lane l takes the elements k = l mod 4, k ascending) summed as
@@ -50,6 +54,6 @@ void ckernels_gram_of_rows_f32(const float *x, size_t stride, size_t count, size
 /// Σ_r x[r][i]·x[r][j], one chain of fused multiply-adds in row order. The entries below the
 /// diagonal are unspecified.
 void ckernels_gram_of_columns_f64(const double *x, size_t stride, size_t count, size_t rows, double *gram);
-void ckernels_gram_of_columns_f32(const float *x, size_t stride, size_t count, size_t rows, double *gram);
+void ckernels_gram_of_columns_f32(const float *x, size_t stride, size_t count, size_t rows, double *gram, double *scratch);
 
 #endif
