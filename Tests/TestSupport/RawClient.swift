@@ -22,10 +22,11 @@ public final class RawClient {
         guard getaddrinfo(host, String(port), &hints, &results) == 0, let info = results?.pointee else { throw POSIXError(.EINVAL) }
         defer { freeaddrinfo(results) }
         descriptor = socket(info.ai_family, Int32(SOCK_STREAM.rawValue), 0)
+        // No close here: a class whose init throws once fully initialized still runs deinit, which
+        // closes the descriptor. Closing it here as well closed the number a second time, after
+        // another thread could have been given it (a server's pipe, say).
         guard connect(descriptor, info.ai_addr, info.ai_addrlen) == 0 else {
-            let code = errno
-            Glibc.close(descriptor)
-            throw POSIXError(POSIXErrorCode(rawValue: code) ?? .ECONNREFUSED)
+            throw POSIXError(POSIXErrorCode(rawValue: errno) ?? .ECONNREFUSED)
         }
         setReceiveTimeout(receiveTimeout)
     }
