@@ -85,8 +85,9 @@ extension AdapterStore {
                     sealed.append(reason)
                 }
             } catch {
-                FileHandle.standardError.write(
-                    Data("lora-aggregator: the \(reason) deadline of round \(round) of '\(federation)' failed: \(error); retrying in a minute\n".utf8))
+                try? FileHandle.standardError.write(
+                    contentsOf: Data(
+                        "lora-aggregator: the \(reason) deadline of round \(round) of '\(federation)' failed: \(error); retrying in a minute\n".utf8))
                 _ = try? await writer.write { connection in
                     try connection.statement("UPDATE deadlines SET due_at = ?4 WHERE federation = ?1 AND round = ?2 AND reason = ?3")
                         .bind(.id(federation), .round(round), .text(reason), .real(Date().timeIntervalSince1970 + 60)).run()
@@ -139,7 +140,7 @@ extension AdapterStore {
         do {
             try connection.savepoint { try chain(connection, federation, from: round, strategy: settings.strategy) }
         } catch let error as AdapterError {
-            FileHandle.standardError.write(Data("lora-aggregator: round \(round) of '\(federation)' sealed without chaining: \(error)\n".utf8))
+            try? FileHandle.standardError.write(contentsOf: Data("lora-aggregator: round \(round) of '\(federation)' sealed without chaining: \(error)\n".utf8))
         }
         return true
     }

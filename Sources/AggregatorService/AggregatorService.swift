@@ -45,7 +45,7 @@ public final class AggregatorService: Sendable {
         let accessLog = configuration.accessLog
         http.onRequestCompleted = { request in
             metrics.record(request)
-            if accessLog { FileHandle.standardError.write(Data((request.accessLogLine + "\n").utf8)) }
+            if accessLog { Problem.log(request.accessLogLine) }
         }
         return HTTPServer(configuration: http, router: makeRouter())
     }

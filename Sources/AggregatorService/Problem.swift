@@ -14,8 +14,9 @@ enum Problem {
         let detail: String
     }
 
-    /// The server's log (standard error): what clients must not see.
-    static func log(_ line: String) { FileHandle.standardError.write(Data((line + "\n").utf8)) }
+    /// The server's log (standard error): what clients must not see, and the access log. A closed
+    /// log loses the line, not the server (`write(_:)` traps on EPIPE).
+    static func log(_ line: String) { try? FileHandle.standardError.write(contentsOf: Data((line + "\n").utf8)) }
 
     static func response(for error: any Error, log: (String) -> Void = log) -> HTTPResponse {
         let (status, code, detail, headers) = classify(error, log: log)

@@ -99,8 +99,10 @@ struct Serve: AsyncParsableCommand {
             source.resume()
             return source
         }
-        // Written straight to the descriptor: a pipe would otherwise hold stdout's buffer back.
-        FileHandle.standardOutput.write(Data("lora-aggregator listening on http://\(address) (database \(configuration.databaseForLogs))\n".utf8))
+        // Written straight to the descriptor: a pipe would otherwise hold stdout's buffer back. A
+        // reader gone already costs the line, not the server (`write(_:)` traps on EPIPE).
+        try? FileHandle.standardOutput.write(
+            contentsOf: Data("lora-aggregator listening on http://\(address) (database \(configuration.databaseForLogs))\n".utf8))
         await server.run()
         for signal in signals { signal.cancel() }
     }
