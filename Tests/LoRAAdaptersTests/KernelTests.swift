@@ -165,14 +165,14 @@ import Testing
         of values: [Element], count: Int, stride: Int, length: Int, ofRows: Bool, kernels: KernelSet
     ) -> [UInt64] {
         var gram = [Double](repeating: .nan, count: count * count)
-        // Exactly the room the kernels are promised.
+        // Exactly the room the Gram of columns is promised.
         var scratch = [Double](repeating: .nan, count: count * min(length, Gram.passLength))
         values.withUnsafeBufferPointer { x in
             gram.withUnsafeMutableBufferPointer { gram in
-                scratch.withUnsafeMutableBufferPointer { scratch in
-                    if ofRows {
-                        Gram.ofRows(x.baseAddress!, stride: stride, count: count, length: length, into: gram.baseAddress!, kernels: kernels)
-                    } else {
+                if ofRows {
+                    Gram.ofRows(x.baseAddress!, stride: stride, count: count, length: length, into: gram.baseAddress!, kernels: kernels)
+                } else {
+                    scratch.withUnsafeMutableBufferPointer { scratch in
                         Gram.ofColumns(
                             x.baseAddress!, stride: stride, count: count, rows: length, into: gram.baseAddress!, scratch: scratch.baseAddress!,
                             kernels: kernels)
