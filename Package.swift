@@ -31,12 +31,14 @@ let package = Package(
         // The engine's hot loops with AVX2, F16C and FMA, bit-identical to the portable Swift ones; chosen
         // at start-up by a CPU check (LoRAAdapters' KernelSet).
         .target(name: "CKernels"),
+        // CRC-32 with carry-less multiplication (PCLMULQDQ), the same bits as zlib's, for the CPUs that have it.
+        .target(name: "CChecksums"),
 
         // The numeric/format core: safetensors codec, PEFT naming, validation, aggregation. No HTTP.
         .target(name: "LoRAAdapters", dependencies: ["CLAPACK", "CKernels", "CLinux"], swiftSettings: strictSettings),
 
         // SHA-256 (hex) and CRC-32 of byte strings, for the store and the service alike.
-        .target(name: "Digests", dependencies: ["CZlib", .product(name: "Crypto", package: "swift-crypto")], swiftSettings: strictSettings),
+        .target(name: "Digests", dependencies: ["CChecksums", "CZlib", .product(name: "Crypto", package: "swift-crypto")], swiftSettings: strictSettings),
 
         // SQLite or PostgreSQL storage of uploads, rounds and cached aggregates; the engine's streaming source.
         .target(

@@ -1,5 +1,6 @@
 import Crypto
 import Digests
+import Dispatch
 import LoRAAdapters
 
 extension AdapterStore {
@@ -55,10 +56,10 @@ extension AdapterStore {
     private func compute(
         _ source: StoreAdapterSource, _ options: AggregationOptions, tag: String, for key: AggregateCache.Key, recorded: AggregateDigest?
     ) throws -> StoredAggregate {
-        let digest = BackgroundDigest(sha256: true)
+        let digest = BackgroundDigest(sha256: true, crc32: true)
         let result = try AdapterAggregator.aggregate(source, options: options, observer: digest)
         let digests = digest.digests()
-        return remember(result.bytes, tag: tag, sha256: digests.sha256!, crc32: digests.crc32, for: key, recorded: recorded)
+        return remember(result.bytes, tag: tag, sha256: digests.sha256!, crc32: digests.crc32!, for: key, recorded: recorded)
     }
 
     /// Cuts the aggregate from a cached one of the same round at a higher rank, reading no upload.
@@ -80,34 +81,47 @@ extension AdapterStore {
     }
 
     /// Computes the aggregate into `stream` as it goes, `begin` told its size before the first
-    /// byte. Without a record the digests are computed meanwhile, and the result is cached and
-    /// recorded; with one, a match is cached and a mismatch fails the stream and drops the record.
-    /// The pieces are copies, so a slow client holds them (at most one aggregate) but not the
-    /// store's reader.
+    /// byte. Without a record, the result is cached, and hashed once it is all handed to the stream
+    /// (the client does not wait for it), then recorded; with one, its CRC-32 is computed meanwhile,
+    /// and a match is cached, a mismatch fails the stream and drops the record. The pieces are
+    /// copies, so a slow client holds them (at most one aggregate) but not the store's reader.
     private func stream(
         _ source: StoreAdapterSource, _ options: AggregationOptions, tag: String, for key: AggregateCache.Key, recorded: AggregateDigest?,
         into stream: DigestCheckedStream, begin: @escaping (Int) -> Void
     ) throws {
-        let digest = BackgroundDigest(sha256: recorded == nil, begin: begin, forward: stream.forward)
+        let digest = BackgroundDigest(sha256: false, crc32: recorded != nil, begin: begin, forward: stream.forward)
         do {
             let result = try AdapterAggregator.aggregate(source, options: options, observer: digest)
-            let digests = digest.digests()
-            guard let recorded else {
+            let crc32 = digest.digests().crc32
+            guard let recorded, let crc32 else {
+                // Cached before the last piece goes out: whoever has the whole body finds it cached.
+                let bytes = result.bytes
+                cache.insert(StoredAggregate(bytes: bytes, tag: tag, sha256: nil, rank: key.rank, fromCache: false), for: key)
                 stream.finish()
-                _ = remember(result.bytes, tag: tag, sha256: digests.sha256!, crc32: digests.crc32, for: key, recorded: nil)
+                Self.afterStreaming.async { [self] in
+                    let sha256 = ContentDigest.sha256Hex(bytes)
+                    cache.setSHA256(sha256, for: key)
+                    recordDigest(
+                        AggregateDigest(sha256: sha256, byteCount: bytes.count, rank: key.rank, crc32: bytes.withUnsafeBytes { ContentDigest.crc32($0) }),
+                        for: key)
+                }
                 return
             }
-            stream.finish(crc32: digests.crc32, expected: recorded.crc32)
-            if digests.crc32 == recorded.crc32 {
+            if crc32 == recorded.crc32 {
                 cache.insert(StoredAggregate(bytes: result.bytes, tag: tag, sha256: recorded.sha256, rank: result.rank, fromCache: false), for: key)
             } else {
                 forgetDigest(for: key)
             }
+            stream.finish(crc32: crc32, expected: recorded.crc32)
         } catch {
             stream.fail(error)
             throw error
         }
     }
+
+    /// Where streamed first computations are hashed and recorded, off the store's reader and one at
+    /// a time (each holds its aggregate until then).
+    private static let afterStreaming = DispatchQueue(label: "lora-aggregator.store.after-streaming")
 
     /// The aggregate's strong ETag (API.md, "Aggregate"), derived from everything that determines
     /// its bytes: the engine's output version, the request's options, and the round's uploads (by

@@ -79,7 +79,9 @@ public struct StoredAggregate: Sendable {
     public let bytes: [UInt8]
     /// `AggregateTag`: names the bytes before they exist.
     public let tag: String
-    public let sha256: String
+    /// Nil while a streamed first computation is still being hashed (a cached copy may be handed
+    /// out meanwhile).
+    public let sha256: String?
     public let rank: Int
     /// True when it came from the cache rather than a fresh aggregation.
     public let fromCache: Bool

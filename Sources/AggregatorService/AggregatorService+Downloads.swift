@@ -9,9 +9,9 @@ extension AggregatorService {
         try await download(bytes, tag: sha256, sha256: sha256, for: request)
     }
 
-    /// A safetensors download: strong ETag from `tag`, `Repr-Digest` from `sha256`, If-None-Match →
-    /// 304, zstd or gzip when the client names it.
-    func download(_ bytes: [UInt8], tag: String, sha256: String, for request: HTTPRequest) async throws -> HTTPResponse {
+    /// A safetensors download: strong ETag from `tag`, `Repr-Digest` from `sha256` when known,
+    /// If-None-Match → 304, zstd or gzip when the client names it.
+    func download(_ bytes: [UInt8], tag: String, sha256: String?, for request: HTTPRequest) async throws -> HTTPResponse {
         let coding = Self.responseCoding(request)
         if request.method == "HEAD" || Self.notModified(request, tag: tag, coding: coding) {
             return Self.bodiless(tag: tag, sha256: sha256, byteCount: bytes.count, coding: coding, for: request)

@@ -220,14 +220,6 @@ import Testing
         #expect(process.terminationStatus == 0)
     }
 
-    /// `lora_aggregator_aggregation_seconds_count` from `/metrics`, over every strategy: aggregates computed so far.
-    private func aggregations(_ service: ServiceProcess) async throws -> Int {
-        let metrics = String(decoding: try await service.client.get("/metrics").body, as: UTF8.self)
-        let lines = metrics.split(separator: "\n").filter { $0.hasPrefix("lora_aggregator_aggregation_seconds_count{") }
-        #expect(lines.count == AggregationStrategy.allCases.count)
-        return try lines.reduce(0) { total, line in total + (try #require(Int(line.split(separator: " ")[1]))) }
-    }
-
     @Test(arguments: DatabaseBackend.available) func sigtermFinishesTheRequestInFlightAndExitsZero(_ backend: DatabaseBackend) async throws {
         let service = try await ServiceProcess.start(backend)
         let big = try TestRound.random(seed: 5, ranks: [64])[0].safetensors().bytes
@@ -291,4 +283,12 @@ private func openAPIDocumentPath(_ file: String = #filePath) -> String {
         let text = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
         #expect(process.terminationStatus == 0 && text.contains("valid"), "\(text)")
     }
+}
+
+/// `lora_aggregator_aggregation_seconds_count` from `/metrics`, over every strategy: aggregates computed so far.
+func aggregations(_ service: ServiceProcess) async throws -> Int {
+    let metrics = String(decoding: try await service.client.get("/metrics").body, as: UTF8.self)
+    let lines = metrics.split(separator: "\n").filter { $0.hasPrefix("lora_aggregator_aggregation_seconds_count{") }
+    #expect(lines.count == AggregationStrategy.allCases.count)
+    return try lines.reduce(0) { total, line in total + (try #require(Int(line.split(separator: " ")[1]))) }
 }

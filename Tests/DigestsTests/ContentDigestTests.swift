@@ -1,5 +1,6 @@
-import Digests
 import Testing
+
+@testable import Digests
 
 @Suite struct ContentDigestTests {
     /// FIPS 180-2's examples.
@@ -18,6 +19,37 @@ import Testing
         let first = check[..<4].withUnsafeBytes { ContentDigest.crc32($0) }
         #expect(check[4...].withUnsafeBytes { ContentDigest.crc32($0, continuing: first) } == 0xCBF4_3926, "continuing gives the whole's CRC")
         #expect([UInt8]().withUnsafeBytes { ContentDigest.crc32($0) } == 0)
+    }
+
+    /// Both ways of computing it (carry-less multiplication for the bulk, where the CPU has it, and
+    /// zlib's tables alone) against the CRC-32 bit by bit, as the polynomial defines it: every
+    /// length around the 16- and 64-byte edges the fast path cuts at, at every alignment, continuing
+    /// from an arbitrary CRC, and a megabyte.
+    @Test(arguments: [false, ContentDigest.hasCarrylessMultiply])
+    func crc32MatchesTheBitwiseDefinition(carrylessMultiply: Bool) {
+        func bitwise(_ bytes: some Collection<UInt8>, continuing crc: UInt32) -> UInt32 {
+            var register = ~crc
+            for byte in bytes {
+                register ^= UInt32(byte)
+                for _ in 0..<8 { register = register & 1 == 1 ? (register >> 1) ^ 0xEDB8_8320 : register >> 1 }
+            }
+            return ~register
+        }
+        var generator = SystemRandomNumberGenerator()
+        let bytes = (0..<(1 << 20) + 16).map { _ in UInt8.random(in: .min ... .max, using: &generator) }
+        bytes.withUnsafeBytes { all in
+            for length in [0, 1, 15, 16, 17, 63, 64, 65, 79, 80, 127, 128, 129, 191, 192, 255, 256, 1000] {
+                for offset in 0..<16 {
+                    let seed = UInt32.random(in: .min ... .max, using: &generator)
+                    let piece = UnsafeRawBufferPointer(rebasing: all[offset..<offset + length])
+                    #expect(
+                        ContentDigest.crc32(piece, continuing: seed, carrylessMultiply: carrylessMultiply) == bitwise(piece, continuing: seed),
+                        "length \(length) at offset \(offset)")
+                }
+            }
+            let megabyte = UnsafeRawBufferPointer(rebasing: all[3..<3 + (1 << 20)])
+            #expect(ContentDigest.crc32(megabyte, continuing: 0, carrylessMultiply: carrylessMultiply) == bitwise(megabyte, continuing: 0))
+        }
     }
 
     /// RFC 9530 §B.1 gives no SHA-256 of an empty body, so the reference is Python's
