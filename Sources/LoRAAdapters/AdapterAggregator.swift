@@ -26,10 +26,10 @@ public enum AdapterAggregator {
         }
     }
 
-    /// Version 1 of svd's bytes with this process's LAPACK, as a stable hash (FNV-1a): the same in
-    /// every process.
+    /// Version 2 of svd's bytes (2: q applied by its reflectors, not formed) with this process's
+    /// LAPACK, as a stable hash (FNV-1a): the same in every process.
     private static let svdOutputVersion = Int64(
-        "svd 1 \(LinearAlgebra.implementation)".utf8.reduce(0xcbf2_9ce4_8422_2325 as UInt64) { ($0 ^ UInt64($1)) &* 0x100_0000_01b3 } >> 1)
+        "svd 2 \(LinearAlgebra.implementation)".utf8.reduce(0xcbf2_9ce4_8422_2325 as UInt64) { ($0 ^ UInt64($1)) &* 0x100_0000_01b3 } >> 1)
 
     /// - Parameter observer: sees each region of the output as soon as it is final (to hash it on
     ///   another core meanwhile, say).

@@ -34,30 +34,56 @@ enum LinearAlgebra {
     /// and their sums round differently): besides the inputs, what decides the bits of the results.
     static let implementation = "\(String(cString: openblas_get_config())) \(String(cString: openblas_get_corename()))"
 
-    /// The thin Householder QR `a = q·r` (`dgeqrf`, `dorgqr`): `q` is rows × k with orthonormal
-    /// columns, `r` is k × columns upper triangular, k = min(rows, columns). Factors `a` in place
-    /// (it is left holding `q`'s storage), so a large stack is never copied.
-    static func thinQR(_ a: inout Matrix) throws(AdapterError) -> (q: Matrix, r: Matrix) {
-        _ = singleThreaded
-        let (rows, columns) = (a.rows, a.columns)
-        let k = min(rows, columns)
-        var r = Matrix(rows: k, columns: columns)
-        guard k > 0 else { return (Matrix(rows: rows, columns: 0), r) }
-        var tau = [Double](repeating: 0, count: k)
-        var (m, n, lda, kk) = (Int32(rows), Int32(columns), Int32(rows), Int32(k))
-        var info: Int32 = 0
-        try withWorkspace { work, lwork in dgeqrf_(&m, &n, &a.values, &lda, &tau, work, lwork, &info) }
-        try check(info, "dgeqrf")
-        for column in 0..<columns {
-            for row in 0...min(column, k - 1) { r[row, column] = a[row, column] }
+    /// The Householder QR `a = q·r` (`dgeqrf`): `r` is k × columns upper triangular, k = min(rows,
+    /// columns), and `q` stays as its reflectors in `a`'s storage (factored in place and taken, `a`
+    /// left empty, so a large stack is never copied), applied with `timesQ` instead of formed: the svd strategy needs only
+    /// `q` times a few columns, a third of the arithmetic of forming `q` (`dorgqr`) and multiplying.
+    struct HouseholderQR {
+        let r: Matrix
+        private let reflectors: Matrix
+        private let tau: [Double]
+
+        init(factoring a: inout Matrix) throws(AdapterError) {
+            _ = singleThreaded
+            let (rows, columns) = (a.rows, a.columns)
+            let k = min(rows, columns)
+            var r = Matrix(rows: k, columns: columns)
+            var tau = [Double](repeating: 0, count: k)
+            if k > 0 {
+                var (m, n, lda) = (Int32(rows), Int32(columns), Int32(rows))
+                var info: Int32 = 0
+                try withWorkspace { work, lwork in dgeqrf_(&m, &n, &a.values, &lda, &tau, work, lwork, &info) }
+                try check(info, "dgeqrf")
+                for column in 0..<columns {
+                    for row in 0...min(column, k - 1) { r[row, column] = a[row, column] }
+                }
+            }
+            self.r = r
+            self.tau = tau
+            reflectors = a
+            a = Matrix(rows: 0, columns: 0)
         }
-        // dorgqr forms the first k columns of Q in place; the columns past k (when rows < columns) go.
-        try withWorkspace { work, lwork in dorgqr_(&m, &kk, &kk, &a.values, &lda, &tau, work, lwork, &info) }
-        try check(info, "dorgqr")
-        var q = Matrix(rows: rows, columns: 0)
-        swap(&q.values, &a.values)
-        if k < columns { q.values.removeLast((columns - k) * rows) }
-        return (Matrix(rows: rows, columns: k, values: q.values), r)
+
+        /// The thin `q` (rows × k, orthonormal columns) times `c` (k × p): `dormqr` applies the
+        /// reflectors to `c` padded with zero rows to rows × p.
+        func timesQ(_ c: Matrix) throws(AdapterError) -> Matrix {
+            _ = singleThreaded
+            precondition(c.rows == tau.count, "q's columns times c's rows")
+            var product = Matrix(rows: reflectors.rows, columns: c.columns)
+            guard c.columns > 0, reflectors.rows > 0 else { return product }
+            for column in 0..<c.columns {
+                for row in 0..<c.rows { product[row, column] = c[row, column] }
+            }
+            guard !tau.isEmpty else { return product }
+            var (m, n, k, lda, ldc) = (Int32(reflectors.rows), Int32(c.columns), Int32(tau.count), Int32(reflectors.rows), Int32(reflectors.rows))
+            var (side, trans) = (CChar(UInt8(ascii: "L")), CChar(UInt8(ascii: "N")))
+            var info: Int32 = 0
+            try withWorkspace { work, lwork in
+                dormqr_(&side, &trans, &m, &n, &k, reflectors.values, &lda, tau, &product.values, &ldc, work, lwork, &info, 1, 1)
+            }
+            try check(info, "dormqr")
+            return product
+        }
     }
 
     /// The thin SVD `a = u·diag(s)·vt` (`dgesdd`), singular values descending.

@@ -71,15 +71,15 @@ struct LowRankFactors {
 
     /// Factors the stacks (consumed: the QRs overwrite them) at `rank`; pure computation, on any thread.
     init(_ input: consuming ModuleStacks, rank: Int) throws {
-        // Moved, not copied: the QRs below write into the stacks, and a second reference would make
-        // them copy a whole stack first.
+        // Moved, not copied: the QRs below write into the stacks and keep them, and a second
+        // reference would make them copy a whole stack first.
         var stacks = consume input
         self.b = Matrix(rows: stacks.b.rows, columns: rank)
         aTransposed = Matrix(rows: stacks.aTransposed.rows, columns: rank)
         guard !stacks.blocks.isEmpty else { return }  // only the base holds it: svd ignores the base
-        let (qB, rB) = try LinearAlgebra.thinQR(&stacks.b)
-        let (qA, rA) = try LinearAlgebra.thinQR(&stacks.aTransposed)
-        let (u, sigma, vt) = try LinearAlgebra.svd(LinearAlgebra.multiply(rB, rA, transposingB: true))
+        let qrB = try LinearAlgebra.HouseholderQR(factoring: &stacks.b)
+        let qrA = try LinearAlgebra.HouseholderQR(factoring: &stacks.aTransposed)
+        let (u, sigma, vt) = try LinearAlgebra.svd(LinearAlgebra.multiply(qrB.r, qrA.r, transposingB: true))
         let kept = sigma.prefix(rank).prefix { $0 > Self.negligible * sigma[0] && $0 > 0 }.count
         guard kept > 0 else { return }
         var uKept = Matrix(rows: u.rows, columns: kept)
@@ -88,8 +88,8 @@ struct LowRankFactors {
         for j in 0..<kept {
             for i in 0..<vt.columns { vKept[i, j] = vt[j, i] }
         }
-        let bKept = LinearAlgebra.multiply(qB, uKept)
-        let aKept = LinearAlgebra.multiply(qA, vKept)
+        let bKept = try qrB.timesQ(uKept)
+        let aKept = try qrA.timesQ(vKept)
         for j in 0..<kept {
             let root = sigma[j].squareRoot()
             // The sign rule: the first entry of largest magnitude in B's column is positive.
