@@ -11,6 +11,8 @@ final class PostgresConnection: StoreConnection {
     private let handle: OpaquePointer
     private var statements: [String: PostgresStatement] = [:]
     private var preparedCount = 0
+    /// How many `withBlobParts` calls are running, one inside the other.
+    private var blobPartsDepth = 0
     private(set) var changes = 0
 
     /// Whether `database` names a PostgreSQL database rather than a SQLite file: a `postgresql://`
@@ -166,9 +168,13 @@ final class PostgresConnection: StoreConnection {
         try body(PostgresBlobReader(statement: try statement("SELECT \(column) FROM \(table) WHERE rowid = ?1")))
     }
 
-    /// The blobs are fetched whole, in one query, and lent in place while `body` runs.
+    /// The blobs are fetched whole, in one query, and lent in place while `body` runs. A call inside
+    /// another's `body` gets a statement of its own (the SQL names the depth), so that it does not
+    /// clear the result whose blobs the outer one lends.
     func withBlobParts<Result>(table: String, column: String, rowIDs: [Int64], _ body: (any ContributionReader) throws -> Result) throws -> Result {
-        let fetch = try statement("SELECT rowid, \(column) FROM \(table) WHERE rowid = ANY (?1)")
+        blobPartsDepth += 1
+        defer { blobPartsDepth -= 1 }
+        let fetch = try statement("SELECT rowid, \(column) FROM \(table) WHERE rowid = ANY (?1) /* depth \(blobPartsDepth) */")
         try fetch.bind(.text("{" + rowIDs.map(String.init).joined(separator: ",") + "}"))
         defer { fetch.reset() }
         var blobs: [Int64: UnsafeRawBufferPointer] = [:]

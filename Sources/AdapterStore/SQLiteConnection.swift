@@ -7,6 +7,9 @@ import Synchronization
 final class SQLiteConnection: StoreConnection {
     private let handle: OpaquePointer
     private var statements: [String: SQLiteStatement] = [:]
+    /// Taken by every blob read of `withBlobParts` readers, which several threads use at once (the
+    /// connection is opened without SQLite's own mutex).
+    fileprivate let blobReadLock = Mutex(())
 
     init(path: String, busyTimeoutMilliseconds: Int32 = 5000) throws(StoreError) {
         var handle: OpaquePointer?
@@ -218,16 +221,17 @@ final class SQLiteBlobReader: BlobReader {
 /// mutex (its queue confines it), so reads from several threads take turns here.
 final class SQLiteBlobParts: ContributionReader, @unchecked Sendable {
     // @unchecked: `handles` is filled before the reader is shared, then only read; every use of
-    // the connection goes through `lock`.
+    // the connection goes through its `blobReadLock`, shared by all its readers.
     fileprivate var handles: [OpaquePointer?] = []
     private let connection: SQLiteConnection
-    private let lock = Mutex(())
 
     fileprivate init(connection: SQLiteConnection) { self.connection = connection }
 
     func withBytes(ofHolder index: Int, in byteRange: Range<Int>, scratch: UnsafeMutableRawPointer, _ body: (UnsafeRawPointer) throws -> Void) throws {
-        let status = lock.withLock { _ in sqlite3_blob_read(handles[index], scratch, Int32(byteRange.count), Int32(byteRange.lowerBound)) }
-        guard status == SQLITE_OK else { throw lock.withLock { _ in connection.failure(status) } }
+        let status = connection.blobReadLock.withLock { _ in
+            sqlite3_blob_read(handles[index], scratch, Int32(byteRange.count), Int32(byteRange.lowerBound))
+        }
+        guard status == SQLITE_OK else { throw connection.blobReadLock.withLock { _ in connection.failure(status) } }
         try body(UnsafeRawPointer(scratch))
     }
 

@@ -18,7 +18,8 @@ protocol StoreConnection: AnyObject {
     var changes: Int { get }
     /// Runs `body` with a reader of whole blobs of `column` in `table`, by row id.
     func withBlobReader<Result>(table: String, column: String, _ body: (any BlobReader) throws -> Result) throws -> Result
-    /// Runs `body` with the blobs of `rowIDs` readable in parts, from several threads at once.
+    /// Runs `body` with the blobs of `rowIDs` readable in parts, from several threads at once; may
+    /// be called inside another call's `body`, and both readers used at once.
     func withBlobParts<Result>(table: String, column: String, rowIDs: [Int64], _ body: (any ContributionReader) throws -> Result) throws -> Result
 }
 

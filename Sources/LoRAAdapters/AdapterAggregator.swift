@@ -8,8 +8,8 @@ import Synchronization
 /// holder's part of the block in ascending client-id order, accumulates `w·x` in Float64 into the
 /// block of one reusable buffer while it is in cache, divides each rank slice by its strategy's
 /// denominator, and rounds straight into the preallocated output file; a large tensor's two halves
-/// go to two cores. Memory is the output file plus one Float64 tensor and a block of scratch per
-/// core, whatever the number of clients.
+/// go to two cores, small tensors side by side in groups. Memory is the output file plus one Float64
+/// tensor (or group) and a block of scratch per core, whatever the number of clients.
 public enum AdapterAggregator {
     /// The version of the bytes `aggregate` produces with `strategy` for given inputs and options,
     /// in this process. Bump a strategy's with any change to its bytes (summation, rounding, layout,
@@ -68,7 +68,7 @@ public enum AdapterAggregator {
         let layout = try SafetensorsLayout(tensors: plans.map { ($0.name, options.dtype, $0.outputShape) }, metadata: metadata)
         observer?.outputWillBegin(byteCount: layout.fileSize)
 
-        let accumulator = UnsafeMutableBufferPointer<Double>.allocate(capacity: max(1, plans.map(\.outputElementCount).max() ?? 1))
+        let accumulator = UnsafeMutableBufferPointer<Double>.allocate(capacity: max(smallGroupElements, plans.map(\.outputElementCount).max() ?? 1))
         defer { accumulator.deallocate() }
         let scratch = UnsafeMutableRawPointer.allocate(byteCount: 2 * scratchBytes, alignment: 64)
         defer { scratch.deallocate() }
@@ -94,9 +94,12 @@ public enum AdapterAggregator {
             }
             adviseHugePages(base, byteCount: layout.fileSize)
             observer?.regionFinished(UnsafeRawBufferPointer(start: base, count: layout.headerBytes.count))
-            for (plan, info) in zip(plans, layout.tensors) {
+            var index = 0
+            while index < plans.count {
+                let plan = plans[index]
                 let sums = UnsafeMutableBufferPointer(rebasing: accumulator[0..<plan.outputElementCount])
-                let destination = base + info.byteRange.lowerBound
+                let destination = base + layout.tensors[index].byteRange.lowerBound
+                var done = index + 1
                 switch (options.strategy, plan.module, plan.factor) {
                 case (.svd, let module?, _):
                     try factorPipeline.result(of: module).fill(plan, into: sums)
@@ -108,9 +111,18 @@ public enum AdapterAggregator {
                         try aggregate(fallback, from: source, into: sums, writingTo: destination, dtype: options.dtype, kernels: kernels, scratch: scratch)
                     }
                 default:
-                    try aggregate(plan, from: source, into: sums, writingTo: destination, dtype: options.dtype, kernels: kernels, scratch: scratch)
+                    done = smallGroupEnd(plans, from: index, strategy: options.strategy)
+                    if done - index > 1 {
+                        let group = Array(zip(plans[index..<done], layout.tensors[index..<done].map { base + $0.byteRange.lowerBound }))
+                        try aggregate(small: group, from: source, into: accumulator, dtype: options.dtype, kernels: kernels, scratch: scratch)
+                    } else {
+                        try aggregate(plan, from: source, into: sums, writingTo: destination, dtype: options.dtype, kernels: kernels, scratch: scratch)
+                    }
                 }
-                observer?.regionFinished(UnsafeRawBufferPointer(start: base + info.byteRange.lowerBound, count: info.byteRange.count))
+                for info in layout.tensors[index..<done] {
+                    observer?.regionFinished(UnsafeRawBufferPointer(start: base + info.byteRange.lowerBound, count: info.byteRange.count))
+                }
+                index = done
             }
         }
         return AggregatedAdapter(bytes: output, rank: rank, globalRank: globalRank, clientCount: participants.count)
@@ -170,6 +182,9 @@ public enum AdapterAggregator {
     /// Tensors at least this large are shared by two cores, half each; a smaller one would spend
     /// more on waking the second core than it saves.
     static let twoCoreElements = 1 << 17
+    /// Small tensors go to the two cores in groups of at most this many output elements (their sums
+    /// share one buffer of that size).
+    static let smallGroupElements = 1 << 17
     /// Scratch for one core's part of one holder of a block: at most a block of elements of at most 8 bytes.
     static let scratchBytes = blockElements * 8
 
@@ -185,48 +200,84 @@ public enum AdapterAggregator {
         try source.withContributionReader(toTensor: plan.name) { contributions, reader in
             let holders = try plan.checkedHolders(contributions)
             try withBaseBytes(of: plan, from: source) { baseBytes in
-                let run = { (range: Range<Int>, scratch: UnsafeMutableRawPointer) throws in
-                    for start in stride(from: range.lowerBound, to: range.upperBound, by: blockElements) {
-                        let block = start..<min(start + blockElements, range.upperBound)
-                        UnsafeMutableBufferPointer(rebasing: sums[block]).initialize(repeating: 0)
-                        for (index, holder) in holders.enumerated() {
-                            let slices = 0..<min(holder.rank, plan.outputRank)
-                            let width = holder.dtype.byteWidth
-                            // Each span fits the scratch (runs are never longer than a block).
-                            try plan.forEachSourceSpan(clientRank: holder.rank, slices: slices, in: block, maxElements: scratchBytes / width) {
-                                source, output in
-                                try reader.withBytes(ofHolder: index, in: (source.lowerBound * width)..<(source.upperBound * width), scratch: scratch) {
-                                    plan.add(
-                                        $0, sourceOffset: source.lowerBound, dtype: holder.dtype, clientRank: holder.rank, slices: slices,
-                                        weight: holder.foldedWeight, into: sums, kernels: kernels, range: output)
-                                }
-                            }
-                        }
-                        if let baseBytes, let base = plan.base {
-                            plan.add(
-                                baseBytes, dtype: base.dtype, clientRank: plan.baseRank, slices: plan.baseSlices, weight: 1, into: sums, kernels: kernels,
-                                range: block)
-                        }
-                        plan.writeMeans(of: sums, as: dtype, to: destination, kernels: kernels, range: block)
-                    }
-                }
+                let tensor = OpenTensor(plan: plan, holders: holders, reader: reader, baseBytes: baseBytes)
                 let count = plan.outputElementCount
-                guard count >= twoCoreElements else { return try run(0..<count, scratch) }
-                // Unchecked: the halves write disjoint elements of `sums` and the output, read the
-                // inputs only through the reader (safe from two threads), each with its own scratch.
-                nonisolated(unsafe) let work = run
-                let failures = Mutex<[any Error]>([])
-                nonisolated(unsafe) let scratches = scratch
-                DispatchQueue.concurrentPerform(iterations: 2) { half in
-                    do {
-                        try work(half == 0 ? 0..<count / 2 : count / 2..<count, scratches + half * scratchBytes)
-                    } catch {
-                        failures.withLock { $0.append(error) }
-                    }
+                guard count >= twoCoreElements else {
+                    return try tensor.sum(0..<count, into: sums, writingTo: destination, dtype: dtype, kernels: kernels, scratch: scratch)
                 }
-                if let failure = failures.withLock({ $0.first }) { throw failure }
+                try onTwoCores(scratch: scratch) { half, scratch in
+                    try tensor.sum(
+                        half == 0 ? 0..<count / 2 : count / 2..<count, into: sums, writingTo: destination, dtype: dtype, kernels: kernels, scratch: scratch)
+                }
             }
         }
+    }
+
+    /// The end of the run of small tensors from `index` that the plain engine sums (no svd or
+    /// hetlora module, no base slices), together at most `smallGroupElements` output elements: they
+    /// go to two cores side by side, each whole on one, where one alone would not pay for waking
+    /// the second core.
+    private static func smallGroupEnd(_ plans: [TensorPlan], from index: Int, strategy: AggregationStrategy) -> Int {
+        var end = index
+        var elements = 0
+        while end < plans.count {
+            let plan = plans[end]
+            let plain = plan.module == nil || (strategy != .svd && strategy != .hetlora)
+            guard plain, plan.baseSlices.isEmpty || plan.base == nil, elements + plan.outputElementCount <= smallGroupElements else { break }
+            elements += plan.outputElementCount
+            end += 1
+        }
+        return max(end, index + 1)
+    }
+
+    /// Sums a group of small tensors (`smallGroupEnd`) into consecutive parts of `sums`, the first
+    /// tensors on one core and the rest on the other, split near half of the elements.
+    private static func aggregate(
+        small group: [(plan: TensorPlan, destination: UnsafeMutableRawPointer)], from source: some AdapterSource,
+        into sums: UnsafeMutableBufferPointer<Double>, dtype: DType, kernels: KernelSet, scratch: UnsafeMutableRawPointer
+    ) throws {
+        try withOpenTensors(group.map(\.plan)[...], from: source) { tensors in
+            var offsets = [0]
+            for (plan, _) in group { offsets.append(offsets.last! + plan.outputElementCount) }
+            let split = offsets.firstIndex { 2 * $0 >= offsets.last! }!
+            try onTwoCores(scratch: scratch) { half, scratch in
+                for index in half == 0 ? 0..<split : split..<group.count {
+                    let part = UnsafeMutableBufferPointer(rebasing: sums[offsets[index]..<offsets[index + 1]])
+                    try tensors[index].sum(
+                        0..<group[index].plan.outputElementCount, into: part, writingTo: group[index].destination, dtype: dtype, kernels: kernels,
+                        scratch: scratch)
+                }
+            }
+        }
+    }
+
+    /// Opens every plan's holders (checked) for reading, one source call inside the other, and calls
+    /// `body` with them all.
+    private static func withOpenTensors(
+        _ plans: ArraySlice<TensorPlan>, from source: some AdapterSource, opened: [OpenTensor] = [], _ body: ([OpenTensor]) throws -> Void
+    ) throws {
+        guard let plan = plans.first else { return try body(opened) }
+        try source.withContributionReader(toTensor: plan.name) { contributions, reader in
+            let tensor = OpenTensor(plan: plan, holders: try plan.checkedHolders(contributions), reader: reader, baseBytes: nil)
+            try withOpenTensors(plans.dropFirst(), from: source, opened: opened + [tensor], body)
+        }
+    }
+
+    /// Runs `work` on two cores, each with its half of the scratch (half 0 or 1); rethrows the first failure.
+    private static func onTwoCores(scratch: UnsafeMutableRawPointer, _ work: (Int, UnsafeMutableRawPointer) throws -> Void) throws {
+        // Unchecked: callers give the halves disjoint elements of the sums and the output, and read
+        // the inputs only through readers (safe from two threads), each half with its own scratch.
+        nonisolated(unsafe) let work = work
+        nonisolated(unsafe) let scratch = scratch
+        let failures = Mutex<[any Error]>([])
+        DispatchQueue.concurrentPerform(iterations: 2) { half in
+            do {
+                try work(half, scratch + half * scratchBytes)
+            } catch {
+                failures.withLock { $0.append(error) }
+            }
+        }
+        if let failure = failures.withLock({ $0.first }) { throw failure }
     }
 
     /// Calls `body` with the base's bytes of the plan's tensor when the base gives it slices, else nil.
@@ -243,5 +294,44 @@ public enum AdapterAggregator {
             try body(contribution.bytes.baseAddress)
         }
         guard delivered else { throw AdapterError(.inconsistentSource, "the base did not deliver the tensor it announced", tensor: plan.name) }
+    }
+}
+
+/// A tensor's checked holders with a reader of their bytes, and the base's bytes when it gives the
+/// tensor slices: valid inside the source call that opened them.
+private struct OpenTensor {
+    let plan: TensorPlan
+    let holders: [TensorPlan.Holder]
+    let reader: any ContributionReader
+    let baseBytes: UnsafeRawPointer?
+
+    /// Sums the output elements in `range` block by block into `sums` (indexed as the tensor's
+    /// elements) and writes their means at `destination`.
+    func sum(
+        _ range: Range<Int>, into sums: UnsafeMutableBufferPointer<Double>, writingTo destination: UnsafeMutableRawPointer, dtype: DType,
+        kernels: KernelSet, scratch: UnsafeMutableRawPointer
+    ) throws {
+        for start in stride(from: range.lowerBound, to: range.upperBound, by: AdapterAggregator.blockElements) {
+            let block = start..<min(start + AdapterAggregator.blockElements, range.upperBound)
+            UnsafeMutableBufferPointer(rebasing: sums[block]).initialize(repeating: 0)
+            for (index, holder) in holders.enumerated() {
+                let slices = 0..<min(holder.rank, plan.outputRank)
+                let width = holder.dtype.byteWidth
+                // Each span fits the scratch (runs are never longer than a block).
+                try plan.forEachSourceSpan(clientRank: holder.rank, slices: slices, in: block, maxElements: AdapterAggregator.scratchBytes / width) {
+                    source, output in
+                    try reader.withBytes(ofHolder: index, in: (source.lowerBound * width)..<(source.upperBound * width), scratch: scratch) {
+                        plan.add(
+                            $0, sourceOffset: source.lowerBound, dtype: holder.dtype, clientRank: holder.rank, slices: slices, weight: holder.foldedWeight,
+                            into: sums, kernels: kernels, range: output)
+                    }
+                }
+            }
+            if let baseBytes, let base = plan.base {
+                plan.add(
+                    baseBytes, dtype: base.dtype, clientRank: plan.baseRank, slices: plan.baseSlices, weight: 1, into: sums, kernels: kernels, range: block)
+            }
+            plan.writeMeans(of: sums, as: dtype, to: destination, kernels: kernels, range: block)
+        }
     }
 }

@@ -79,8 +79,9 @@ public protocol AdapterSource {
     func forEachContribution(toTensor tensorName: String, _ body: (TensorContribution) throws -> Void) throws
     /// Calls `body` once with the holders of `tensorName` (as `forEachContribution` orders them)
     /// and a reader of any part of their bytes, valid inside `body` only: the engine reads every
-    /// holder's part of one cache-sized block of the output at a time, from two cores at once. The
-    /// default copies what `forEachContribution` delivers.
+    /// holder's part of one cache-sized block of the output at a time, from two cores at once. It
+    /// may call this inside another call's `body` (small tensors are summed side by side, one per
+    /// core), using both readers at once. The default copies what `forEachContribution` delivers.
     func withContributionReader(toTensor tensorName: String, _ body: ([ContributionInfo], any ContributionReader) throws -> Void) throws
     /// Every tensor of the round's base; empty when the round has none.
     func baseTensors() throws -> [BaseTensor]
