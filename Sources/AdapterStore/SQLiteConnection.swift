@@ -228,10 +228,12 @@ final class SQLiteBlobParts: ContributionReader, @unchecked Sendable {
     fileprivate init(connection: SQLiteConnection) { self.connection = connection }
 
     func withBytes(ofHolder index: Int, in byteRange: Range<Int>, scratch: UnsafeMutableRawPointer, _ body: (UnsafeRawPointer) throws -> Void) throws {
-        let status = connection.blobReadLock.withLock { _ in
-            sqlite3_blob_read(handles[index], scratch, Int32(byteRange.count), Int32(byteRange.lowerBound))
+        // The message is taken under the same lock as the read, before another read replaces it.
+        let failure = connection.blobReadLock.withLock { _ in
+            let status = sqlite3_blob_read(handles[index], scratch, Int32(byteRange.count), Int32(byteRange.lowerBound))
+            return status == SQLITE_OK ? nil : connection.failure(status)
         }
-        guard status == SQLITE_OK else { throw connection.blobReadLock.withLock { _ in connection.failure(status) } }
+        if let failure { throw failure }
         try body(UnsafeRawPointer(scratch))
     }
 

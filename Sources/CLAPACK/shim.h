@@ -8,8 +8,9 @@
 
 // Householder QR: A = Q·R, with R in the upper triangle and Q as reflectors below it.
 void dgeqrf_(const int *m, const int *n, double *a, const int *lda, double *tau, double *work, const int *lwork, int *info);
-// C = op(Q)·C (or C·op(Q)) with Q given by dgeqrf's reflectors, without forming Q.
-void dormqr_(const char *side, const char *trans, const int *m, const int *n, const int *k, const double *a, const int *lda, const double *tau,
+// C = op(Q)·C (or C·op(Q)) with Q given by dgeqrf's reflectors, without forming Q. It writes into
+// `a` while it runs (restoring it), so `a` is not const.
+void dormqr_(const char *side, const char *trans, const int *m, const int *n, const int *k, double *a, const int *lda, const double *tau,
              double *c, const int *ldc, double *work, const int *lwork, int *info, size_t side_length, size_t trans_length);
 // SVD by divide and conquer: A = U·diag(s)·Vᵀ, singular values descending.
 void dgesdd_(const char *jobz, const int *m, const int *n, double *a, const int *lda, double *s, double *u, const int *ldu, double *vt,

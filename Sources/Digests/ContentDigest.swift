@@ -26,7 +26,9 @@ public enum ContentDigest {
             crc = cchecksums_crc32_pclmul(crc, start.assumingMemoryBound(to: UInt8.self), bulk)
             rest = UnsafeRawBufferPointer(rebasing: bytes[bulk...])
         }
-        return UInt32(truncatingIfNeeded: crc32_z(UInt(crc), rest.baseAddress?.assumingMemoryBound(to: UInt8.self), rest.count))
+        // zlib answers 0 for a null buffer, whatever the CRC so far; nothing left changes nothing.
+        guard !rest.isEmpty, let remaining = rest.baseAddress else { return crc }
+        return UInt32(truncatingIfNeeded: crc32_z(UInt(crc), remaining.assumingMemoryBound(to: UInt8.self), rest.count))
     }
 
     /// RFC 9530's `Repr-Digest` field value for a SHA-256 given in hex: `sha-256=:<base64>:`; nil if

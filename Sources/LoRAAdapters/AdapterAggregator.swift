@@ -185,6 +185,9 @@ public enum AdapterAggregator {
     /// Small tensors go to the two cores in groups of at most this many output elements (their sums
     /// share one buffer of that size).
     static let smallGroupElements = 1 << 17
+    /// And at most this many tensors: each is a source call inside the previous one's, with its
+    /// holders' blobs open.
+    static let smallGroupTensors = 32
     /// Scratch for one core's part of one holder of a block: at most a block of elements of at most 8 bytes.
     static let scratchBytes = blockElements * 8
 
@@ -214,7 +217,8 @@ public enum AdapterAggregator {
     }
 
     /// The end of the run of small tensors from `index` that the plain engine sums (no svd or
-    /// hetlora module, no base slices), together at most `smallGroupElements` output elements: they
+    /// hetlora module, no base slices), at most `smallGroupTensors` of together at most
+    /// `smallGroupElements` output elements: they
     /// go to two cores side by side, each whole on one, where one alone would not pay for waking
     /// the second core.
     private static func smallGroupEnd(_ plans: [TensorPlan], from index: Int, strategy: AggregationStrategy) -> Int {
@@ -223,7 +227,9 @@ public enum AdapterAggregator {
         while end < plans.count {
             let plan = plans[end]
             let plain = plan.module == nil || (strategy != .svd && strategy != .hetlora)
-            guard plain, plan.baseSlices.isEmpty || plan.base == nil, elements + plan.outputElementCount <= smallGroupElements else { break }
+            guard plain, plan.baseSlices.isEmpty || plan.base == nil, elements + plan.outputElementCount <= smallGroupElements,
+                end - index < smallGroupTensors
+            else { break }
             elements += plan.outputElementCount
             end += 1
         }
@@ -239,7 +245,8 @@ public enum AdapterAggregator {
         try withOpenTensors(group.map(\.plan)[...], from: source) { tensors in
             var offsets = [0]
             for (plan, _) in group { offsets.append(offsets.last! + plan.outputElementCount) }
-            let split = offsets.firstIndex { 2 * $0 >= offsets.last! }!
+            // The first tensors go to one core up to the offset nearest half of the elements.
+            let split = offsets.indices.min { abs(2 * offsets[$0] - offsets.last!) < abs(2 * offsets[$1] - offsets.last!) }!
             try onTwoCores(scratch: scratch) { half, scratch in
                 for index in half == 0 ? 0..<split : split..<group.count {
                     let part = UnsafeMutableBufferPointer(rebasing: sums[offsets[index]..<offsets[index + 1]])

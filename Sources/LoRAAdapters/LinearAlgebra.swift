@@ -40,7 +40,8 @@ enum LinearAlgebra {
     /// `q` times a few columns, a third of the arithmetic of forming `q` (`dorgqr`) and multiplying.
     struct HouseholderQR {
         let r: Matrix
-        private let reflectors: Matrix
+        /// `dormqr` writes into them while it runs (restoring what it changed), hence `mutating` below.
+        private var reflectors: Matrix
         private let tau: [Double]
 
         init(factoring a: inout Matrix) throws(AdapterError) {
@@ -66,7 +67,7 @@ enum LinearAlgebra {
 
         /// The thin `q` (rows × k, orthonormal columns) times `c` (k × p): `dormqr` applies the
         /// reflectors to `c` padded with zero rows to rows × p.
-        func timesQ(_ c: Matrix) throws(AdapterError) -> Matrix {
+        mutating func timesQ(_ c: Matrix) throws(AdapterError) -> Matrix {
             _ = singleThreaded
             precondition(c.rows == tau.count, "q's columns times c's rows")
             var product = Matrix(rows: reflectors.rows, columns: c.columns)
@@ -79,7 +80,7 @@ enum LinearAlgebra {
             var (side, trans) = (CChar(UInt8(ascii: "L")), CChar(UInt8(ascii: "N")))
             var info: Int32 = 0
             try withWorkspace { work, lwork in
-                dormqr_(&side, &trans, &m, &n, &k, reflectors.values, &lda, tau, &product.values, &ldc, work, lwork, &info, 1, 1)
+                dormqr_(&side, &trans, &m, &n, &k, &reflectors.values, &lda, tau, &product.values, &ldc, work, lwork, &info, 1, 1)
             }
             try check(info, "dormqr")
             return product

@@ -77,8 +77,8 @@ struct LowRankFactors {
         self.b = Matrix(rows: stacks.b.rows, columns: rank)
         aTransposed = Matrix(rows: stacks.aTransposed.rows, columns: rank)
         guard !stacks.blocks.isEmpty else { return }  // only the base holds it: svd ignores the base
-        let qrB = try LinearAlgebra.HouseholderQR(factoring: &stacks.b)
-        let qrA = try LinearAlgebra.HouseholderQR(factoring: &stacks.aTransposed)
+        var qrB = try LinearAlgebra.HouseholderQR(factoring: &stacks.b)
+        var qrA = try LinearAlgebra.HouseholderQR(factoring: &stacks.aTransposed)
         let (u, sigma, vt) = try LinearAlgebra.svd(LinearAlgebra.multiply(qrB.r, qrA.r, transposingB: true))
         let kept = sigma.prefix(rank).prefix { $0 > Self.negligible * sigma[0] && $0 > 0 }.count
         guard kept > 0 else { return }

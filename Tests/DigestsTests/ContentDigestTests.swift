@@ -19,6 +19,7 @@ import Testing
         let first = check[..<4].withUnsafeBytes { ContentDigest.crc32($0) }
         #expect(check[4...].withUnsafeBytes { ContentDigest.crc32($0, continuing: first) } == 0xCBF4_3926, "continuing gives the whole's CRC")
         #expect([UInt8]().withUnsafeBytes { ContentDigest.crc32($0) } == 0)
+        #expect(ContentDigest.crc32(UnsafeRawBufferPointer(start: nil, count: 0), continuing: 0xCBF4_3926) == 0xCBF4_3926, "nothing added, nothing changed")
     }
 
     /// Both ways of computing it (carry-less multiplication for the bulk, where the CPU has it, and
