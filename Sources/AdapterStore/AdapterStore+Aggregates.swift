@@ -65,8 +65,8 @@ extension AdapterStore {
     /// Cuts the aggregate from a cached one of the same round at a higher rank, reading no upload.
     private func cut(_ wider: StoredAggregate, tag: String, for key: AggregateCache.Key, recorded: AggregateDigest?) throws -> StoredAggregate {
         let bytes = try AdapterAggregator.truncate(try SafetensorsFile(bytes: wider.bytes), toRank: key.rank)
-        let crc32 = bytes.withUnsafeBytes { ContentDigest.crc32($0) }
-        return remember(bytes, tag: tag, sha256: ContentDigest.sha256Hex(bytes), crc32: crc32, for: key, recorded: recorded)
+        let digests = ContentDigest.sha256HexAndCRC32(bytes)
+        return remember(bytes, tag: tag, sha256: digests.sha256, crc32: digests.crc32, for: key, recorded: recorded)
     }
 
     /// Caches a new aggregate and records its digest unless that is on record already.
@@ -99,11 +99,9 @@ extension AdapterStore {
                 cache.insert(StoredAggregate(bytes: bytes, tag: tag, sha256: nil, rank: key.rank, fromCache: false), for: key)
                 stream.finish()
                 Self.afterStreaming.async { [self] in
-                    let sha256 = ContentDigest.sha256Hex(bytes)
-                    cache.setSHA256(sha256, for: key)
-                    recordDigest(
-                        AggregateDigest(sha256: sha256, byteCount: bytes.count, rank: key.rank, crc32: bytes.withUnsafeBytes { ContentDigest.crc32($0) }),
-                        for: key)
+                    let digests = ContentDigest.sha256HexAndCRC32(bytes)
+                    cache.setSHA256(digests.sha256, for: key)
+                    recordDigest(AggregateDigest(sha256: digests.sha256, byteCount: bytes.count, rank: key.rank, crc32: digests.crc32), for: key)
                 }
                 return
             }

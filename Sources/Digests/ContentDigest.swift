@@ -8,6 +8,20 @@ import Foundation
 public enum ContentDigest {
     public static func sha256Hex(_ bytes: [UInt8]) -> String { hex(SHA256.hash(data: bytes)) }
 
+    /// The SHA-256 in hex and the CRC-32 of `bytes`, in one pass of cache-sized pieces.
+    public static func sha256HexAndCRC32(_ bytes: [UInt8]) -> (sha256: String, crc32: UInt32) {
+        var hasher = SHA256()
+        var crc: UInt32 = 0
+        bytes.withUnsafeBytes { all in
+            for start in stride(from: 0, to: all.count, by: 1 << 18) {
+                let piece = UnsafeRawBufferPointer(rebasing: all[start..<min(start + (1 << 18), all.count)])
+                hasher.update(bufferPointer: piece)
+                crc = crc32(piece, continuing: crc)
+            }
+        }
+        return (hex(hasher.finalize()), crc)
+    }
+
     /// zlib's CRC-32, continuing from `crc` (0 to start).
     public static func crc32(_ bytes: UnsafeRawBufferPointer, continuing crc: UInt32 = 0) -> UInt32 {
         crc32(bytes, continuing: crc, carrylessMultiply: hasCarrylessMultiply)

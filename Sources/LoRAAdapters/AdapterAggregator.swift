@@ -218,9 +218,8 @@ public enum AdapterAggregator {
 
     /// The end of the run of small tensors from `index` that the plain engine sums (no svd or
     /// hetlora module, no base slices), at most `smallGroupTensors` of together at most
-    /// `smallGroupElements` output elements: they
-    /// go to two cores side by side, each whole on one, where one alone would not pay for waking
-    /// the second core.
+    /// `smallGroupElements` output elements: they go to two cores side by side, each whole on one,
+    /// where one alone would not pay for waking the second core.
     private static func smallGroupEnd(_ plans: [TensorPlan], from index: Int, strategy: AggregationStrategy) -> Int {
         var end = index
         var elements = 0

@@ -28,14 +28,6 @@ import Testing
     /// from an arbitrary CRC, and a megabyte.
     @Test(arguments: [false, ContentDigest.hasCarrylessMultiply])
     func crc32MatchesTheBitwiseDefinition(carrylessMultiply: Bool) {
-        func bitwise(_ bytes: some Collection<UInt8>, continuing crc: UInt32) -> UInt32 {
-            var register = ~crc
-            for byte in bytes {
-                register ^= UInt32(byte)
-                for _ in 0..<8 { register = register & 1 == 1 ? (register >> 1) ^ 0xEDB8_8320 : register >> 1 }
-            }
-            return ~register
-        }
         var generator = SystemRandomNumberGenerator()
         let bytes = (0..<(1 << 20) + 16).map { _ in UInt8.random(in: .min ... .max, using: &generator) }
         bytes.withUnsafeBytes { all in
@@ -44,13 +36,33 @@ import Testing
                     let seed = UInt32.random(in: .min ... .max, using: &generator)
                     let piece = UnsafeRawBufferPointer(rebasing: all[offset..<offset + length])
                     #expect(
-                        ContentDigest.crc32(piece, continuing: seed, carrylessMultiply: carrylessMultiply) == bitwise(piece, continuing: seed),
+                        ContentDigest.crc32(piece, continuing: seed, carrylessMultiply: carrylessMultiply) == Self.bitwiseCRC32(piece, continuing: seed),
                         "length \(length) at offset \(offset)")
                 }
             }
             let megabyte = UnsafeRawBufferPointer(rebasing: all[3..<3 + (1 << 20)])
-            #expect(ContentDigest.crc32(megabyte, continuing: 0, carrylessMultiply: carrylessMultiply) == bitwise(megabyte, continuing: 0))
+            #expect(ContentDigest.crc32(megabyte, continuing: 0, carrylessMultiply: carrylessMultiply) == Self.bitwiseCRC32(megabyte, continuing: 0))
         }
+    }
+
+    /// The one-pass SHA-256 and CRC-32 (cache-sized pieces, the last one short) against FIPS 180's
+    /// SHA-256 as swift-crypto computes it whole and the bitwise CRC-32.
+    @Test func sha256AndCRC32InOnePassAgreeWithEachComputedAlone() {
+        var generator = SystemRandomNumberGenerator()
+        let bytes = (0..<(3 << 18) + 5).map { _ in UInt8.random(in: .min ... .max, using: &generator) }
+        let digests = ContentDigest.sha256HexAndCRC32(bytes)
+        #expect(digests.sha256 == ContentDigest.sha256Hex(bytes))
+        #expect(digests.crc32 == Self.bitwiseCRC32(bytes, continuing: 0))
+    }
+
+    /// The CRC-32 as its polynomial defines it, one bit at a time.
+    private static func bitwiseCRC32(_ bytes: some Collection<UInt8>, continuing crc: UInt32) -> UInt32 {
+        var register = ~crc
+        for byte in bytes {
+            register ^= UInt32(byte)
+            for _ in 0..<8 { register = register & 1 == 1 ? (register >> 1) ^ 0xEDB8_8320 : register >> 1 }
+        }
+        return ~register
     }
 
     /// RFC 9530 §B.1 gives no SHA-256 of an empty body, so the reference is Python's
