@@ -36,8 +36,9 @@ enum LinearAlgebra {
 
     /// The Householder QR `a = q·r` (`dgeqrf`): `r` is k × columns upper triangular, k = min(rows,
     /// columns), and `q` stays as its reflectors in `a`'s storage (factored in place and taken, `a`
-    /// left empty, so a large stack is never copied), applied with `timesQ` instead of formed: the svd strategy needs only
-    /// `q` times a few columns, a third of the arithmetic of forming `q` (`dorgqr`) and multiplying.
+    /// left empty, so a large stack is never copied), applied by `timesQ` instead of formed: the svd
+    /// strategy needs only `q` times a few columns, a third of the arithmetic of forming `q`
+    /// (`dorgqr`) and multiplying.
     struct HouseholderQR {
         let r: Matrix
         /// `dormqr` writes into them while it runs (restoring what it changed), hence `mutating` below.
