@@ -64,71 +64,71 @@ import Testing
     /// every acknowledged upload is there, byte for byte, with equal aggregates through both.
     @Test(.enabled(if: DatabaseBackend.available.contains(.postgresql)))
     func theDatabaseRestartedUnderLoadLosesNothingAcknowledged() async throws {
-        let cluster = try await ThrowAwayCluster.start()
-        let one = try await ServiceProcess.start(database: cluster.uri)
-        let other = try await ServiceProcess.start(database: cluster.uri)
-        let participants = TestRound.random(seed: 61, ranks: [2, 4, 8, 16])
-        let files = try participants.map { try $0.safetensors().bytes }
-        func put(_ index: Int, through server: ServiceProcess) async throws -> RawClient.Response {
-            let participant = participants[index % participants.count]
-            let path = "/v1/federations/restart/rounds/0/uploads/c\(index)?rank=\(participant.rank)"
-            return try await server.client.request("PUT", path, body: files[index % files.count])
-        }
-
-        var acknowledged: Set<Int> = []
-        var refused: [Int] = []
-        let restarted = Gate()
-        var restart: Task<Void, any Error>?
-        var acknowledgedSinceRestart = 0
-        // Uploads go on until the restart is over and four more went through after it.
-        for index in 0..<2000 where acknowledgedSinceRestart < 4 {
-            let response = try await put(index, through: index % 2 == 0 ? one : other)
-            switch response.statusCode {
-            case 201:
-                acknowledged.insert(index)
-                if restarted.isOpen { acknowledgedSinceRestart += 1 }
-            case 503:
-                #expect(response.header("Content-Type") == "application/problem+json" && response.header("Retry-After") != nil)
-                refused.append(index)
-            default: Issue.record("upload c\(index) answered \(response.statusCode): \(String(decoding: response.body, as: UTF8.self))")
+        try await ThrowAwayCluster.with { cluster in
+            let one = try await ServiceProcess.start(database: cluster.uri)
+            let other = try await ServiceProcess.start(database: cluster.uri)
+            let participants = TestRound.random(seed: 61, ranks: [2, 4, 8, 16])
+            let files = try participants.map { try $0.safetensors().bytes }
+            func put(_ index: Int, through server: ServiceProcess) async throws -> RawClient.Response {
+                let participant = participants[index % participants.count]
+                let path = "/v1/federations/restart/rounds/0/uploads/c\(index)?rank=\(participant.rank)"
+                return try await server.client.request("PUT", path, body: files[index % files.count])
             }
-            if index == 10 {
-                restart = Task {
-                    defer { restarted.open() }
-                    try await cluster.restart(downSeconds: 2)
+
+            var acknowledged: Set<Int> = []
+            var refused: [Int] = []
+            let restarted = Gate()
+            var restart: Task<Void, any Error>?
+            var acknowledgedSinceRestart = 0
+            // Uploads go on until the restart is over and four more went through after it.
+            for index in 0..<2000 where acknowledgedSinceRestart < 4 {
+                let response = try await put(index, through: index % 2 == 0 ? one : other)
+                switch response.statusCode {
+                case 201:
+                    acknowledged.insert(index)
+                    if restarted.isOpen { acknowledgedSinceRestart += 1 }
+                case 503:
+                    #expect(response.header("Content-Type") == "application/problem+json" && response.header("Retry-After") != nil)
+                    refused.append(index)
+                default: Issue.record("upload c\(index) answered \(response.statusCode): \(String(decoding: response.body, as: UTF8.self))")
+                }
+                if index == 10 {
+                    restart = Task {
+                        defer { restarted.open() }
+                        try await cluster.restart(downSeconds: 2)
+                    }
                 }
             }
-        }
-        try await restart?.value
-        #expect(!refused.isEmpty, "the restart was seen")
-        // Recovery without restarting the servers: each refused upload, sent again, is stored.
-        for index in refused {
-            var stored = false
-            for attempt in 0..<50 where !stored {
-                if attempt > 0 { try await Task.sleep(for: .milliseconds(100)) }
-                stored = try await put(index, through: index % 2 == 0 ? other : one).statusCode == 201
+            try await restart?.value
+            #expect(!refused.isEmpty, "the restart was seen")
+            // Recovery without restarting the servers: each refused upload, sent again, is stored.
+            for index in refused {
+                var stored = false
+                for attempt in 0..<50 where !stored {
+                    if attempt > 0 { try await Task.sleep(for: .milliseconds(100)) }
+                    stored = try await put(index, through: index % 2 == 0 ? other : one).statusCode == 201
+                }
+                #expect(stored, "c\(index) is stored once the database is back")
+                acknowledged.insert(index)
             }
-            #expect(stored, "c\(index) is stored once the database is back")
-            acknowledged.insert(index)
-        }
-        for server in [one, other] {
-            let round = try await server.client.get("/v1/federations/restart/rounds/0")
-            let listed = Set(((round.json["uploads"] as? [[String: Any]]) ?? []).compactMap { ($0["client"] as? String).flatMap { Int($0.dropFirst()) } })
-            #expect(acknowledged.isSubset(of: listed))
-            for index in acknowledged.sorted().prefix(12) {
-                #expect(try await server.client.get("/v1/federations/restart/rounds/0/uploads/c\(index)").body == files[index % files.count])
+            for server in [one, other] {
+                let round = try await server.client.get("/v1/federations/restart/rounds/0")
+                let listed = Set(((round.json["uploads"] as? [[String: Any]]) ?? []).compactMap { ($0["client"] as? String).flatMap { Int($0.dropFirst()) } })
+                #expect(acknowledged.isSubset(of: listed))
+                for index in acknowledged.sorted().prefix(12) {
+                    #expect(try await server.client.get("/v1/federations/restart/rounds/0/uploads/c\(index)").body == files[index % files.count])
+                }
             }
+            let fromOne = try await one.client.get("/v1/federations/restart/rounds/0/aggregate")
+            let fromOther = try await other.client.get("/v1/federations/restart/rounds/0/aggregate")
+            #expect(fromOne.statusCode == 200 && fromOne.body == fromOther.body && fromOne.header("ETag") == fromOther.header("ETag"))
+            #expect(await one.stop() == 0)
+            #expect(await other.stop() == 0)
         }
-        let fromOne = try await one.client.get("/v1/federations/restart/rounds/0/aggregate")
-        let fromOther = try await other.client.get("/v1/federations/restart/rounds/0/aggregate")
-        #expect(fromOne.statusCode == 200 && fromOne.body == fromOther.body && fromOne.header("ETag") == fromOther.header("ETag"))
-        #expect(await one.stop() == 0)
-        #expect(await other.stop() == 0)
-        try await cluster.stop()
     }
 }
 
-/// A PostgreSQL cluster of a test's own (scripts/lib/postgres-cluster), for a test that stops it.
+/// A PostgreSQL cluster of a test's own (scripts/lib/postgres-cluster), stopped when the test's body ends.
 private struct ThrowAwayCluster: Sendable {
     let directory: String
     let uri: String
@@ -136,15 +136,23 @@ private struct ThrowAwayCluster: Sendable {
     private static let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
         .appendingPathComponent("scripts/lib/postgres-cluster").path
 
-    static func start() async throws -> ThrowAwayCluster {
+    /// Runs `body` with a cluster of its own, stopped afterwards whether `body` throws or not.
+    static func with(_ body: (ThrowAwayCluster) async throws -> Void) async throws {
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("cluster-\(UUID().uuidString)").path
         let uri = try await run(["start", directory]).trimmingCharacters(in: .whitespacesAndNewlines)
-        return ThrowAwayCluster(directory: directory, uri: uri)
+        let cluster = ThrowAwayCluster(directory: directory, uri: uri)
+        do {
+            try await body(cluster)
+        } catch {
+            try? await cluster.stop()
+            throw error
+        }
+        try await cluster.stop()
     }
 
     func restart(downSeconds: Int) async throws { _ = try await Self.run(["restart", directory, String(downSeconds)]) }
 
-    func stop() async throws { _ = try await Self.run(["stop", directory]) }
+    private func stop() async throws { _ = try await Self.run(["stop", directory]) }
 
     /// Runs the script off the cooperative pool; returns its standard output.
     private static func run(_ arguments: [String]) async throws -> String {
