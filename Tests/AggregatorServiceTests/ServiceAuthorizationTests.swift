@@ -7,7 +7,7 @@ import Testing
 private let adminToken = "admin-token-0123456789abcdef"
 
 private func startWithAdminToken() async throws -> ServiceProcess {
-    let file = FileManager.default.temporaryDirectory.appendingPathComponent("admin-\(UUID().uuidString)")
+    let file = ScratchFiles.url("admin")
     try (adminToken + "\n").write(to: file, atomically: true, encoding: .utf8)
     return try await ServiceProcess.start(arguments: ["--admin-token-file", file.path])
 }

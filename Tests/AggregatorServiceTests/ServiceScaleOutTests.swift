@@ -12,7 +12,7 @@ import Testing
     /// refused by both at once (tokens are looked up in the database on every request).
     @Test(arguments: DatabaseBackend.available) func tokensIssuedAndRevokedAnywhereTakeEffectEverywhere(_ backend: DatabaseBackend) async throws {
         let adminToken = "admin-token-scale-out-0123456789"
-        let tokenFile = FileManager.default.temporaryDirectory.appendingPathComponent("admin-\(UUID().uuidString)")
+        let tokenFile = ScratchFiles.url("admin")
         try (adminToken + "\n").write(to: tokenFile, atomically: true, encoding: .utf8)
         let database = try ServiceProcess.temporaryDatabase(backend)
         let one = try await ServiceProcess.start(database: database, arguments: ["--admin-token-file", tokenFile.path])

@@ -218,7 +218,7 @@ extension HTTPServerTests {
         @Test(.enabled(if: curlAvailable))
         func aLargeUploadWithExpectContinueDoesNotWaitASecond() async throws {
             let server = try TestServer.start()
-            let file = FileManager.default.temporaryDirectory.appendingPathComponent("upload-\(UUID().uuidString)")
+            let file = ScratchFiles.url("upload")
             try Data(repeating: 0x5A, count: 32 << 20).write(to: file)
             defer { try? FileManager.default.removeItem(at: file) }
 

@@ -17,7 +17,7 @@ public enum DatabaseBackend: String, Sendable {
     public func makeDatabase() throws -> String {
         switch self {
         case .sqlite:
-            return FileManager.default.temporaryDirectory.appendingPathComponent("store-\(UUID().uuidString).sqlite").path
+            return ScratchFiles.path("store", suffix: ".sqlite")
         case .postgresql:
             guard let server = Self.serverURI else { throw TestDatabaseError("LORA_AGGREGATOR_TEST_POSTGRES is not set: run the tests with scripts/test") }
             let schema = "t_" + UUID().uuidString.replacingOccurrences(of: "-", with: "").lowercased()
