@@ -2,6 +2,7 @@ import Crypto
 import Digests
 import Dispatch
 import LoRAAdapters
+import Synchronization
 
 extension AdapterStore {
     /// The aggregate of the round unfolded to `scaling` (or, with `client`, truncated to that client's
@@ -98,10 +99,21 @@ extension AdapterStore {
                 let bytes = result.bytes
                 cache.insert(StoredAggregate(bytes: bytes, tag: tag, sha256: nil, rank: key.rank, fromCache: false), for: key)
                 stream.finish()
-                Self.afterStreaming.async { [self] in
+                let hashAndRecord: @Sendable () -> Void = { [self] in
                     let digests = ContentDigest.sha256HexAndCRC32(bytes)
                     cache.setSHA256(digests.sha256, for: key)
                     recordDigest(AggregateDigest(sha256: digests.sha256, byteCount: bytes.count, rank: key.rank, crc32: digests.crc32), for: key)
+                }
+                let queued = Self.afterStreamingBacklog.withLock { waiting in
+                    guard waiting < Self.afterStreamingLimit else { return false }
+                    waiting += 1
+                    return true
+                }
+                // Back-pressure: with the queue full, the reader hashes this one before taking more work.
+                guard queued else { return hashAndRecord() }
+                Self.afterStreaming.async {
+                    hashAndRecord()
+                    Self.afterStreamingBacklog.withLock { $0 -= 1 }
                 }
                 return
             }
@@ -118,8 +130,13 @@ extension AdapterStore {
     }
 
     /// Where streamed first computations are hashed and recorded, off the store's reader and one at
-    /// a time (each holds its aggregate until then).
-    private static let afterStreaming = DispatchQueue(label: "lora-aggregator.store.after-streaming")
+    /// a time. Each holds its aggregate until then (the cache may have dropped it), so at most
+    /// `afterStreamingLimit` wait: past that, a reader hashes its own before it takes more work, and
+    /// memory stays bounded when aggregates finish faster than one core hashes them (PostgreSQL's
+    /// reader pool on a many-core host).
+    static let afterStreaming = DispatchQueue(label: "lora-aggregator.store.after-streaming")
+    private static let afterStreamingBacklog = Mutex(0)
+    private static let afterStreamingLimit = 2
 
     /// The aggregate's strong ETag (API.md, "Aggregate"), derived from everything that determines
     /// its bytes: the engine's output version, the request's options, and the round's uploads (by

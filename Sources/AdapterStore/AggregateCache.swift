@@ -59,10 +59,7 @@ final class AggregateCache: Sendable {
     /// Fills in the SHA-256 of an entry cached before it was known (a streamed first computation),
     /// if the entry is still there.
     func setSHA256(_ sha256: String, for key: Key) {
-        state.withLock { state in
-            guard let (aggregate, lastUse) = state.entries[key] else { return }
-            state.entries[key] = (StoredAggregate(bytes: aggregate.bytes, tag: aggregate.tag, sha256: sha256, rank: aggregate.rank, fromCache: false), lastUse)
-        }
+        state.withLock { $0.entries[key]?.aggregate.sha256 = sha256 }
     }
 
     func insert(_ aggregate: StoredAggregate, for key: Key) {

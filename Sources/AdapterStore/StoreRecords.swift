@@ -81,13 +81,17 @@ public struct StoredAggregate: Sendable {
     public let tag: String
     /// Nil while a streamed first computation is still being hashed (a cached copy may be handed
     /// out meanwhile).
-    public let sha256: String?
+    public internal(set) var sha256: String?
     public let rank: Int
     /// True when it came from the cache rather than a fresh aggregation.
-    public let fromCache: Bool
+    public internal(set) var fromCache: Bool
 
     /// The same aggregate, as handed out by the cache.
-    var asCached: StoredAggregate { StoredAggregate(bytes: bytes, tag: tag, sha256: sha256, rank: rank, fromCache: true) }
+    var asCached: StoredAggregate {
+        var cached = self
+        cached.fromCache = true
+        return cached
+    }
 }
 
 /// An aggregate's digest and size, known before its bytes are.

@@ -1,4 +1,5 @@
 import Digests
+import Dispatch
 import Foundation
 import LoRAAdapters
 import TestSupport
@@ -233,6 +234,48 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
             return
         }
         #expect(changedTag != tag)
+    }
+
+    /// Streamed first computations are hashed and recorded after their last byte on one queue; when
+    /// that queue is full (here: stuck), a reader hashes its own instead of queueing more aggregates,
+    /// and no digest is lost either way.
+    @Test func streamedComputationsAreHashedByTheReaderWhenTheHashingQueueIsFull() async throws {
+        let store = try AdapterStore(database: try DatabaseBackend.sqlite.makeDatabase(), aggregateCacheBytes: 0)
+        for item in try [upload("alice", rank: 2, weight: 3, seed: 4), upload("bob", rank: 8, weight: 1, seed: 5)] { _ = try await store.put(item) }
+        func outcome(rank: Int, _ plan: AggregatePlan) async throws -> AggregateOutcome? {
+            try await store.aggregate(federation: "fed", round: 0, client: nil, strategy: .zeroPadding, rank: rank, dtype: .f16) { _, _ in plan }
+        }
+        func recorded(rank: Int) async throws -> AggregateDigest? {
+            guard case .bodiless(_, let digest)? = try await outcome(rank: rank, .bodiless) else { return nil }
+            return digest
+        }
+        let stuck = DispatchSemaphore(value: 0)
+        AdapterStore.afterStreaming.async { stuck.wait() }
+        var streamed: [Int: [UInt8]] = [:]
+        for rank in 1...3 {
+            guard case .streaming(_, _, nil, let pieces)? = try await outcome(rank: rank, .stream) else {
+                stuck.signal()
+                Issue.record("rank \(rank) was not streamed as a first computation")
+                return
+            }
+            streamed[rank] = try await pieces.reduce(into: []) { $0 += $1 }
+        }
+        // At most two wait behind the stuck queue: the third at least was hashed by the reader.
+        let someRecorded = try await eventually {
+            for rank in 1...3 where try await recorded(rank: rank) != nil { return true }
+            return false
+        }
+        stuck.signal()
+        #expect(someRecorded, "every digest waited behind a stuck queue")
+        for rank in 1...3 {
+            var digest: AggregateDigest?
+            #expect(
+                try await eventually {
+                    digest = try await recorded(rank: rank)
+                    return digest != nil
+                })
+            #expect(digest?.sha256 == ContentDigest.sha256Hex(streamed[rank]!) && digest?.byteCount == streamed[rank]!.count)
+        }
     }
 
     /// The tag names what determines the bytes, not the database: the same uploads in another file
