@@ -78,7 +78,7 @@ public enum AdapterAggregator {
         defer {
             // svd's and hetlora's per-module buffers, freed by now, stay in malloc's arenas (glibc
             // keeps large freed chunks for reuse); give them back, so they do not add to the output's.
-            if options.strategy == .svd || options.strategy == .hetlora { clinux_release_free_memory() }
+            if options.strategy.worksPerModule { clinux_release_free_memory() }
         }
         let output = try layout.makeFile { base in
             // Even when aggregation fails half-way, the observer is done with the buffer before it goes.
@@ -225,8 +225,7 @@ public enum AdapterAggregator {
         var elements = 0
         while end < plans.count {
             let plan = plans[end]
-            let plain = plan.module == nil || (strategy != .svd && strategy != .hetlora)
-            guard plain, plan.baseSlices.isEmpty || plan.base == nil, elements + plan.outputElementCount <= smallGroupElements,
+            guard plan.module == nil || !strategy.worksPerModule, !plan.readsBase, elements + plan.outputElementCount <= smallGroupElements,
                 end - index < smallGroupTensors
             else { break }
             elements += plan.outputElementCount
@@ -288,7 +287,7 @@ public enum AdapterAggregator {
 
     /// Calls `body` with the base's bytes of the plan's tensor when the base gives it slices, else nil.
     private static func withBaseBytes(of plan: TensorPlan, from source: some AdapterSource, _ body: (UnsafeRawPointer?) throws -> Void) throws {
-        guard let base = plan.base, !plan.baseSlices.isEmpty else { return try body(nil) }
+        guard plan.readsBase, let base = plan.base else { return try body(nil) }
         var delivered = false
         try source.withBaseTensor(named: plan.name) { contribution in
             guard !delivered, contribution.dtype == base.dtype, contribution.shape == base.shape,

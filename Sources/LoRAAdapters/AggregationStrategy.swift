@@ -12,6 +12,10 @@ public enum AggregationStrategy: String, Sendable, CaseIterable, Codable {
     /// The exact low-rank projection (FlexLoRA, HLoRA): the best rank-R approximation of
     /// `Σ w·B̃·Ã / Σ w`, as balanced factors; every prefix is the best at its rank.
     case svd
+
+    /// Whether LoRA tensors are computed a module (A and B together) at a time, rather than summed
+    /// tensor by tensor like dense ones.
+    var worksPerModule: Bool { self == .hetlora || self == .svd }
 }
 
 /// The scale an aggregate is unfolded to (openapi.yaml's aggregation semantics, step 3). The engine

@@ -53,6 +53,8 @@ struct TensorPlan {
     /// The output slices the base gives: under replication, those no upload owns; a dense tensor
     /// that no upload holds, under every strategy.
     let baseSlices: Range<Int>
+    /// Whether the output takes slices from the base, so its tensor is read too.
+    var readsBase: Bool { base != nil && !baseSlices.isEmpty }
 
     let isLoRA: Bool
     /// The LoRA module and factor of the tensor; nil for a dense tensor.
