@@ -23,7 +23,8 @@ extension AdapterStore {
     /// The same, except when the aggregate is not in memory: `plan` is given its tag and the digest
     /// on record (computed before, in this process or another on the same file, for the round as it
     /// is now) and decides whether to compute it at all, and whether to stream it. A stream is
-    /// handed over as soon as the file's size is known, before the heavy work.
+    /// handed over as soon as the file's size is known, before the heavy work; a stream asked for
+    /// while the same aggregate is being streamed joins that computation instead.
     public func aggregate(
         federation: FederationID, round: RoundNumber, client: ClientID?, strategy: AggregationStrategy, rank requestedRank: Int?, dtype: DType,
         scaling requestedScaling: TargetScaling = .unit, plan: @escaping @Sendable (_ tag: String, _ recorded: AggregateDigest?) -> AggregatePlan
@@ -32,8 +33,10 @@ extension AdapterStore {
             guard let (key, scaling) = try Self.aggregateKey(connection, federation, round, client, strategy, requestedRank, dtype, requestedScaling) else {
                 return handOver(nil)
             }
-            if let cached = cache.value(for: key) {
-                return handOver(.complete(cached.asCached))
+            if var cached = cache.value(for: key)?.asCached {
+                // Clients whose downloads are the same bytes share an entry, each under its own tag.
+                if client != nil { cached.tag = try Self.aggregateTag(connection, key, client: client) }
+                return handOver(.complete(cached))
             }
             let tag = try Self.aggregateTag(connection, key, client: client)
             let recorded = try Self.recordedDigest(connection, key)
@@ -42,13 +45,19 @@ extension AdapterStore {
             if let wider = cache.wider(than: key) {
                 return handOver(.complete(try cut(wider, tag: tag, for: key, recorded: recorded)))
             }
+            if planned == .stream, let (pieces, byteCount) = inFlight.join(key) {
+                return handOver(.streaming(tag: tag, byteCount: byteCount, sha256: recorded?.sha256, pieces: pieces, joined: true))
+            }
             let source = StoreAdapterSource(connection: connection, federation: federation, round: round)
             let options = AggregationOptions(
                 strategy: strategy, rank: key.rank, dtype: dtype, scaling: scaling, metadata: ["federation": federation.rawValue, "round": round.description])
             guard planned == .stream else { return handOver(.complete(try compute(source, options, tag: tag, for: key, recorded: recorded))) }
-            let (pieces, continuation) = AsyncThrowingStream<[UInt8], any Error>.makeStream()
-            try stream(source, options, tag: tag, for: key, recorded: recorded, into: DigestCheckedStream(continuation)) { byteCount in
-                handOver(.streaming(tag: tag, byteCount: byteCount, sha256: recorded?.sha256, pieces: pieces))
+            let (pieces, continuation) = StreamedComputation.Pieces.makeStream()
+            let computation = StreamedComputation(continuation)
+            defer { inFlight.remove(computation, for: key) }
+            try stream(source, options, tag: tag, for: key, recorded: recorded, into: computation) { [inFlight] byteCount in
+                inFlight.announce(computation, byteCount: byteCount, for: key)
+                handOver(.streaming(tag: tag, byteCount: byteCount, sha256: recorded?.sha256, pieces: pieces, joined: false))
             }
         }
     }
@@ -88,9 +97,9 @@ extension AdapterStore {
     /// copies, so a slow client holds them (at most one aggregate) but not the store's reader.
     private func stream(
         _ source: StoreAdapterSource, _ options: AggregationOptions, tag: String, for key: AggregateCache.Key, recorded: AggregateDigest?,
-        into stream: DigestCheckedStream, begin: @escaping (Int) -> Void
+        into stream: StreamedComputation, begin: @escaping (Int) -> Void
     ) throws {
-        let digest = BackgroundDigest(sha256: false, crc32: recorded != nil, begin: begin, forward: stream.forward)
+        let digest = BackgroundDigest(sha256: false, crc32: recorded != nil, begin: begin, stream: stream)
         do {
             let result = try AdapterAggregator.aggregate(source, options: options, observer: digest)
             let crc32 = digest.digests().crc32

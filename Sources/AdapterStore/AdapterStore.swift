@@ -12,6 +12,7 @@ public final class AdapterStore: Sendable {
     let writer: ConnectionPool
     let reader: ConnectionPool
     let cache: AggregateCache
+    let inFlight = ComputationsInFlight()
     /// SQLite's WAL checkpoints; nil for PostgreSQL, which checkpoints by itself.
     private let checkpointer: ConnectionQueue?
     /// True while a checkpoint is queued, so a burst of writes queues one.

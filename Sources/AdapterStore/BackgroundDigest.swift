@@ -6,7 +6,7 @@ import LoRAAdapters
 /// The digests of an aggregate, computed on another core while the engine is still writing it, so
 /// a cold aggregate costs the engine's time rather than the engine's plus the hashing. The SHA-256
 /// (about 90 ms per 134 MB here) is asked for only when nothing is streamed; the CRC-32 (about 12 ms)
-/// is what a recomputation is checked against. With `forward`, each region goes on to it, on the
+/// is what a recomputation is checked against. With `stream`, each region goes on to it, on the
 /// same queue, before it is digested: the client's bytes do not wait for the hashing.
 final class BackgroundDigest: AggregationOutputObserver, @unchecked Sendable {
     // @unchecked: the digests are used only on `queue`, which is serial; regions stay valid until
@@ -14,15 +14,15 @@ final class BackgroundDigest: AggregationOutputObserver, @unchecked Sendable {
     private var sha256: SHA256?
     private var crc32: UInt32?
     private let queue = DispatchQueue(label: "lora-aggregator.store.digest")
-    private let forward: ((UnsafeRawBufferPointer) -> Void)?
+    private let stream: StreamedComputation?
     private let begin: ((Int) -> Void)?
 
     /// `begin` is told the file's size on the engine's thread, before the first region.
-    init(sha256: Bool, crc32: Bool, begin: ((Int) -> Void)? = nil, forward: ((UnsafeRawBufferPointer) -> Void)? = nil) {
+    init(sha256: Bool, crc32: Bool, begin: ((Int) -> Void)? = nil, stream: StreamedComputation? = nil) {
         self.sha256 = sha256 ? SHA256() : nil
         self.crc32 = crc32 ? 0 : nil
         self.begin = begin
-        self.forward = forward
+        self.stream = stream
     }
 
     func outputWillBegin(byteCount: Int) { begin?(byteCount) }
@@ -30,51 +30,19 @@ final class BackgroundDigest: AggregationOutputObserver, @unchecked Sendable {
     func regionFinished(_ bytes: UnsafeRawBufferPointer) {
         nonisolated(unsafe) let region = bytes
         queue.async {
-            self.forward?(region)
+            self.stream?.forward(region)
             self.sha256?.update(bufferPointer: region)
             self.crc32 = self.crc32.map { ContentDigest.crc32(region, continuing: $0) }
         }
     }
 
-    func outputComplete() { queue.sync {} }
+    func outputComplete() {
+        queue.sync {}
+        stream?.outputReleased()
+    }
 
     /// The digests asked for of every region so far (the SHA-256 in hex); call after `outputComplete`.
     func digests() -> (sha256: String?, crc32: UInt32?) {
         queue.sync { (sha256.map { ContentDigest.hex($0.finalize()) }, crc32) }
     }
-}
-
-/// Streams an aggregate while it is computed: copies of its regions go to `continuation` one
-/// behind, so that when its digest is on record (and sent as `Repr-Digest`) the last one goes out
-/// only if the whole file has the CRC-32 on record: a client never receives a complete body under a
-/// wrong digest.
-final class DigestCheckedStream: @unchecked Sendable {
-    // @unchecked: `held` is touched by `forward` on the digest's queue, then by `finish` only
-    // after `BackgroundDigest.digests` has drained that queue.
-    private var held: [UInt8]?
-    private let continuation: AsyncThrowingStream<[UInt8], any Error>.Continuation
-
-    init(_ continuation: AsyncThrowingStream<[UInt8], any Error>.Continuation) { self.continuation = continuation }
-
-    func forward(_ region: UnsafeRawBufferPointer) {
-        if let held { continuation.yield(held) }
-        held = Array(region)
-    }
-
-    /// Sends the last region and ends the stream when the checksums agree; fails it otherwise.
-    func finish(crc32: UInt32, expected: UInt32) {
-        guard crc32 == expected else {
-            return continuation.finish(
-                throwing: StoreError(.database, "an aggregate did not match its recorded digest", detail: "CRC-32 recorded \(expected), computed \(crc32)"))
-        }
-        finish()
-    }
-
-    /// Sends the last region and ends the stream (nothing on record to check against).
-    func finish() {
-        if let held { continuation.yield(held) }
-        continuation.finish()
-    }
-
-    func fail(_ error: any Error) { continuation.finish(throwing: error) }
 }

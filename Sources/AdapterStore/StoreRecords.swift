@@ -78,7 +78,7 @@ public struct NewUpload: Sendable {
 public struct StoredAggregate: Sendable {
     public let bytes: [UInt8]
     /// `AggregateTag`: names the bytes before they exist.
-    public let tag: String
+    public internal(set) var tag: String
     /// Nil while a streamed first computation is still being hashed (a cached copy may be handed
     /// out meanwhile).
     public internal(set) var sha256: String?
@@ -122,7 +122,8 @@ public enum AggregateOutcome: Sendable {
     case bodiless(tag: String, recorded: AggregateDigest?)
     /// Being computed: the file in order, in pieces, `byteCount` in all; the SHA-256 when on record.
     /// With a record, the stream fails and its last piece is withheld when the bytes do not match.
-    case streaming(tag: String, byteCount: Int, sha256: String?, pieces: AsyncThrowingStream<[UInt8], any Error>)
+    /// `joined`: another request's computation of the same aggregate, already under way, is shared.
+    case streaming(tag: String, byteCount: Int, sha256: String?, pieces: AsyncThrowingStream<[UInt8], any Error>, joined: Bool)
 }
 
 /// What the round's uploads say about their ranks and scales: what an `adapter_config.json`

@@ -40,7 +40,7 @@ extension AggregatorService {
             return try await download(aggregate.bytes, tag: aggregate.tag, sha256: aggregate.sha256, for: request)
         case .bodiless(let tag, let recorded)?:
             return Self.bodiless(tag: tag, sha256: recorded?.sha256, byteCount: recorded?.byteCount, coding: coding, for: request)
-        case .streaming(let tag, let byteCount, let sha256, let pieces)?:
+        case .streaming(let tag, let byteCount, let sha256, let pieces, let joined)?:
             var headers = Self.downloadHeaders(tag: tag, sha256: sha256, coding: coding)
             let encoder = coding.flatMap { ResponseEncoder(coding: $0) }
             guard (encoder == nil) == (coding == nil) else { throw ServiceError(.internalError, "the response compressor could not start") }
@@ -62,7 +62,8 @@ extension AggregatorService {
                     if !(error is HTTPServerError) { Problem.log("an aggregate stream failed after its head was sent: \(error)") }
                     throw error
                 }
-                recordAggregation()
+                // A joined stream shares another request's aggregation, which that one counts.
+                if !joined { recordAggregation() }
             }
         }
     }

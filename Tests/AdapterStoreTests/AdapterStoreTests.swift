@@ -181,7 +181,7 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
             do { for try await piece in pieces { bytes += piece } } catch { return (bytes, true) }
             return (bytes, false)
         }
-        guard case .streaming(let tag, let byteCount, nil, let firstPieces)? = try await outcome(store, .stream) else {
+        guard case .streaming(let tag, let byteCount, nil, let firstPieces, false)? = try await outcome(store, .stream) else {
             Issue.record("a first computation is streamed, with no digest yet")
             return
         }
@@ -200,7 +200,7 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
         #expect(recorded?.sha256 == computed.sha256 && recorded?.byteCount == computed.bytes.count && recorded?.rank == 8)
 
         let restarted = try AdapterStore(database: path)
-        guard case .streaming(tag, computed.bytes.count, computed.sha256, let pieces)? = try await outcome(restarted, .stream) else {
+        guard case .streaming(tag, computed.bytes.count, computed.sha256, let pieces, false)? = try await outcome(restarted, .stream) else {
             Issue.record("not streamed under the same tag and the recorded digest")
             return
         }
@@ -215,7 +215,7 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
         // A record the bytes do not match: the stream fails before its last piece and the record goes.
         let nextCRC = "UPDATE aggregate_digests SET crc32 = (crc32 + 1) % 4294967296"
         try tamper(path, backend, sqlite: nextCRC, postgresql: nextCRC)
-        guard case .streaming(_, _, _, let mismatched)? = try await outcome(store, .stream) else {
+        guard case .streaming(_, _, _, let mismatched, false)? = try await outcome(store, .stream) else {
             Issue.record("not streamed")
             return
         }
@@ -253,7 +253,7 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
         AdapterStore.afterStreaming.async { stuck.wait() }
         var streamed: [Int: [UInt8]] = [:]
         for rank in 1...3 {
-            guard case .streaming(_, _, nil, let pieces)? = try await outcome(rank: rank, .stream) else {
+            guard case .streaming(_, _, nil, let pieces, false)? = try await outcome(rank: rank, .stream) else {
                 stuck.signal()
                 Issue.record("rank \(rank) was not streamed as a first computation")
                 return
@@ -302,6 +302,24 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
     /// On PostgreSQL, a write that waits too long for another process's write fails with `busy`,
     /// and its connection is not left inside the failed transaction: once the other write is gone,
     /// the next one succeeds.
+    /// Two clients whose downloads are the same bytes share a cache entry, but each keeps its own
+    /// tag: the one it gets when nothing is cached.
+    @Test func clientsSharingACachedDownloadKeepTheirOwnTags() async throws {
+        let path = try DatabaseBackend.sqlite.makeDatabase()
+        let store = try AdapterStore(database: path)
+        for item in try [upload("alice", rank: 2, seed: 4), upload("carol", rank: 2, seed: 6), upload("bob", rank: 8, seed: 5)] {
+            _ = try await store.put(item)
+        }
+        func download(_ store: AdapterStore, _ client: ClientID) async throws -> StoredAggregate {
+            try #require(try await store.aggregate(federation: "fed", round: 0, client: client, strategy: .replication, rank: nil, dtype: .f32))
+        }
+        let alice = try await download(store, "alice")
+        let carol = try await download(store, "carol")
+        #expect(carol.fromCache && carol.bytes == alice.bytes)
+        let uncached = try await download(try AdapterStore(database: path, aggregateCacheBytes: 0), "carol")
+        #expect(!uncached.fromCache && carol.tag == uncached.tag && carol.tag != alice.tag)
+    }
+
     @Test(.enabled(if: DatabaseBackend.available.contains(.postgresql)))
     func aWriteLockNotGrantedInTimeIsBusyAndTheNextWriteSucceeds() async throws {
         let database = try DatabaseBackend.postgresql.makeDatabase()

@@ -1,0 +1,127 @@
+import Synchronization
+
+/// A first computation of an aggregate, streamed while the engine writes it: copies of its regions
+/// go to every subscriber one behind, so that when its digest is on record the last one goes out
+/// only if the whole file has the CRC-32 on record (a client never receives a complete body under a
+/// wrong digest). A request for the same aggregate that arrives meanwhile joins it rather than
+/// computing it again: it first gets one copy of what was already sent, taken from the engine's
+/// output while that is still being written, then the same pieces as everyone else. Nothing is kept
+/// for joiners that never come; the pieces are copies, so a slow client holds them, not the engine.
+final class StreamedComputation: Sendable {
+    typealias Pieces = AsyncThrowingStream<[UInt8], any Error>
+
+    private struct State {
+        var subscribers: [Pieces.Continuation]
+        /// The last region, not yet sent.
+        var held: [UInt8]?
+        /// The address of the output's first byte and how many bytes of it have been forwarded
+        /// (held included): what a joiner is given. Nil before the first region, and for good once
+        /// the engine is done with its buffer, the stream ended, or a region did not follow the one
+        /// before.
+        var output: (start: UInt, forwarded: Int)?
+        var joinable = true
+    }
+
+    // Mutex: `forward` runs on the digest's queue, joins on other requests' readers.
+    private let state: Mutex<State>
+
+    init(_ first: Pieces.Continuation) { state = Mutex(State(subscribers: [first])) }
+
+    /// Region by region, in file order, while the engine writes them (the `BackgroundDigest` queue).
+    func forward(_ region: UnsafeRawBufferPointer) {
+        let copy = Array(region)
+        let start = UInt(bitPattern: region.baseAddress)
+        state.withLock { state in
+            if let held = state.held { for subscriber in state.subscribers { subscriber.yield(held) } }
+            state.held = copy
+            guard state.joinable, start != 0 else { return }
+            if let output = state.output {
+                if output.start + UInt(output.forwarded) == start {
+                    state.output?.forwarded += region.count
+                } else {
+                    state.output = nil
+                    state.joinable = false
+                }
+            } else {
+                state.output = (start, region.count)
+            }
+        }
+    }
+
+    /// The whole file for one more client, or nil when it can no longer be joined.
+    func join() -> Pieces? {
+        state.withLock { state in
+            guard let output = state.output else { return nil }
+            let (pieces, continuation) = Pieces.makeStream()
+            // Under the lock: the engine's buffer is valid until `outputReleased`, which takes it.
+            let sent = output.forwarded - (state.held?.count ?? 0)
+            if sent > 0 { continuation.yield(Array(UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: output.start), count: sent))) }
+            state.subscribers.append(continuation)
+            return pieces
+        }
+    }
+
+    /// The engine is done with its output buffer: no one joins from here on.
+    func outputReleased() {
+        state.withLock { state in
+            state.output = nil
+            state.joinable = false
+        }
+    }
+
+    /// Sends the last region and ends every subscriber's stream when the checksums agree; fails
+    /// them otherwise.
+    func finish(crc32: UInt32, expected: UInt32) {
+        guard crc32 == expected else {
+            return fail(StoreError(.database, "an aggregate did not match its recorded digest", detail: "CRC-32 recorded \(expected), computed \(crc32)"))
+        }
+        finish()
+    }
+
+    /// Sends the last region and ends every subscriber's stream (nothing on record to check against).
+    func finish() {
+        let (subscribers, held) = end()
+        for subscriber in subscribers {
+            if let held { subscriber.yield(held) }
+            subscriber.finish()
+        }
+    }
+
+    func fail(_ error: any Error) {
+        for subscriber in end().subscribers { subscriber.finish(throwing: error) }
+    }
+
+    /// Closes the stream to joiners and hands over its subscribers and last region, once.
+    private func end() -> (subscribers: [Pieces.Continuation], held: [UInt8]?) {
+        state.withLock { state in
+            state.output = nil
+            state.joinable = false
+            defer { (state.subscribers, state.held) = ([], nil) }
+            return (state.subscribers, state.held)
+        }
+    }
+}
+
+/// The first computations being streamed, by aggregate, for requests of the same aggregate to join
+/// (a burst of clients asking for a round's aggregate as it closes computes it once per process).
+final class ComputationsInFlight: Sendable {
+    private let computations = Mutex<[AggregateCache.Key: (computation: StreamedComputation, byteCount: Int)]>([:])
+
+    /// Offers `computation` to joiners once its size is known, unless another computation of the
+    /// same aggregate already is (two that started together both go on).
+    func announce(_ computation: StreamedComputation, byteCount: Int, for key: AggregateCache.Key) {
+        computations.withLock { if $0[key] == nil { $0[key] = (computation, byteCount) } }
+    }
+
+    /// The aggregate's pieces from a computation under way, or nil.
+    func join(_ key: AggregateCache.Key) -> (pieces: StreamedComputation.Pieces, byteCount: Int)? {
+        computations.withLock { computations in
+            guard let (computation, byteCount) = computations[key], let pieces = computation.join() else { return nil }
+            return (pieces, byteCount)
+        }
+    }
+
+    func remove(_ computation: StreamedComputation, for key: AggregateCache.Key) {
+        computations.withLock { if $0[key]?.computation === computation { $0[key] = nil } }
+    }
+}
