@@ -21,7 +21,9 @@ public final class AdapterStore: Sendable {
     /// - Parameters:
     ///   - database: a SQLite file's path, or a `postgresql://` (or `postgres://`) URI.
     ///   - aggregateCacheBytes: memory kept for recently computed aggregates.
-    ///   - readConnections: PostgreSQL connections for reads (SQLite uses one).
+    ///   - readConnections: connections for reads: PostgreSQL's, or SQLite's on the one file (WAL
+    ///     lets them read side by side and beside the writer), so one long aggregation does not
+    ///     hold up every other read (token checks, round states, other aggregates).
     ///   - writeLockTimeoutSeconds: PostgreSQL: how long a write waits for another process's write.
     public init(database: String, aggregateCacheBytes: Int = 1 << 30, readConnections: Int = 8, writeLockTimeoutSeconds: Double = 30) throws {
         cache = AggregateCache(capacityBytes: aggregateCacheBytes)
@@ -46,18 +48,22 @@ public final class AdapterStore: Sendable {
         // inside whichever upload's commit crosses the threshold (which halved ingest).
         try writerConnection.execute(
             "PRAGMA page_size = 65536; PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA wal_autocheckpoint = 0;")
-        try writerConnection.execute(Self.readTuning)
+        try writerConnection.execute("PRAGMA mmap_size = \(Self.mmapBytes); PRAGMA cache_size = -65536;")
         try Schema.migrate(writerConnection)
-        let readerConnection = try SQLiteConnection(path: path)
-        try readerConnection.execute("PRAGMA foreign_keys = ON; PRAGMA query_only = ON;")
-        try readerConnection.execute(Self.readTuning)
         writer = ConnectionPool([ConnectionQueue(writerConnection, label: "lora-aggregator.store.writer")])
-        reader = ConnectionPool([ConnectionQueue(readerConnection, label: "lora-aggregator.store.reader")])
+        reader = ConnectionPool(
+            try (0..<max(1, readConnections)).map { index in
+                let connection = try SQLiteConnection(path: path)
+                // A reader's page cache holds what the memory map does not (pages still in the
+                // WAL): a quarter of the writer's, so eight readers stay within 128 MB.
+                try connection.execute("PRAGMA foreign_keys = ON; PRAGMA query_only = ON; PRAGMA mmap_size = \(Self.mmapBytes); PRAGMA cache_size = -16384;")
+                return ConnectionQueue(connection, label: "lora-aggregator.store.reader.\(index)")
+            })
         // A short busy timeout: the checkpointer gives way to writers and long readers, and retries.
         checkpointer = ConnectionQueue(try SQLiteConnection(path: path, busyTimeoutMilliseconds: 50), label: "lora-aggregator.store.checkpoint")
     }
 
-    private static let readTuning = "PRAGMA mmap_size = 2147418112; PRAGMA cache_size = -65536;"
+    private static let mmapBytes = 2_147_418_112
 
     /// Queues a checkpoint unless one is queued. A passive one first (it never blocks writers or
     /// readers); then, if no write came in meanwhile, a truncating one, which empties the WAL so that

@@ -76,7 +76,7 @@ final class ConnectionQueue: @unchecked Sendable {
 }
 
 /// Connections of one kind (readers or writers), each on its own queue; work goes to the least
-/// busy. SQLite has one of each kind; a PostgreSQL store as many readers as it is configured for.
+/// busy. A store has one writer and as many readers as it is configured for.
 final class ConnectionPool: Sendable {
     private let queues: [ConnectionQueue]
 

@@ -385,6 +385,31 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
         }
     }
 
+    /// A read that takes long (an aggregation of a large round) holds one connection: other reads
+    /// (token checks, round states, other aggregates) go on on the others, SQLite's as PostgreSQL's.
+    @Test(arguments: DatabaseBackend.available) func aLongReadDoesNotHoldUpOtherReads(_ backend: DatabaseBackend) async throws {
+        let store = try AdapterStore(database: try backend.makeDatabase(), readConnections: 2)
+        _ = try await store.put(upload("alice", rank: 2, seed: 4))
+        let (reading, release) = (Gate(), DispatchSemaphore(value: 0))
+        let long = Task {
+            try await store.reader.read { _ in
+                reading.open()
+                release.wait()
+            }
+        }
+        await reading.wait()
+        let answer = Gate()
+        let other = Task {
+            defer { answer.open() }
+            return try await store.settings(federation: "fed")
+        }
+        let answered = try await eventually { answer.isOpen }
+        release.signal()
+        #expect(answered, "a read waited for another one's connection")
+        _ = try await other.value
+        try await long.value
+    }
+
     @Test(arguments: DatabaseBackend.available) func twoStoresOnOneFileStayConsistentUnderConcurrentWrites(_ backend: DatabaseBackend) async throws {
         let path = try backend.makeDatabase()
         let first = try AdapterStore(database: path)

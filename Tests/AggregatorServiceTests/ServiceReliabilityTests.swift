@@ -56,6 +56,33 @@ import Testing
         #expect(await restarted.stop() == 0)
     }
 
+    /// A burst of clients asking for a round's aggregate as soon as it is complete: every one gets
+    /// the bytes later served from memory, and the burst costs at most one aggregation per request
+    /// (those that joined another's computation count none).
+    @Test(arguments: DatabaseBackend.available) func aBurstOfRequestsForAColdAggregateAllGetItsBytes(_ backend: DatabaseBackend) async throws {
+        let service = try await ServiceProcess.start(backend)
+        for (index, client) in TestRound.random(seed: 91, ranks: [4, 8, 16]).enumerated() {
+            let path = "/v1/federations/burst/rounds/0/uploads/c\(index)?rank=\(client.rank)&weight=\(client.weight)"
+            #expect(try await service.client.request("PUT", path, body: try client.safetensors().bytes).statusCode == 201)
+        }
+        let path = "/v1/federations/burst/rounds/0/aggregate?dtype=F32"
+        let answers = try await withThrowingTaskGroup(of: (Int, [UInt8]).self) { group in
+            for _ in 0..<8 {
+                group.addTask {
+                    let answer = try await service.client.get(path)
+                    return (answer.statusCode, answer.body)
+                }
+            }
+            return try await group.reduce(into: []) { $0.append($1) }
+        }
+        let cached = try await service.client.get(path)
+        #expect(cached.statusCode == 200 && !cached.body.isEmpty, "\(String(decoding: cached.body.prefix(300), as: UTF8.self))")
+        for (status, body) in answers { #expect(status == 200 && body == cached.body) }
+        let computed = try await aggregations(service)
+        #expect((1...8).contains(computed))
+        #expect(await service.stop() == 0)
+    }
+
     @Test(arguments: DatabaseBackend.available) func twoServerProcessesShareOneDatabase(_ backend: DatabaseBackend) async throws {
         let database = try ServiceProcess.temporaryDatabase(backend)
         let first = try await ServiceProcess.start(database: database)
