@@ -54,9 +54,10 @@ extension AdapterStore {
             guard planned == .stream else { return handOver(.complete(try compute(source, options, tag: tag, for: key, recorded: recorded))) }
             let (pieces, continuation) = StreamedComputation.Pieces.makeStream()
             let computation = StreamedComputation(continuation)
+            inFlight.offer(computation, for: key)
             defer { inFlight.remove(computation, for: key) }
-            try stream(source, options, tag: tag, for: key, recorded: recorded, into: computation) { [inFlight] byteCount in
-                inFlight.announce(computation, byteCount: byteCount, for: key)
+            try stream(source, options, tag: tag, for: key, recorded: recorded, into: computation) { byteCount in
+                computation.began(byteCount: byteCount)
                 handOver(.streaming(tag: tag, byteCount: byteCount, sha256: recorded?.sha256, pieces: pieces, joined: false))
             }
         }

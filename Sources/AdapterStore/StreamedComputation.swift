@@ -1,3 +1,4 @@
+import Dispatch
 import Synchronization
 
 /// A first computation of an aggregate, streamed while the engine writes it: copies of its regions
@@ -15,17 +16,39 @@ final class StreamedComputation: Sendable {
         /// The last region, not yet sent.
         var held: [UInt8]?
         /// The address of the output's first byte and how many bytes of it have been forwarded
-        /// (held included): what a joiner is given. Nil before the first region, and for good once
-        /// the engine is done with its buffer, the stream ended, or a region did not follow the one
-        /// before.
+        /// (held included): what a joiner is given. Nil before the first region.
         var output: (start: UInt, forwarded: Int)?
+        /// False for good once the engine is done with its buffer, the stream ended, or a region
+        /// did not follow the one before.
         var joinable = true
+        /// The file's size, once the engine has laid it out.
+        var byteCount: Int?
+        var sizeSettled = false
     }
 
     // Mutex: `forward` runs on the digest's queue, joins on other requests' readers.
     private let state: Mutex<State>
+    /// Left once the size is known or the computation ended without one: joiners wait for it.
+    private let sized = DispatchGroup()
 
-    init(_ first: Pieces.Continuation) { state = Mutex(State(subscribers: [first])) }
+    init(_ first: Pieces.Continuation) {
+        state = Mutex(State(subscribers: [first]))
+        sized.enter()
+    }
+
+    /// The engine has laid out the file (before reading any upload).
+    func began(byteCount: Int) {
+        settleSize { $0.byteCount = byteCount }
+    }
+
+    private func settleSize(_ update: (inout State) -> Void = { _ in }) {
+        let first = state.withLock { state in
+            update(&state)
+            defer { state.sizeSettled = true }
+            return !state.sizeSettled
+        }
+        if first { sized.leave() }
+    }
 
     /// Region by region, in file order, while the engine writes them (the `BackgroundDigest` queue).
     func forward(_ region: UnsafeRawBufferPointer) {
@@ -48,16 +71,20 @@ final class StreamedComputation: Sendable {
         }
     }
 
-    /// The whole file for one more client, or nil when it can no longer be joined.
-    func join() -> Pieces? {
-        state.withLock { state in
-            guard let output = state.output else { return nil }
+    /// The whole file for one more client and its size, or nil when it can no longer be joined.
+    /// Waits (on the caller's thread) while the computation has not laid the file out yet.
+    func join() -> (pieces: Pieces, byteCount: Int)? {
+        sized.wait()
+        return state.withLock { state in
+            guard state.joinable, let byteCount = state.byteCount else { return nil }
             let (pieces, continuation) = Pieces.makeStream()
             // Under the lock: the engine's buffer is valid until `outputReleased`, which takes it.
-            let sent = output.forwarded - (state.held?.count ?? 0)
-            if sent > 0 { continuation.yield(Array(UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: output.start), count: sent))) }
+            if let output = state.output, output.forwarded > state.held?.count ?? 0 {
+                let sent = output.forwarded - (state.held?.count ?? 0)
+                continuation.yield(Array(UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: output.start), count: sent)))
+            }
             state.subscribers.append(continuation)
-            return pieces
+            return (pieces, byteCount)
         }
     }
 
@@ -93,7 +120,8 @@ final class StreamedComputation: Sendable {
 
     /// Closes the stream to joiners and hands over its subscribers and last region, once.
     private func end() -> (subscribers: [Pieces.Continuation], held: [UInt8]?) {
-        state.withLock { state in
+        defer { settleSize() }
+        return state.withLock { state in
             state.output = nil
             state.joinable = false
             defer { (state.subscribers, state.held) = ([], nil) }
@@ -105,23 +133,21 @@ final class StreamedComputation: Sendable {
 /// The first computations being streamed, by aggregate, for requests of the same aggregate to join
 /// (a burst of clients asking for a round's aggregate as it closes computes it once per process).
 final class ComputationsInFlight: Sendable {
-    private let computations = Mutex<[AggregateCache.Key: (computation: StreamedComputation, byteCount: Int)]>([:])
+    private let computations = Mutex<[AggregateCache.Key: StreamedComputation]>([:])
 
-    /// Offers `computation` to joiners once its size is known, unless another computation of the
-    /// same aggregate already is (two that started together both go on).
-    func announce(_ computation: StreamedComputation, byteCount: Int, for key: AggregateCache.Key) {
-        computations.withLock { if $0[key] == nil { $0[key] = (computation, byteCount) } }
+    /// Offers `computation` to joiners as soon as it is decided on, before it has read anything,
+    /// unless another computation of the same aggregate already is (two that raced both go on).
+    func offer(_ computation: StreamedComputation, for key: AggregateCache.Key) {
+        computations.withLock { if $0[key] == nil { $0[key] = computation } }
     }
 
-    /// The aggregate's pieces from a computation under way, or nil.
+    /// The aggregate's pieces and size from a computation under way, or nil. May wait for that
+    /// computation to lay its file out (it reads only the uploads' headers for that).
     func join(_ key: AggregateCache.Key) -> (pieces: StreamedComputation.Pieces, byteCount: Int)? {
-        computations.withLock { computations in
-            guard let (computation, byteCount) = computations[key], let pieces = computation.join() else { return nil }
-            return (pieces, byteCount)
-        }
+        computations.withLock { $0[key] }?.join()
     }
 
     func remove(_ computation: StreamedComputation, for key: AggregateCache.Key) {
-        computations.withLock { if $0[key]?.computation === computation { $0[key] = nil } }
+        computations.withLock { if $0[key] === computation { $0[key] = nil } }
     }
 }

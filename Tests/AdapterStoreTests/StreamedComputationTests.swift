@@ -32,16 +32,19 @@ import Testing
         defer { output.buffer.deallocate() }
         let (first, continuation) = StreamedComputation.Pieces.makeStream()
         let computation = StreamedComputation(continuation)
+        computation.began(byteCount: 10_000)
+        let before = try #require(computation.join(), "joined after the file was laid out, before its first region")
         computation.forward(output.region(0..<1_000))
         computation.forward(output.region(1_000..<4_000))
         let early = try #require(computation.join())
+        #expect(early.byteCount == 10_000)
         computation.forward(output.region(4_000..<9_000))
         let late = try #require(computation.join())
         computation.forward(output.region(9_000..<10_000))
         computation.outputReleased()
         #expect(computation.join() == nil, "joined after the engine let go of its buffer")
         computation.finish()
-        for pieces in [first, early, late] {
+        for pieces in [first, before.pieces, early.pieces, late.pieces] {
             let result = await collected(pieces)
             #expect(!result.failed && result.bytes == output.bytes)
         }
@@ -52,8 +55,9 @@ import Testing
         defer { output.buffer.deallocate() }
         let (first, continuation) = StreamedComputation.Pieces.makeStream()
         let computation = StreamedComputation(continuation)
+        computation.began(byteCount: 3_000)
         computation.forward(output.region(0..<1_000))
-        let joined = try #require(computation.join())
+        let joined = try #require(computation.join()).pieces
         computation.forward(output.region(1_000..<3_000))
         computation.outputReleased()
         computation.finish(crc32: 1, expected: 2)
@@ -68,6 +72,7 @@ import Testing
         defer { output.buffer.deallocate() }
         let (first, continuation) = StreamedComputation.Pieces.makeStream()
         let computation = StreamedComputation(continuation)
+        computation.began(byteCount: 3_000)
         computation.forward(output.region(0..<1_000))
         computation.forward(output.region(2_000..<3_000))
         #expect(computation.join() == nil)
@@ -98,10 +103,15 @@ import Testing
         let (_, continuation) = StreamedComputation.Pieces.makeStream()
         let computation = StreamedComputation(continuation)
         let half = expected.bytes.count / 2
+        store.inFlight.offer(computation, for: key)
+        // Offered before it has laid its file out: a request waits for that, then joins.
+        let joining = Task {
+            try await store.aggregate(federation: "fed", round: 0, client: nil, strategy: .zeroPadding, rank: nil, dtype: .f16) { _, _ in .stream }
+        }
+        computation.began(byteCount: expected.bytes.count)
         computation.forward(UnsafeRawBufferPointer(rebasing: bytes[0..<half]))
-        store.inFlight.announce(computation, byteCount: expected.bytes.count, for: key)
 
-        let outcome = try await store.aggregate(federation: "fed", round: 0, client: nil, strategy: .zeroPadding, rank: nil, dtype: .f16) { _, _ in .stream }
+        let outcome = try await joining.value
         guard case .streaming(expected.tag, expected.bytes.count, _, let pieces, true)? = outcome else {
             Issue.record("did not join the computation under way: \(String(describing: outcome))")
             return
