@@ -33,27 +33,34 @@ extension AdapterStore {
             guard let (key, scaling) = try Self.aggregateKey(connection, federation, round, client, strategy, requestedRank, dtype, requestedScaling) else {
                 return handOver(nil)
             }
+            // Requests whose answers are the same bytes (a client's download and the global
+            // aggregate at its rank) share a cache entry, each under its own tag.
+            let tag = try Self.aggregateTag(connection, key, client: client)
             if var cached = cache.value(for: key)?.asCached {
-                // Clients whose downloads are the same bytes share an entry, each under its own tag.
-                if client != nil { cached.tag = try Self.aggregateTag(connection, key, client: client) }
+                cached.tag = tag
                 return handOver(.complete(cached))
             }
-            let tag = try Self.aggregateTag(connection, key, client: client)
             let recorded = try Self.recordedDigest(connection, key)
             let planned = plan(tag, recorded)
             if planned == .bodiless { return handOver(.bodiless(tag: tag, recorded: recorded)) }
             if let wider = cache.wider(than: key) {
                 return handOver(.complete(try cut(wider, tag: tag, for: key, recorded: recorded)))
             }
-            if planned == .stream, let (pieces, byteCount) = inFlight.join(key) {
-                return handOver(.streaming(tag: tag, byteCount: byteCount, sha256: recorded?.sha256, pieces: pieces, joined: true))
+            if planned == .stream, let joined = inFlight.join(key) {
+                // The digest the computation checks its bytes against, not this request's snapshot.
+                return handOver(.streaming(tag: tag, byteCount: joined.byteCount, sha256: joined.checkedSHA256, pieces: joined.pieces, joined: true))
+            }
+            // A computation that ended just now may have left its result in the cache.
+            if var cached = cache.value(for: key)?.asCached {
+                cached.tag = tag
+                return handOver(.complete(cached))
             }
             let source = StoreAdapterSource(connection: connection, federation: federation, round: round)
             let options = AggregationOptions(
                 strategy: strategy, rank: key.rank, dtype: dtype, scaling: scaling, metadata: ["federation": federation.rawValue, "round": round.description])
             guard planned == .stream else { return handOver(.complete(try compute(source, options, tag: tag, for: key, recorded: recorded))) }
             let (pieces, continuation) = StreamedComputation.Pieces.makeStream()
-            let computation = StreamedComputation(continuation)
+            let computation = StreamedComputation(continuation, checkedSHA256: recorded?.sha256)
             inFlight.offer(computation, for: key)
             defer { inFlight.remove(computation, for: key) }
             try stream(source, options, tag: tag, for: key, recorded: recorded, into: computation) { byteCount in

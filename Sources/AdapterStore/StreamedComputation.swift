@@ -31,10 +31,18 @@ final class StreamedComputation: Sendable {
     /// Left once the size is known or the computation ended without one: joiners wait for it.
     private let sized = DispatchGroup()
 
-    init(_ first: Pieces.Continuation) {
+    /// The SHA-256 on record that the bytes are checked against (by their CRC-32), if any: all a
+    /// joiner may announce as `Repr-Digest`.
+    let checkedSHA256: String?
+
+    init(_ first: Pieces.Continuation, checkedSHA256: String?) {
         state = Mutex(State(subscribers: [first]))
+        self.checkedSHA256 = checkedSHA256
         sized.enter()
     }
+
+    /// Whether a request may still join (it may have to wait for the layout).
+    var isJoinable: Bool { state.withLock { $0.joinable } }
 
     /// The engine has laid out the file (before reading any upload).
     func began(byteCount: Int) {
@@ -136,15 +144,21 @@ final class ComputationsInFlight: Sendable {
     private let computations = Mutex<[AggregateCache.Key: StreamedComputation]>([:])
 
     /// Offers `computation` to joiners as soon as it is decided on, before it has read anything,
-    /// unless another computation of the same aggregate already is (two that raced both go on).
+    /// unless another computation of the same aggregate still can be joined (two that raced both go
+    /// on).
     func offer(_ computation: StreamedComputation, for key: AggregateCache.Key) {
-        computations.withLock { if $0[key] == nil { $0[key] = computation } }
+        computations.withLock { computations in
+            if let offered = computations[key], offered.isJoinable { return }
+            computations[key] = computation
+        }
     }
 
-    /// The aggregate's pieces and size from a computation under way, or nil. May wait for that
-    /// computation to lay its file out (it reads only the uploads' headers for that).
-    func join(_ key: AggregateCache.Key) -> (pieces: StreamedComputation.Pieces, byteCount: Int)? {
-        computations.withLock { $0[key] }?.join()
+    /// The aggregate's pieces and size from a computation under way, with the digest it is checked
+    /// against; nil when there is none to join. May wait for that computation to lay its file out
+    /// (it reads only the uploads' headers for that).
+    func join(_ key: AggregateCache.Key) -> (pieces: StreamedComputation.Pieces, byteCount: Int, checkedSHA256: String?)? {
+        guard let computation = computations.withLock({ $0[key] }), let (pieces, byteCount) = computation.join() else { return nil }
+        return (pieces, byteCount, computation.checkedSHA256)
     }
 
     func remove(_ computation: StreamedComputation, for key: AggregateCache.Key) {

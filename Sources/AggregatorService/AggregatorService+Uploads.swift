@@ -28,7 +28,7 @@ extension AggregatorService {
         metrics.uploadStored()
         if let sealed { metrics.roundSealed(by: sealed) }
         // Always: a deadline another process added is armed here too at this process's next write.
-        // Not awaited: reading the next deadline may wait behind a long aggregation on the reader.
+        // Not awaited: reading the next deadline may wait for a free read connection.
         let deadlines = self.deadlines
         Task { await deadlines.rearm() }
         return .json(

@@ -20,7 +20,8 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Port; 0 picks a free one and the ready line names it. (default: 8080)") var port: Int?
     @Option(help: "SQLite database file, or a postgresql:// URI that any number of servers may share. (default: ./lora-aggregator.sqlite)")
     var database: String?
-    @Option(help: "Database connections for reads per server, SQLite or PostgreSQL (one more is opened for writes). (default: 8)") var databaseConnections: Int?
+    @Option(help: "Database connections for reads per server, SQLite or PostgreSQL (one more for writes, and SQLite's checkpointer). (default: 8)")
+    var databaseConnections: Int?
     @Option(help: "Largest upload, as sent and decompressed, in bytes. (default: 1073741824)") var maxUploadBytes: Int?
     @Option(help: "Memory for recently computed aggregates, in bytes. (default: 1073741824)") var aggregateCacheBytes: Int?
     @Option(help: "Open connections before accepting pauses. (default: 1024)") var maxConnections: Int?

@@ -31,7 +31,7 @@ import Testing
         let output = Output(count: 10_000)
         defer { output.buffer.deallocate() }
         let (first, continuation) = StreamedComputation.Pieces.makeStream()
-        let computation = StreamedComputation(continuation)
+        let computation = StreamedComputation(continuation, checkedSHA256: nil)
         computation.began(byteCount: 10_000)
         let before = try #require(computation.join(), "joined after the file was laid out, before its first region")
         computation.forward(output.region(0..<1_000))
@@ -50,11 +50,34 @@ import Testing
         }
     }
 
+    /// A joiner that comes before the file is laid out waits for its size; one that comes to a
+    /// computation that failed before then gets nil.
+    @Test func aJoinerWaitsForTheLayout() async throws {
+        let (_, continuation) = StreamedComputation.Pieces.makeStream()
+        let computation = StreamedComputation(continuation, checkedSHA256: "abc")
+        let joined = Gate()
+        let joining = Task {
+            await onOwnThread {
+                defer { joined.open() }
+                return computation.join()?.byteCount
+            }
+        }
+        #expect(!joined.isOpen)
+        computation.began(byteCount: 42)
+        #expect(await joining.value == 42)
+
+        let (_, other) = StreamedComputation.Pieces.makeStream()
+        let failed = StreamedComputation(other, checkedSHA256: nil)
+        let failedJoin = Task { await onOwnThread { failed.join() == nil } }
+        failed.fail(TestDatabaseError("failed before its layout"))
+        #expect(await failedJoin.value)
+    }
+
     @Test func aMismatchedChecksumFailsEverySubscriberBeforeTheLastPiece() async throws {
         let output = Output(count: 3_000)
         defer { output.buffer.deallocate() }
         let (first, continuation) = StreamedComputation.Pieces.makeStream()
-        let computation = StreamedComputation(continuation)
+        let computation = StreamedComputation(continuation, checkedSHA256: nil)
         computation.began(byteCount: 3_000)
         computation.forward(output.region(0..<1_000))
         let joined = try #require(computation.join()).pieces
@@ -71,7 +94,7 @@ import Testing
         let output = Output(count: 3_000)
         defer { output.buffer.deallocate() }
         let (first, continuation) = StreamedComputation.Pieces.makeStream()
-        let computation = StreamedComputation(continuation)
+        let computation = StreamedComputation(continuation, checkedSHA256: nil)
         computation.began(byteCount: 3_000)
         computation.forward(output.region(0..<1_000))
         computation.forward(output.region(2_000..<3_000))
@@ -101,19 +124,18 @@ import Testing
         defer { bytes.deallocate() }
         expected.bytes.withUnsafeBytes { bytes.copyMemory(from: $0) }
         let (_, continuation) = StreamedComputation.Pieces.makeStream()
-        let computation = StreamedComputation(continuation)
-        let half = expected.bytes.count / 2
+        // A computation with no digest on record to check against (this request's snapshot has one:
+        // the joiner must not announce a digest nobody checks).
+        let computation = StreamedComputation(continuation, checkedSHA256: nil)
+        let (quarter, half) = (expected.bytes.count / 4, expected.bytes.count / 2)
         store.inFlight.offer(computation, for: key)
-        // Offered before it has laid its file out: a request waits for that, then joins.
-        let joining = Task {
-            try await store.aggregate(federation: "fed", round: 0, client: nil, strategy: .zeroPadding, rank: nil, dtype: .f16) { _, _ in .stream }
-        }
         computation.began(byteCount: expected.bytes.count)
-        computation.forward(UnsafeRawBufferPointer(rebasing: bytes[0..<half]))
+        computation.forward(UnsafeRawBufferPointer(rebasing: bytes[0..<quarter]))
+        computation.forward(UnsafeRawBufferPointer(rebasing: bytes[quarter..<half]))
 
-        let outcome = try await joining.value
-        guard case .streaming(expected.tag, expected.bytes.count, _, let pieces, true)? = outcome else {
-            Issue.record("did not join the computation under way: \(String(describing: outcome))")
+        let outcome = try await store.aggregate(federation: "fed", round: 0, client: nil, strategy: .zeroPadding, rank: nil, dtype: .f16) { _, _ in .stream }
+        guard case .streaming(expected.tag, expected.bytes.count, nil, let pieces, true)? = outcome else {
+            Issue.record("did not join the computation under way, without its snapshot's digest: \(String(describing: outcome))")
             return
         }
         computation.forward(UnsafeRawBufferPointer(rebasing: bytes[half...]))
@@ -122,8 +144,8 @@ import Testing
         let result = await collected(pieces)
         #expect(!result.failed && result.bytes == expected.bytes)
 
-        // Once it is no longer announced, a request computes its own.
-        store.inFlight.remove(computation, for: key)
+        // Once it can no longer be joined, a request computes its own (and offers it in its place).
+        #expect(!computation.isJoinable)
         let own = try await store.aggregate(federation: "fed", round: 0, client: nil, strategy: .zeroPadding, rank: nil, dtype: .f16) { _, _ in .stream }
         guard case .streaming(_, _, _, let ownPieces, false)? = own else {
             Issue.record("did not compute: \(String(describing: own))")
