@@ -21,6 +21,14 @@ import Testing
         func region(_ range: Range<Int>) -> UnsafeRawBufferPointer { UnsafeRawBufferPointer(rebasing: buffer[range]) }
     }
 
+    /// A computation of `output` with its first subscriber, laid out, nothing forwarded yet.
+    private func laidOut(_ output: Output) -> (first: StreamedComputation.Pieces, computation: StreamedComputation) {
+        let (first, continuation) = StreamedComputation.Pieces.makeStream()
+        let computation = StreamedComputation(continuation, checkedSHA256: nil)
+        computation.began(byteCount: output.bytes.count)
+        return (first, computation)
+    }
+
     private func collected(_ pieces: StreamedComputation.Pieces) async -> (bytes: [UInt8], failed: Bool) {
         var bytes: [UInt8] = []
         do { for try await piece in pieces { bytes += piece } } catch { return (bytes, true) }
@@ -30,9 +38,7 @@ import Testing
     @Test func aJoinerGetsWhatWasSentThenTheRestLikeTheFirst() async throws {
         let output = Output(count: 10_000)
         defer { output.buffer.deallocate() }
-        let (first, continuation) = StreamedComputation.Pieces.makeStream()
-        let computation = StreamedComputation(continuation, checkedSHA256: nil)
-        computation.began(byteCount: 10_000)
+        let (first, computation) = laidOut(output)
         let before = try #require(computation.join(), "joined after the file was laid out, before its first region")
         computation.forward(output.region(0..<1_000))
         computation.forward(output.region(1_000..<4_000))
@@ -76,9 +82,7 @@ import Testing
     @Test func aMismatchedChecksumFailsEverySubscriberBeforeTheLastPiece() async throws {
         let output = Output(count: 3_000)
         defer { output.buffer.deallocate() }
-        let (first, continuation) = StreamedComputation.Pieces.makeStream()
-        let computation = StreamedComputation(continuation, checkedSHA256: nil)
-        computation.began(byteCount: 3_000)
+        let (first, computation) = laidOut(output)
         computation.forward(output.region(0..<1_000))
         let joined = try #require(computation.join()).pieces
         computation.forward(output.region(1_000..<3_000))
@@ -93,9 +97,7 @@ import Testing
     @Test func regionsThatDoNotFollowEachOtherCannotBeJoined() async throws {
         let output = Output(count: 3_000)
         defer { output.buffer.deallocate() }
-        let (first, continuation) = StreamedComputation.Pieces.makeStream()
-        let computation = StreamedComputation(continuation, checkedSHA256: nil)
-        computation.began(byteCount: 3_000)
+        let (first, computation) = laidOut(output)
         computation.forward(output.region(0..<1_000))
         computation.forward(output.region(2_000..<3_000))
         #expect(computation.join() == nil)
