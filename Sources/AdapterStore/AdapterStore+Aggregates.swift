@@ -121,16 +121,16 @@ extension AdapterStore {
                     cache.setSHA256(digests.sha256, for: key)
                     recordDigest(AggregateDigest(sha256: digests.sha256, byteCount: bytes.count, rank: key.rank, crc32: digests.crc32), for: key)
                 }
-                let queued = Self.afterStreamingBacklog.withLock { waiting in
+                let queued = afterStreamingBacklog.withLock { waiting in
                     guard waiting < Self.afterStreamingLimit else { return false }
                     waiting += 1
                     return true
                 }
                 // Back-pressure: with the queue full, the reader hashes this one before taking more work.
                 guard queued else { return hashAndRecord() }
-                Self.afterStreaming.async {
+                afterStreaming.async { [self] in
                     hashAndRecord()
-                    Self.afterStreamingBacklog.withLock { $0 -= 1 }
+                    afterStreamingBacklog.withLock { $0 -= 1 }
                 }
                 return
             }
@@ -146,13 +146,10 @@ extension AdapterStore {
         }
     }
 
-    /// Where streamed first computations are hashed and recorded, off the store's reader and one at
-    /// a time. Each holds its aggregate until then (the cache may have dropped it), so at most
-    /// `afterStreamingLimit` wait: past that, a reader hashes its own before it takes more work, and
-    /// memory stays bounded when aggregates finish faster than one core hashes them (PostgreSQL's
-    /// reader pool on a many-core host).
-    static let afterStreaming = DispatchQueue(label: "lora-aggregator.store.after-streaming")
-    private static let afterStreamingBacklog = Mutex(0)
+    /// How many streamed first computations may wait for `afterStreaming` (each holds its
+    /// aggregate until hashed, the cache may have dropped it): past that, a reader hashes its own
+    /// before it takes more work, so memory stays bounded when aggregates finish faster than one
+    /// core hashes them (PostgreSQL's or SQLite's reader pool on a many-core host).
     private static let afterStreamingLimit = 2
 
     /// The aggregate's strong ETag (API.md, "Aggregate"), derived from everything that determines

@@ -1,3 +1,4 @@
+import Dispatch
 import LoRAAdapters
 import Synchronization
 
@@ -13,6 +14,10 @@ public final class AdapterStore: Sendable {
     let reader: ConnectionPool
     let cache: AggregateCache
     let inFlight = ComputationsInFlight()
+    /// Where streamed first computations are hashed and recorded, off the store's readers and one
+    /// at a time, with how many wait there (`afterStreamingLimit`).
+    let afterStreaming = DispatchQueue(label: "lora-aggregator.store.after-streaming")
+    let afterStreamingBacklog = Mutex(0)
     /// SQLite's WAL checkpoints; nil for PostgreSQL, which checkpoints by itself.
     private let checkpointer: ConnectionQueue?
     /// True while a checkpoint is queued, so a burst of writes queues one.

@@ -188,6 +188,8 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
         }
         let first = await streamed(firstPieces)
         #expect(!first.failed && first.bytes.count == byteCount)
+        // Its digest is recorded once hashed after streaming: not later, over what follows.
+        await onOwnThread { store.afterStreaming.sync {} }
         let computed = try #require(try await store.aggregate(federation: "fed", round: 0, client: nil, strategy: .zeroPadding, rank: nil, dtype: .f16))
         #expect(computed.bytes == first.bytes && computed.tag == tag)
 
@@ -251,8 +253,8 @@ func upload(_ client: String, rank: Int, weight: Double = 1, round: Int64 = 0, s
             return digest
         }
         let stuck = DispatchSemaphore(value: 0)
-        AdapterStore.afterStreaming.async { stuck.wait() }
-        // The queue is the process's: it is freed whatever happens here.
+        store.afterStreaming.async { stuck.wait() }
+        // Freed whatever happens here (the queue's thread is the process's).
         let unstick = Mutex(Optional(stuck))
         defer { unstick.withLock { $0.take() }?.signal() }
         var streamed: [Int: [UInt8]] = [:]
