@@ -36,10 +36,12 @@ extension AdapterStore {
             // Requests whose answers are the same bytes (a client's download and the global
             // aggregate at its rank) share a cache entry, each under its own tag.
             let tag = try Self.aggregateTag(connection, key, client: client)
-            if var cached = cache.value(for: key)?.asCached {
+            let cached = { [cache] () -> StoredAggregate? in
+                guard var cached = cache.value(for: key)?.asCached else { return nil }
                 cached.tag = tag
-                return handOver(.complete(cached))
+                return cached
             }
+            if let hit = cached() { return handOver(.complete(hit)) }
             let recorded = try Self.recordedDigest(connection, key)
             let planned = plan(tag, recorded)
             if planned == .bodiless { return handOver(.bodiless(tag: tag, recorded: recorded)) }
@@ -51,10 +53,7 @@ extension AdapterStore {
                 return handOver(.streaming(tag: tag, byteCount: joined.byteCount, sha256: joined.checkedSHA256, pieces: joined.pieces, joined: true))
             }
             // A computation that ended just now may have left its result in the cache.
-            if var cached = cache.value(for: key)?.asCached {
-                cached.tag = tag
-                return handOver(.complete(cached))
-            }
+            if let hit = cached() { return handOver(.complete(hit)) }
             let source = StoreAdapterSource(connection: connection, federation: federation, round: round)
             let options = AggregationOptions(
                 strategy: strategy, rank: key.rank, dtype: dtype, scaling: scaling, metadata: ["federation": federation.rawValue, "round": round.description])
