@@ -108,16 +108,15 @@ enum LinearAlgebra {
         return (u, s, vt)
     }
 
-    /// `op(a)·op(b)` (`dgemm`), op being the transpose where asked.
-    static func multiply(_ a: Matrix, _ b: Matrix, transposingA transposeA: Bool = false, transposingB transposeB: Bool = false) -> Matrix {
+    /// `a·bᵀ` (`dgemm`): svd's core, the product of the two stacks' `r` factors.
+    static func multiplyTransposed(_ a: Matrix, _ b: Matrix) -> Matrix {
         _ = singleThreaded
-        let (m, k) = transposeA ? (a.columns, a.rows) : (a.rows, a.columns)
-        let n = transposeB ? b.rows : b.columns
+        let (m, k, n) = (a.rows, a.columns, b.rows)
         var c = Matrix(rows: m, columns: n)
         guard m > 0, n > 0, k > 0 else { return c }
         var (mm, nn, kk, lda, ldb, ldc) = (Int32(m), Int32(n), Int32(k), Int32(max(1, a.rows)), Int32(max(1, b.rows)), Int32(m))
         var (alpha, beta) = (1.0, 0.0)
-        var (opA, opB) = (CChar(UInt8(ascii: transposeA ? "T" : "N")), CChar(UInt8(ascii: transposeB ? "T" : "N")))
+        var (opA, opB) = (CChar(UInt8(ascii: "N")), CChar(UInt8(ascii: "T")))
         dgemm_(&opA, &opB, &mm, &nn, &kk, &alpha, a.values, &lda, b.values, &ldb, &beta, &c.values, &ldc, 1, 1)
         return c
     }

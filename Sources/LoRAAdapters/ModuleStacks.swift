@@ -79,7 +79,7 @@ struct LowRankFactors {
         guard !stacks.blocks.isEmpty else { return }  // only the base holds it: svd ignores the base
         var qrB = try LinearAlgebra.HouseholderQR(factoring: &stacks.b)
         var qrA = try LinearAlgebra.HouseholderQR(factoring: &stacks.aTransposed)
-        let (u, sigma, vt) = try LinearAlgebra.svd(LinearAlgebra.multiply(qrB.r, qrA.r, transposingB: true))
+        let (u, sigma, vt) = try LinearAlgebra.svd(LinearAlgebra.multiplyTransposed(qrB.r, qrA.r))
         let kept = sigma.prefix(rank).prefix { $0 > Self.negligible * sigma[0] && $0 > 0 }.count
         guard kept > 0 else { return }
         var uKept = Matrix(rows: u.rows, columns: kept)
